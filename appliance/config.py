@@ -1,0 +1,83 @@
+"""One typed config: defaults <- /etc/exo/config.yaml (or --config) <- env EXO_* <- flags.
+
+Every key is a field of `Config`; the YAML file, the EXO_<KEY> variables and the command-line flags
+all use the same names (upper-cased for the environment).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+SYSTEM_CONFIG = Path("/etc/exo/config.yaml")
+
+
+def _default_state_dir() -> str:
+    if os.geteuid() == 0 and Path("/var/lib").is_dir():
+        return "/var/lib/exo"
+    return str(Path.home() / ".local/share/exo")
+
+
+@dataclass
+class Config:
+    cluster: str = "default"
+    broker: str = ""                    # host:port; empty means "start an embedded broker" for `exo`
+    broker_username: str = ""
+    broker_password: str = ""
+    broker_tls: bool = False
+    broker_ca_file: str = ""
+    name: str = ""                      # node name; also salts the node id so one host can run several
+    engine: str = "numpy"
+    model: str = ""                     # a local folder or a catalog id
+    models_dir: str = ""                # default: the huggingface_hub cache
+    state_dir: str = field(default_factory=_default_state_dir)
+    host: str = "0.0.0.0"              # where the panel/API listens
+    port: int = 52415
+    local_nodes: int = 1
+    api_keys: list[str] = field(default_factory=list)
+    log_level: str = "INFO"
+
+    @property
+    def broker_address(self) -> tuple[str, int]:
+        return parse_address(self.broker)
+
+
+def parse_address(text: str, default_port: int = 1883) -> tuple[str, int]:
+    host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+    if not host:
+        raise ValueError(f"broker address {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port or default_port)
+
+
+def _coerce(kind, raw):
+    if kind in (bool, "bool"):
+        return raw if isinstance(raw, bool) else str(raw).strip().lower() in ("1", "true", "yes", "on")
+    if kind in (int, "int"):
+        return int(raw)
+    if kind in ("list[str]",):
+        return [s for s in (raw.split(",") if isinstance(raw, str) else raw) if s]
+    return str(raw)
+
+
+def load_config(path: str | os.PathLike | None = None, env: dict | None = None, **flags) -> Config:
+    """Build the config from its four layers. Flags whose value is None are not given."""
+    env = os.environ if env is None else env
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    values: dict = {}
+    path = path or env.get("EXO_CONFIG") or (SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else None)
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys")
+        unknown = set(data) - set(fields)
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys: {', '.join(sorted(unknown))}")
+        values.update(data)
+    for name in fields:
+        if f"EXO_{name.upper()}" in env:
+            values[name] = env[f"EXO_{name.upper()}"]
+    values.update({k: v for k, v in flags.items() if v is not None and k in fields})
+    return Config(**{k: _coerce(fields[k], v) for k, v in values.items() if v is not None})
