@@ -46,6 +46,9 @@ class Cluster:
     def on_info(self, topic: str, payload: bytes) -> None:
         node_id = self.topics.node_id_of(topic)
         info = parse_json(payload) if payload else {"online": False}
+        if info.get("online"):
+            info["memory_available"] = int(info["memory_available"])  # the planner relies on it
+            info["speed"] = float(info["speed"]) if info.get("speed") else None
         with self.lock:
             was_online = node_id in self.nodes
             if info.get("online"):
