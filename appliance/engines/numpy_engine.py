@@ -117,6 +117,14 @@ class NumpyEngine(Engine):
         bias = self.w.get(name + ".bias")
         return y if bias is None else y + bias
 
+    def _mask(self, pos, end):
+        """True where query position (rows pos..end-1) may not see key position (columns 0..end-1)."""
+        distance = np.arange(pos, end)[:, None] - np.arange(end)[None, :]
+        hidden = distance < 0
+        if self.config.sliding_window:
+            hidden |= distance >= self.config.sliding_window
+        return hidden
+
     def _layer(self, x, p, cache, i, pos, cos, sin):
         c = self.config
         T, end = x.shape[0], pos + x.shape[0]
@@ -130,8 +138,7 @@ class NumpyEngine(Engine):
         group = c.num_heads // c.num_kv_heads
         keys, values = np.repeat(keys, group, axis=0), np.repeat(values, group, axis=0)
         scores = q @ keys.transpose(0, 2, 1) / math.sqrt(c.head_dim)
-        future = np.arange(end)[None, :] > np.arange(pos, end)[:, None]
-        scores = np.where(future, -np.inf, scores)
+        scores = np.where(self._mask(pos, end), -np.inf, scores)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         attention = (scores / scores.sum(axis=-1, keepdims=True)) @ values
         x = x + self._linear(attention.transpose(1, 0, 2).reshape(T, -1), p + "self_attn.o_proj")
