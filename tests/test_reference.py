@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from appliance.engines.base import Shard, Step  # noqa: E402
 from appliance.engines.numpy_engine import NumpyEngine  # noqa: E402
 from appliance.models.config import ModelConfig  # noqa: E402
+from appliance.models.weights import load_tensors, weight_map  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
@@ -96,6 +97,15 @@ def test_logits_match_transformers(tmp_path, case):
     for bounds in SPLITS:
         diff = np.abs(numpy_logits(path, bounds) - expected).max()
         assert diff < TOLERANCE, f"{case} split {bounds}: max abs diff {diff:.2e}"
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-tied", "qwen2-bias-tied", "qwen2-bf16"])
+def test_sizes_the_planner_sees(tmp_path, case):
+    path = make_model(tmp_path, *CASES[case])
+    config, names = ModelConfig.load(path), list(weight_map(path))
+    tensors = load_tensors(path, names)
+    assert config.total_bytes == sum(t.nbytes for t in tensors.values())
+    assert config.layer_params == sum(tensors[n].size for n in names if n.startswith("model.layers.0."))
 
 
 def test_sharded_checkpoint_has_an_index(tmp_path):

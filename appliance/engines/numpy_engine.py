@@ -75,8 +75,13 @@ class NumpyEngine(Engine):
         c = self.config
         names = shard_tensor_names(weight_map(shard.model_dir), shard.start, shard.end,
                                    shard.is_first, shard.is_last, c.tie_word_embeddings)
+        weights = load_tensors(shard.model_dir, names)
+        # The embedding stays mapped in its stored dtype: a lookup widens only the rows it reads.
+        self.embed = weights.pop("model.embed_tokens.weight", None)
         # float32 checkpoints stay memory-mapped; fp16/bf16 ones are widened once here.
-        self.w = {name: as_float32(t) for name, t in load_tensors(shard.model_dir, names).items()}
+        self.w = {name: as_float32(t) for name, t in weights.items()}
+        if shard.is_last:
+            self.head = as_float32(self.embed) if c.tie_word_embeddings else self.w.pop("lm_head.weight")
         self.inv_freq = rope_inv_freq(c)
         self.caches: dict[str, KVCache] = {}
 
@@ -92,7 +97,7 @@ class NumpyEngine(Engine):
     def _forward_one(self, step: Step) -> np.ndarray:
         c, shard = self.config, self.shard
         if shard.is_first:
-            x = self.w["model.embed_tokens.weight"][np.asarray(step.x, dtype=np.int64)]
+            x = as_float32(self.embed[np.asarray(step.x, dtype=np.int64)])
         else:
             x = np.asarray(step.x, dtype=np.float32)
         cache = self.caches.get(step.request_id)
@@ -108,9 +113,7 @@ class NumpyEngine(Engine):
         cache.length = step.pos + T
         if not shard.is_last:
             return x
-        last = rms_norm(x[-1], self.w["model.norm.weight"], c.rms_norm_eps)
-        head = self.w["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"]
-        return head @ last
+        return self.head @ rms_norm(x[-1], self.w["model.norm.weight"], c.rms_norm_eps)
 
     def _linear(self, x, name):
         y = x @ self.w[name + ".weight"].T

@@ -87,8 +87,9 @@ class ModelConfig:
     def layer_params(self) -> int:
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
         attention = h * self.num_heads * self.head_dim * 2 + h * kv * 2
+        bias = self.num_heads * self.head_dim + 2 * kv if self.attention_bias else 0
         mlp = 3 * h * self.intermediate_size
-        return attention + mlp + 2 * h
+        return attention + bias + mlp + 2 * h
 
     @property
     def layer_bytes(self) -> int:
@@ -101,7 +102,8 @@ class ModelConfig:
     @property
     def total_bytes(self) -> int:
         head = 0 if self.tie_word_embeddings else self.embedding_bytes
-        return self.num_layers * self.layer_bytes + self.embedding_bytes + head
+        final_norm = self.hidden_size * self.bytes_per_param
+        return self.num_layers * self.layer_bytes + self.embedding_bytes + head + final_norm
 
 
 @dataclass(frozen=True)
