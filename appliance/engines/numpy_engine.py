@@ -75,8 +75,13 @@ class NumpyEngine(Engine):
         c = self.config
         names = shard_tensor_names(weight_map(shard.model_dir), shard.start, shard.end,
                                    shard.is_first, shard.is_last, c.tie_word_embeddings)
+        weights = load_tensors(shard.model_dir, names)
+        # The embedding stays mapped in its stored dtype: a lookup widens only the rows it reads.
+        self.embed = weights.pop("model.embed_tokens.weight", None)
         # float32 checkpoints stay memory-mapped; fp16/bf16 ones are widened once here.
-        self.w = {name: as_float32(t) for name, t in load_tensors(shard.model_dir, names).items()}
+        self.w = {name: as_float32(t) for name, t in weights.items()}
+        if shard.is_last:
+            self.head = as_float32(self.embed) if c.tie_word_embeddings else self.w.pop("lm_head.weight")
         self.inv_freq = rope_inv_freq(c)
         self.caches: dict[str, KVCache] = {}
 
@@ -92,7 +97,7 @@ class NumpyEngine(Engine):
     def _forward_one(self, step: Step) -> np.ndarray:
         c, shard = self.config, self.shard
         if shard.is_first:
-            x = self.w["model.embed_tokens.weight"][np.asarray(step.x, dtype=np.int64)]
+            x = as_float32(self.embed[np.asarray(step.x, dtype=np.int64)])
         else:
             x = np.asarray(step.x, dtype=np.float32)
         cache = self.caches.get(step.request_id)
@@ -108,14 +113,20 @@ class NumpyEngine(Engine):
         cache.length = step.pos + T
         if not shard.is_last:
             return x
-        last = rms_norm(x[-1], self.w["model.norm.weight"], c.rms_norm_eps)
-        head = self.w["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"]
-        return head @ last
+        return self.head @ rms_norm(x[-1], self.w["model.norm.weight"], c.rms_norm_eps)
 
     def _linear(self, x, name):
         y = x @ self.w[name + ".weight"].T
         bias = self.w.get(name + ".bias")
         return y if bias is None else y + bias
+
+    def _mask(self, pos, end):
+        """True where query position (rows pos..end-1) may not see key position (columns 0..end-1)."""
+        distance = np.arange(pos, end)[:, None] - np.arange(end)[None, :]
+        hidden = distance < 0
+        if self.config.sliding_window:
+            hidden |= distance >= self.config.sliding_window
+        return hidden
 
     def _layer(self, x, p, cache, i, pos, cos, sin):
         c = self.config
@@ -130,8 +141,7 @@ class NumpyEngine(Engine):
         group = c.num_heads // c.num_kv_heads
         keys, values = np.repeat(keys, group, axis=0), np.repeat(values, group, axis=0)
         scores = q @ keys.transpose(0, 2, 1) / math.sqrt(c.head_dim)
-        future = np.arange(end)[None, :] > np.arange(pos, end)[:, None]
-        scores = np.where(future, -np.inf, scores)
+        scores = np.where(self._mask(pos, end), -np.inf, scores)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         attention = (scores / scores.sum(axis=-1, keepdims=True)) @ values
         x = x + self._linear(attention.transpose(1, 0, 2).reshape(T, -1), p + "self_attn.o_proj")

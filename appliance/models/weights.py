@@ -40,8 +40,10 @@ def shard_tensor_names(names, start: int, end: int, first: bool, last: bool, tie
             return start <= int(name.split(".")[2]) < end
         if name == "model.embed_tokens.weight":
             return first or (last and tied)
-        if name in ("model.norm.weight", "lm_head.weight"):
+        if name == "model.norm.weight":
             return last
+        if name == "lm_head.weight":         # a tied checkpoint may store a copy: the embedding serves
+            return last and not tied
         return False
     return [n for n in names if wanted(n)]
 
