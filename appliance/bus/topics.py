@@ -18,6 +18,9 @@ class Topics:
     def node_status(self, node_id: str = "+") -> str:    # heartbeat, QoS 0
         return f"{self.root}/node/{node_id}/status"
 
+    def node_download(self, node_id: str = "+") -> str:  # retained, QoS 1: download progress
+        return f"{self.root}/node/{node_id}/download"
+
     def node_inbox(self, node_id: str) -> str:          # binary activation frames, QoS 0
         return f"{self.root}/node/{node_id}/in"
 

@@ -6,10 +6,12 @@ a GenerationError that the API turns into an error response or an error event.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -53,11 +55,30 @@ class LoadedModel:
 
 
 @dataclass
+class RequestRecord:
+    """What the panel's Requests page shows of one request."""
+    id: str
+    model: str
+    nodes: list[str]
+    prompt_tokens: int
+    created: float = field(default_factory=time.time)
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    tokens_per_s: float | None = None
+    status: str = "running"          # running, done, error, stopped (by a stop string or a client gone)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class ActiveRequest:
     id: str
     plan_id: int
     nodes: list[str]
     replies: queue.Queue
+    record: RequestRecord
 
 
 def prefill_chunks(prompt: list[int], hidden_size: int) -> list[tuple[int, list[int]]]:
@@ -76,6 +97,7 @@ class Coordinator:
         self.cluster.listeners.append(self.on_cluster_event)
         self.model: LoadedModel | None = None
         self.active: dict[str, ActiveRequest] = {}
+        self.history: collections.deque[RequestRecord] = collections.deque(maxlen=100)
         self.lock = threading.Lock()
 
     def start(self) -> "Coordinator":
@@ -127,8 +149,12 @@ class Coordinator:
             reason = ("; ".join(errors) if errors else self.cluster.plan_error
                       or "the cluster's plan is still loading")
             raise Unavailable(f"the cluster cannot serve now: {reason}")
-        request = ActiveRequest(frames.new_id(), plan.plan_id, plan.nodes, queue.Queue())
+        request_id = frames.new_id()
+        record = RequestRecord(request_id, self.model.id, plan.nodes, len(prompt))
+        request = ActiveRequest(request_id, plan.plan_id, plan.nodes, queue.Queue(), record)
         self.active[request.id] = request
+        self.history.append(record)
+        started = time.monotonic()
         eos = set(self.model.config.eos_token_ids)
         first_node = self.topics.node_inbox(plan.nodes[0])
 
@@ -144,15 +170,31 @@ class Coordinator:
             pos = len(prompt)
             for step in range(max_tokens):
                 token = self._await_token(request, step)
-                if token.id not in eos and step + 1 < max_tokens:
-                    send(step + 1, pos, [token.id], frames.SAMPLE)   # the next step goes out first
-                    pos += 1
-                yield token
-                if token.id in eos:
+                record.completion_tokens += 1
+                elapsed = time.monotonic() - started
+                if record.ttft_s is None:
+                    record.ttft_s = elapsed
+                elif elapsed > record.ttft_s:
+                    record.tokens_per_s = (record.completion_tokens - 1) / (elapsed - record.ttft_s)
+                if token.id in eos or step + 1 == max_tokens:
+                    record.status = "done"
+                    yield token
                     return
+                send(step + 1, pos, [token.id], frames.SAMPLE)   # the next step goes out first
+                pos += 1
+                yield token
+        except GenerationError as e:
+            record.status, record.error = "error", str(e)
+            raise
         finally:
+            if record.status == "running":
+                record.status = "stopped"   # the consumer closed the generator early
             self.active.pop(request.id, None)
             self.bus.publish_json(self.topics.ctl("free"), {"request_id": request.id}, qos=1)
+
+    def recent_requests(self) -> list[dict]:
+        """The last 100 requests, newest first."""
+        return [r.to_dict() for r in reversed(self.history)]
 
     def _await_token(self, request: ActiveRequest, step: int) -> Token:
         while True:
