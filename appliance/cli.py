@@ -99,9 +99,9 @@ def run_broker(args: argparse.Namespace) -> None:
     from appliance.broker import EmbeddedBroker
 
     broker = EmbeddedBroker(args.host, args.port).start()
-    print(f"mosquitto listening on {broker.address}", flush=True)
+    print(f"broker listening on {broker.address}", flush=True)
     try:
-        broker.process.wait()
+        broker.wait()
     finally:
         broker.stop()
 

@@ -127,3 +127,21 @@ def test_malformed_frames_and_json_are_dropped_and_the_node_keeps_serving(local_
     assert all(p.poll() is None for p in [cluster.panel, *cluster.nodes.values()])
     log = cluster.log("n0")
     assert "dropped a malformed frame" in log and "dropped a message" in log
+
+
+def test_the_pure_python_broker_carries_a_whole_cluster(tmp_path):
+    from appliance.broker import EmbeddedBroker
+    from tests.conftest import LocalCluster
+
+    broker = EmbeddedBroker(port=free_port(), kind="python").start()
+    cluster = LocalCluster(broker.address, tmp_path)
+    try:
+        cluster.start(2)
+        assert complete(cluster, max_tokens=48).choices[0].text.startswith(STORY[:95])
+        victim = cluster.node_id("n1")
+        cluster.nodes["n1"].kill()   # the Last Will works there too
+        cluster.watcher.wait(lambda w: w.ready(1) and victim not in [s["node"] for s in w.plans[-1]["shards"]],
+                             10, "a new plan without the killed node")
+    finally:
+        cluster.stop()
+        broker.stop()
