@@ -102,8 +102,9 @@ class NodeAgent:
         else:
             try:
                 model_dir = resolve_model_dir(plan.model, self.config.models_dir)
+                options = {"quant": self.config.quant} if self.config.quant else {}
                 engine = load_engine(self.config.engine, Shard(model_dir, shard.start, shard.end, plan.num_layers),
-                                     **plan.engine_options)
+                                     **options)
                 self.loaded, self.load_error = Loaded(plan, engine, plan.next_after(self.id)), None
                 log.info("plan %d: loaded layers [%d, %d) of %s", plan.plan_id, shard.start, shard.end, plan.model)
             except Exception as e:
