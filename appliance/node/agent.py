@@ -174,20 +174,19 @@ class NodeAgent:
                 self.run_frames(self.take_batch(item))
 
     def take_batch(self, first: frames.Frame) -> list[frames.Frame]:
-        """The frame just taken plus the frames queued behind it, one per request, in order.
-        Anything else met on the way is handled first, so the order of the queue is kept."""
+        """The frame just taken plus, from the queue behind it, the oldest waiting frame of each
+        other request: every request moves one step per batch, so a long prompt's chunks do not
+        hold up everyone else's decode steps. The scan stops at a plan or free command, which
+        must not be overtaken."""
         batch, seen = [first], {first.request_id}
-        while len(batch) < MAX_BATCH:
-            try:
-                kind, item = self.work.get_nowait()
-            except queue.Empty:
-                break
-            if kind != "frame" or item.request_id in seen:
-                with self.work.mutex:  # not batchable now: put it back in its place
-                    self.work.queue.appendleft((kind, item))
-                break
-            batch.append(item)
-            seen.add(item.request_id)
+        with self.work.mutex:
+            for item in list(self.work.queue):
+                if len(batch) == MAX_BATCH or item[0] != "frame":
+                    break
+                if item[1].request_id not in seen:
+                    batch.append(item[1])
+                    seen.add(item[1].request_id)
+                    self.work.queue.remove(item)
         return batch
 
     # -- life cycle
