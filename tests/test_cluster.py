@@ -145,3 +145,22 @@ def test_the_pure_python_broker_carries_a_whole_cluster(tmp_path):
     finally:
         cluster.stop()
         broker.stop()
+
+
+def test_a_catalog_id_not_on_disk_is_a_clear_error_and_nothing_is_left_running(tmp_path):
+    env = {**os.environ, "EXO_STATE_DIR": str(tmp_path), "EXO_CONFIG": str(tmp_path / "c.yaml"),
+           "EXO_MODELS_DIR": str(tmp_path / "models"), "HF_HUB_OFFLINE": "1"}
+    (tmp_path / "c.yaml").write_text("{}\n")
+    exo = subprocess.run([sys.executable, "-m", "appliance", "--model", "Qwen/Qwen2.5-0.5B-Instruct",
+                          "--port", str(free_port()), "--local-nodes", "2"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert exo.returncode != 0
+    assert str(tmp_path / "models" / "models--Qwen--Qwen2.5-0.5B-Instruct") in exo.stderr
+
+
+def test_node_and_panel_need_a_broker(tmp_path):
+    env = {**os.environ, "EXO_CONFIG": str(tmp_path / "c.yaml")}
+    (tmp_path / "c.yaml").write_text("{}\n")
+    for command in ("node", "panel"):
+        run = subprocess.run([sys.executable, "-m", "appliance", command], capture_output=True, text=True, env=env)
+        assert run.returncode != 0 and "no broker given" in run.stderr
