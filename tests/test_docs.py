@@ -246,18 +246,29 @@ def test_architecture_has_the_diagrams():
     assert len(names) >= 4, "docs/architecture.md needs at least four Mermaid diagrams"
 
 
+SEQUENCE_LINE = re.compile(r"^(participant|actor)\s|^(loop|alt|else|opt|par|and|rect|critical|break|end)\b|"
+                           r"^Note (left of|right of|over) |^(activate|deactivate|autonumber)\b|"
+                           r"^[\w ]+?\s*(->>|-->>|->|-->|-x|--x|-\)|--\))\s*[+-]?[\w ]+?:")
+BLOCK_OPEN = re.compile(r"^(loop|alt|opt|par|rect|critical|break|subgraph)\b")
+
+
 @pytest.mark.parametrize("block", MERMAID, ids=lambda b: b.where)
 def test_mermaid_structure(block):
-    lines = [l for l in block.text.splitlines() if l.strip() and not l.strip().startswith("%%")]
+    lines = [l.strip() for l in block.text.splitlines() if l.strip() and not l.strip().startswith("%%")]
     assert lines, f"{block.where}: empty diagram"
-    assert lines[0].split()[0] in DIAGRAM_TYPES, f"{block.where}: unknown diagram type {lines[0]!r}"
-    text = re.sub(r'"[^"]*"', '""', block.text)        # brackets inside quoted labels do not count
-    for pair in ("()", "[]", "{}"):
-        assert text.count(pair[0]) == text.count(pair[1]), f"{block.where}: unbalanced {pair}"
     assert "\t" not in block.text, f"{block.where}: tabs"
-    if lines[0].startswith("sequenceDiagram"):
-        body = "\n".join(lines[1:])
-        assert re.search(r"(->>|-->>|->|-->|-x|--x)", body), f"{block.where}: a sequence with no messages"
+    kind, body = lines[0].split()[0], lines[1:]
+    assert kind in DIAGRAM_TYPES, f"{block.where}: unknown diagram type {lines[0]!r}"
+    opened = sum(1 for l in body if BLOCK_OPEN.match(l))
+    assert opened == sum(1 for l in body if l == "end"), f"{block.where}: blocks and `end`s do not pair"
+    if kind == "sequenceDiagram":
+        odd = [l for l in body if not SEQUENCE_LINE.match(l)]
+        assert not odd, f"{block.where}: not a sequence diagram line: {odd}"
+        assert any("->" in l or "-x" in l for l in body), f"{block.where}: a sequence with no messages"
+    elif kind in ("graph", "flowchart"):
+        text = re.sub(r'"[^"\n]*"', '""', "\n".join(body))   # brackets inside quoted labels do not count
+        for pair in ("()", "[]", "{}"):
+            assert text.count(pair[0]) == text.count(pair[1]), f"{block.where}: unbalanced {pair}"
 
 
 def mmdc() -> str | None:
