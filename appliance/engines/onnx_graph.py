@@ -44,9 +44,8 @@ def quantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     n, k = w.shape
-    if k % BLOCK:
-        raise ValueError(f"in-features {k} is not a multiple of the block size {BLOCK}")
-    blocks = k // BLOCK
+    blocks = -(-k // BLOCK)
+    w = np.pad(np.asarray(w, np.float32), ((0, 0), (0, blocks * BLOCK - k)))  # a last partial block
     packed = np.zeros((n, blocks, BLOCK * bits // 8), np.uint8)
     scales = np.zeros((n, blocks), np.float32)
     zero_points = np.zeros((n, blocks), np.uint8)  # unused: symmetric
@@ -99,12 +98,12 @@ class GraphBuilder:
         self.constants.append(onnx.numpy_helper.from_array(np.asarray(values, dtype), name))
         return name
 
-    def linear(self, x: str, name: str) -> str:
+    def linear(self, x: str, name: str, in_features: int) -> str:
         """x [N, in] @ W.T (+ bias): MatMulNBits for q4/q8, Gemm(transB) for float weights."""
         if name + ".weight.q" in self.shapes:
-            n, blocks, _ = self.shapes[name + ".weight.q"][0]
+            n = self.shapes[name + ".weight.q"][0][0]
             y = self.op("MatMulNBits", x, name + ".weight.q", name + ".weight.scales", domain="com.microsoft",
-                        K=blocks * BLOCK, N=n, bits=4 if self.quant == "q4" else 8, block_size=BLOCK,
+                        K=in_features, N=n, bits=4 if self.quant == "q4" else 8, block_size=BLOCK,
                         accuracy_level=4)  # int8 dot products: the fast path on ARM and x86
         else:
             w = name + ".weight"
@@ -162,9 +161,9 @@ def build_graph(config: ModelConfig, shard: Shard, shapes: dict, quant: str, cap
             inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f, cache_shape))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", f, cache_shape))
         h = g.rms_norm(x, p + "input_layernorm.weight", c.rms_norm_eps)
-        q = g.rotary(g.linear(h, p + "self_attn.q_proj"), c.num_heads, D)
-        k = g.rotary(g.linear(h, p + "self_attn.k_proj"), c.num_kv_heads, D)
-        v = g.op("Reshape", g.linear(h, p + "self_attn.v_proj"), g.const([0, c.num_kv_heads, D]))
+        q = g.rotary(g.linear(h, p + "self_attn.q_proj", c.hidden_size), c.num_heads, D)
+        k = g.rotary(g.linear(h, p + "self_attn.k_proj", c.hidden_size), c.num_kv_heads, D)
+        v = g.op("Reshape", g.linear(h, p + "self_attn.v_proj", c.hidden_size), g.const([0, c.num_kv_heads, D]))
         attention = g.op("GroupQueryAttention",
                          g.to_attention(q, c.num_heads, D, Dp, q_shape), g.to_attention(k, c.num_kv_heads, D, Dp, kv_shape),
                          g.to_attention(v, c.num_kv_heads, D, Dp, kv_shape), f"past_key_{i}", f"past_value_{i}",
@@ -175,17 +174,17 @@ def build_graph(config: ModelConfig, shard: Shard, shapes: dict, quant: str, cap
         if Dp != D:
             attention = g.op("Slice", attention, g.const([0]), g.const([D]), g.const([2]))
         attention = g.op("Reshape", attention, g.const([-1, c.num_heads * D]))
-        x = g.op("Add", x, g.linear(attention, p + "self_attn.o_proj"))
+        x = g.op("Add", x, g.linear(attention, p + "self_attn.o_proj", c.num_heads * D))
         h = g.rms_norm(x, p + "post_attention_layernorm.weight", c.rms_norm_eps)
-        gate = g.linear(h, p + "mlp.gate_proj")
-        mlp = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), g.linear(h, p + "mlp.up_proj"))
-        x = g.op("Add", x, g.linear(mlp, p + "mlp.down_proj"))
+        gate = g.linear(h, p + "mlp.gate_proj", c.hidden_size)
+        mlp = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), g.linear(h, p + "mlp.up_proj", c.hidden_size))
+        x = g.op("Add", x, g.linear(mlp, p + "mlp.down_proj", c.intermediate_size))
 
     if shard.is_last:
         inputs.append(helper.make_tensor_value_info("last_rows", TensorProto.INT64, ["B"]))
         last = g.rms_norm(g.op("Gather", x, "last_rows", axis=0), "model.norm.weight", c.rms_norm_eps)
         head = "lm_head" if "lm_head.weight" in shapes or "lm_head.weight.q" in shapes else "model.embed_tokens"
-        g.op("Identity", g.linear(last, head), outputs=["logits"])
+        g.op("Identity", g.linear(last, head, c.hidden_size), outputs=["logits"])
         outputs.insert(0, helper.make_tensor_value_info("logits", f, ["B", c.vocab_size]))
     else:
         g.op("Identity", x, outputs=["hidden_out"])
