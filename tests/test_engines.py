@@ -146,3 +146,15 @@ def test_engine_registry_and_default():
     assert pick_default_engine() in ("onnxruntime", "tinygrad")
     with pytest.raises(ValueError, match="quant"):
         load_engine("onnxruntime", whole(synth_model("smollm2-135m")), quant="q3")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_a_float16_checkpoint_matches_numpy(name, tmp_path):
+    """Half-precision weights are widened once (numpy, onnxruntime f32 via its cache) or on the
+    device (tinygrad): all compute in float32 and agree."""
+    from appliance.models.synth import synthesize
+
+    model_dir = synthesize("smollm2-135m", tmp_path / "model", seed=3, dtype="float16", layers=1)
+    step = Step("r", 0, np.array([1, 5, 9, 200], np.int32))
+    expected = load_engine("numpy", whole(model_dir)).forward([step])[0]
+    np.testing.assert_allclose(engine(name, whole(model_dir), tmp_path / "cache").forward([step])[0], expected, atol=1e-3)

@@ -28,7 +28,7 @@ def pick_default_engine() -> str:
     import os
     import sys
 
-    if sys.platform == "darwin" and os.uname().machine == "arm64":
+    if sys.platform == "darwin":  # Metal
         return "tinygrad"
     if any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd")) and \
             any(ctypes.util.find_library(lib) for lib in ("cuda", "amdhip64", "hsa-runtime64")):

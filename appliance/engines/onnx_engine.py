@@ -175,9 +175,7 @@ def shard_weights(shard: Shard, config: ModelConfig, quant: str, cache_dir) -> t
     if not (path / "index.json").exists():
         global QUANTIZED_SHARDS
         QUANTIZED_SHARDS += 1
-        from appliance.models.weights import as_float32
-        tensors = {name: as_float32(t) for name, t in hf.items()}
-        save_arrays(path, convert_weights(tensors, quant, shard.is_first, shard.is_last))
+        save_arrays(path, convert_weights(hf, quant, shard.is_first, shard.is_last))
     return load_arrays(path), path / "weights.bin"
 
 

@@ -25,6 +25,7 @@ from onnx import TensorProto, helper
 
 from appliance.engines.base import Shard
 from appliance.models.config import ModelConfig
+from appliance.models.weights import as_float32
 
 QUANTS = ("q4", "q8", "f16", "f32")
 BLOCK = 32  # MatMulNBits block size
@@ -55,8 +56,10 @@ def quantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def convert_weights(tensors: dict[str, np.ndarray], quant: str, first: bool, last: bool):
-    """Yield (graph initializer name, array) for every HF tensor of the shard."""
+    """Yield (graph initializer name, array) for every HF tensor of the shard, one at a time so a
+    bfloat16 checkpoint is widened tensor by tensor."""
     for name, t in tensors.items():
+        t = as_float32(t)
         is_matrix = t.ndim == 2 and name != "model.embed_tokens.weight"
         if name == "model.embed_tokens.weight":
             if first or quant in ("f32", "f16"):  # gathered by the first stage; a float tied head uses it too

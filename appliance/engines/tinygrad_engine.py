@@ -83,8 +83,9 @@ class TinygradEngine(Engine):
         caches = [c for s in steps for c in self._cache(s.request_id)]
         if T == 1 and self.use_jit:  # decode: compiled once per batch size, positions as Variables
             positions = [UOp.variable(f"pos{b}", 0, self.capacity - 1).bind(s.pos) for b, s in enumerate(steps)]
-            jit = self.jits.setdefault(len(steps), TinyJit(self._graph))
-            out = jit(*inputs, *caches, *positions).numpy()
+            if len(steps) not in self.jits:
+                self.jits[len(steps)] = TinyJit(self._graph)
+            out = self.jits[len(steps)](*inputs, *caches, *positions).numpy()
         else:
             out = self._graph(*inputs, *caches, *[s.pos for s in steps]).numpy()
         return list(out)
