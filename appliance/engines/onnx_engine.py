@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -66,6 +67,7 @@ class OnnxEngine(Engine):
         disabled = ["ConstantFolding"] if quant == "f16" else None
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
                                             disabled_optimizers=disabled)
+        release_pages(self.weights.values())
 
         self.layers, self.head_dim = shard.end - shard.start, padded_head_dim(c.head_dim)
         self.pool = self._new_pool(slots)
@@ -177,6 +179,20 @@ def shard_weights(shard: Shard, config: ModelConfig, quant: str, cache_dir) -> t
         QUANTIZED_SHARDS += 1
         save_arrays(path, convert_weights(hf, quant, shard.is_first, shard.is_last))
     return load_arrays(path), path / "weights.bin"
+
+
+def release_pages(arrays) -> None:
+    """The session has prepacked the matrices into its own buffers: drop the pages of the memory
+    maps it read them from, so they are not counted twice. They are file-backed and read-only: a
+    tensor still used in place (the embedding's Gather) just faults its pages back in."""
+    maps = {}
+    for a in arrays:
+        while a is not None and not hasattr(a, "_mmap"):
+            a = a.base
+        if a is not None and a._mmap is not None:
+            maps[id(a._mmap)] = a._mmap
+    for m in maps.values():
+        m.madvise(mmap.MADV_DONTNEED)
 
 
 def cache_key(shard: Shard, quant: str) -> str:
