@@ -158,3 +158,22 @@ def test_a_float16_checkpoint_matches_numpy(name, tmp_path):
     step = Step("r", 0, np.array([1, 5, 9, 200], np.int32))
     expected = load_engine("numpy", whole(model_dir)).forward([step])[0]
     np.testing.assert_allclose(engine(name, whole(model_dir), tmp_path / "cache").forward([step])[0], expected, atol=1e-3)
+
+
+@needs_stories
+def test_onnx_kv_pool_grows_and_skips_requests_left_out(tmp_path):
+    """More requests than slots double the pool; a batch that leaves out a request in the middle
+    of the slot range (a dummy row) leaves that request's cache intact."""
+    pooled = engine("onnxruntime", whole(STORIES), tmp_path, slots=1)
+    alone = engine("onnxruntime", whole(STORIES), tmp_path)
+    prompts = {f"r{i}": np.array([1, 30 + i, 40 + i, 50 + i][:2 + i], np.int32) for i in range(3)}
+    for e in (pooled, alone):
+        for rid, p in prompts.items():
+            e.forward([Step(rid, 0, p)])
+    assert pooled.pool.shape[2] == 4
+    for n in range(2):
+        steps = [Step(rid, len(prompts[rid]) + n, np.array([9 + n], np.int32)) for rid in ("r0", "r2")]
+        for step, got in zip(steps, pooled.forward(steps)):
+            np.testing.assert_allclose(got, alone.forward([step])[0], atol=1e-5)
+    step = Step("r1", len(prompts["r1"]), np.array([11], np.int32))
+    np.testing.assert_allclose(pooled.forward([step])[0], alone.forward([step])[0], atol=1e-5)

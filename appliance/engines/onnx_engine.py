@@ -99,39 +99,23 @@ class OnnxEngine(Engine):
     # ---- one session call over a range of slots, every row with the same number of tokens ----
 
     def _run(self, steps: list[Step]) -> list[np.ndarray]:
-        c, T = self.config, len(steps[0].x)
+        T = len(steps[0].x)
         for step in steps:
             if step.pos + T > self.capacity:
                 raise ValueError(f"request {step.request_id}: position {step.pos + T} is past the KV capacity "
                                  f"{self.capacity} (max_seq)")
             self._assign_slot(step.request_id)
-        by_slot = {self.slot[s.request_id]: s for s in steps}
-        lo, hi = min(by_slot), max(by_slot) + 1
-        owners = {slot: rid for rid, slot in self.slot.items()}
-
-        rows, seqlens, positions = [], [], []
-        for slot in range(lo, hi):
-            step = by_slot.get(slot)
-            if step is not None:
-                rows.append(step.x)
-                start = step.pos
-            else:  # a dummy row: writes one junk entry where the slot's next real step will write
-                rows.append(np.zeros((T,) if self.shard.is_first else (T, c.hidden_size), np.float32))
-                start = min(self.length.get(owners.get(slot), 0), self.capacity - T)
-            positions.append(np.arange(start, start + T))
-            seqlens.append(start + T - 1)
-        positions = np.concatenate(positions)
+        slots = [self.slot[s.request_id] for s in steps]
+        lo, hi = min(slots), max(slots) + 1
+        x, positions, seqlens = self._rows(dict(zip(slots, steps)), lo, hi, T)
 
         io = self.session.io_binding()
         io.bind_output("logits" if self.shard.is_last else "hidden_out")
-        if self.shard.is_first:
-            io.bind_cpu_input("input_ids", np.concatenate(rows).astype(np.int64))
-        else:
-            io.bind_cpu_input("hidden", np.ascontiguousarray(np.concatenate(rows), dtype=np.float32))
+        io.bind_cpu_input("input_ids" if self.shard.is_first else "hidden", x)
         io.bind_cpu_input("cos", np.ascontiguousarray(self.cos[positions]))
         io.bind_cpu_input("sin", np.ascontiguousarray(self.sin[positions]))
-        io.bind_cpu_input("seqlens_k", np.array(seqlens, np.int32))
-        io.bind_cpu_input("total_sequence_length", np.array(max(seqlens) + 1, np.int32))
+        io.bind_cpu_input("seqlens_k", seqlens)
+        io.bind_cpu_input("total_sequence_length", np.array(seqlens.max() + 1, np.int32))
         if self.shard.is_last:
             io.bind_cpu_input("last_rows", np.arange(hi - lo, dtype=np.int64) * T + T - 1)
         for i in range(self.layers):
@@ -145,8 +129,25 @@ class OnnxEngine(Engine):
         for step in steps:
             self.length[step.request_id] = step.pos + T
         if self.shard.is_last:
-            return [result[slot - lo] for slot in (self.slot[s.request_id] for s in steps)]
-        return [result[(slot - lo) * T:(slot - lo + 1) * T] for slot in (self.slot[s.request_id] for s in steps)]
+            return [result[slot - lo] for slot in slots]
+        return [result[(slot - lo) * T:(slot - lo + 1) * T] for slot in slots]
+
+    def _rows(self, by_slot: dict[int, Step], lo: int, hi: int, T: int):
+        """Inputs, positions and seqlens_k of the rows for slots lo..hi-1, dummies included."""
+        owner = {slot: rid for rid, slot in self.slot.items()}
+        rows, positions = [], []
+        for slot in range(lo, hi):
+            step = by_slot.get(slot)
+            if step is not None:
+                rows.append(step.x)
+                start = step.pos
+            else:  # a dummy row: writes one junk entry where the slot's next real step will write
+                rows.append(np.zeros((T,) if self.shard.is_first else (T, self.config.hidden_size)))
+                start = min(self.length.get(owner.get(slot), 0), self.capacity - T)
+            positions.append(np.arange(start, start + T))
+        x = np.concatenate(rows).astype(np.int64 if self.shard.is_first else np.float32)
+        seqlens = np.array([p[-1] for p in positions], np.int32)
+        return x, np.concatenate(positions), seqlens
 
     def _assign_slot(self, request_id: str) -> None:
         if request_id in self.slot:

@@ -45,9 +45,12 @@ def main(argv=None) -> None:
     ap.add_argument("--quant", default=None, help="q4|q8|f16|f32 (numpy: always f32)")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (numpy: OPENBLAS_NUM_THREADS)")
     args = ap.parse_args(argv)
     layers = ModelConfig.load(args.model_dir).num_layers
     options = {} if args.quant is None else {"quant": args.quant}
+    if args.threads is not None and args.engine == "onnxruntime":
+        options["threads"] = args.threads
     start = time.perf_counter()
     engine = load_engine(args.engine, Shard(args.model_dir, 0, layers, layers), **options)
     print(f"{args.engine} {args.quant or ''}: loaded in {time.perf_counter() - start:.1f} s")
