@@ -43,7 +43,7 @@ QUANTIZED_SHARDS = 0  # how many shards this process converted (tests check the 
 class OnnxEngine(Engine):
     name = "onnxruntime"
 
-    def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = "q4",
+    def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = "q8",
                  cache_dir: str | Path | None = None, max_seq: int = 2048, slots: int = 8, threads: int = 0):
         import onnxruntime as ort
 
