@@ -145,7 +145,11 @@ def test_download_progress_reaches_state_and_events(cluster, events):
 
 
 def test_events_push_a_new_plan_when_a_node_joins(broker, tmp_path):
-    c = LocalCluster(broker, tmp_path).start(1)
+    # Node ids derive from names: this cluster's nodes must not share the module cluster's.
+    c = LocalCluster(broker, tmp_path)
+    c.add_node("first")
+    c.start_panel()
+    c.watcher.wait(lambda w: w.ready(1), 60, "a plan over the first node")
     e = Events(c.url)
     try:
         assert e.next()[0] == "hello"

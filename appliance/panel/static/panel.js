@@ -127,7 +127,16 @@ function render() {
   S.frame = requestAnimationFrame(() => {
     const draw = { cluster: drawCluster, split: drawSplit, models: drawModels, chat: drawChat, requests: drawRequests }[PAGE];
     if (draw && S.state) draw(S.state);
+    document.querySelectorAll("table.table").forEach(labelCells);
   });
+}
+
+// On a phone the tables stack each row into a card; each cell then shows its column's name.
+function labelCells(table) {
+  const labels = [...table.querySelectorAll("thead th")].map(th => th.textContent);
+  for (const row of table.querySelectorAll("tbody tr")) {
+    [...row.cells].forEach((cell, i) => { cell.dataset.label = cell.colSpan > 1 ? "" : labels[i] || ""; });
+  }
 }
 
 // Derived facts shared by the pages.
@@ -442,6 +451,7 @@ async function streamChat(out, onText) {
       if (delta && delta.content) {
         if (first === null) first = performance.now();
         text += delta.content;
+        out.dataset.chunks = (Number(out.dataset.chunks) || 0) + 1;
         onText(text);
         out.innerHTML = window.renderMarkdown(text);   // the renderer escapes everything first
         out.scrollIntoView({ block: "end" });
