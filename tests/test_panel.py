@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
 
+from appliance.config import Config
+from appliance.coordinator.coordinator import Coordinator
 from appliance.models.catalog import CATALOG
+from appliance.panel import create_app
 from appliance.panel.pages import catalog_fit
 from appliance.planner import USABLE_FRACTION
 from tests.conftest import STORIES, LocalCluster
@@ -191,3 +195,33 @@ def test_bad_requests_get_json_errors(cluster):
         response = httpx.request(method, cluster.url + path, timeout=5)
         assert response.status_code == status, path
         assert response.json()["error"]["message"], path
+
+
+@pytest.fixture
+def app_without_model(broker):
+    """The app in this process, on a coordinator with no model and no nodes."""
+    coordinator = Coordinator(Config(broker=broker, cluster="empty" + str(time.time_ns()))).start()
+    yield create_app(coordinator)
+    coordinator.stop()
+
+
+def test_state_without_model_or_nodes(app_without_model):
+    s = app_without_model.test_client().get("/api/state").get_json()
+    assert s["model"] is None and s["plan"] is None and s["ready"] is False and s["nodes"] == []
+    assert len(s["catalog"]) == len(CATALOG) and not any(m["fits"] for m in s["catalog"])
+
+
+def test_close_all_ends_open_streams(app_without_model):
+    """What a stopping server calls, so an open panel tab does not hold up its shutdown."""
+    response = app_without_model.test_client().get("/api/events", buffered=False)
+    chunks = response.iter_encoded()
+    assert next(chunks).startswith(b"event: hello")
+    hub = app_without_model.extensions["exo_events"]
+    assert len(hub.streams) == 1
+    hub.close_all()
+    rest: list[bytes] = []
+    drain = threading.Thread(target=lambda: rest.extend(chunks), daemon=True)
+    drain.start()
+    drain.join(5)
+    assert not drain.is_alive(), "the stream is still open"
+    assert rest == [] and hub.streams == []

@@ -144,6 +144,7 @@ def test_models_page_lists_the_catalog_and_shows_api_errors(browser, cluster):
     assert expected.status_code >= 400
     message = expected.json()["error"]["message"]
     page.wait_for_function("msg => document.querySelector('#flash').textContent === msg", arg=message)
+    shot(page, "models-error")
     # The browser logs the refused call itself; that one is expected, nothing else is.
     assert [e for e in browser.errors if "Failed to load resource" not in e] == []
 
@@ -162,6 +163,9 @@ def test_chat_streams_an_answer_with_ttft_and_rate(browser, cluster, capsys):
     assert float(figures["ttft"]) > 0 and float(figures["tokensPerS"]) > 0 and int(figures["tokens"]) > 1
     assert "time to first token" in figures["text"] and "tokens/s" in figures["text"]
     shot(page, "chat")
+    html = page.evaluate("renderMarkdown('# Hi\\n**bold** and `code`\\n\\n- one\\n- two\\n\\n<img src=x onerror=alert(1)>')")
+    assert html == ("<h1>Hi</h1>\n<p><strong>bold</strong> and <code>code</code></p>\n<ul><li>one</li><li>two</li></ul>\n"
+                    "<p>&lt;img src=x onerror=alert(1)&gt;</p>")
     with capsys.disabled():
         print(f"\nchat: TTFT {float(figures['ttft']) * 1000:.0f} ms, {float(figures['tokensPerS']):.1f} tokens/s, "
               f"{figures['tokens']} tokens, {chunks} chunks")

@@ -89,6 +89,14 @@ class EventHub:
         except queue.Full:
             pass   # the stream sees it is no longer registered on its next wake
 
+    def close_all(self) -> None:
+        """End every open stream, as the server stops: a server waits for its open connections,
+        and a browser's EventSource would otherwise hold it to the end of its grace period."""
+        with self.lock:
+            streams = list(self.streams)
+        for q in streams:
+            self.drop(q)
+
     def snapshot_nodes(self) -> list[dict]:
         cluster = self.coordinator.cluster
         with cluster.lock, self.lock:

@@ -60,21 +60,29 @@ function meter(fraction, label) {
 }
 
 // ---------------------------------------------------------------- the live state
-const S = { state: null, pending: null, frame: 0 };
+const S = { state: null, pending: null, frame: 0, events: null };
 
 function connect() {
-  const events = new EventSource("/api/events");
-  events.addEventListener("hello", () => { setLive(true); loadState(); });
+  if (S.events) return;
+  S.events = new EventSource("/api/events");
+  S.events.addEventListener("hello", () => { setLive("live"); loadState(); });
   for (const kind of ["node", "status", "plan", "download", "requests"]) {
-    events.addEventListener(kind, e => onEvent(kind, JSON.parse(e.data)));
+    S.events.addEventListener(kind, e => onEvent(kind, JSON.parse(e.data)));
   }
-  events.onerror = () => setLive(false);   // EventSource reconnects by itself; its "hello" resyncs
+  S.events.onerror = () => setLive("reconnecting…");   // EventSource retries by itself; "hello" resyncs
 }
 
-function setLive(on) {
+// Each open stream holds one of the server's threads: a tab out of sight gives its stream back.
+function disconnect() {
+  if (S.events) S.events.close();
+  S.events = null;
+  setLive("paused");
+}
+
+function setLive(text) {
   const el = $("#live");
-  el.textContent = on ? "live" : "reconnecting…";
-  el.classList.toggle("on", on);
+  el.textContent = text;
+  el.classList.toggle("on", text === "live");
 }
 
 // Events that arrive while the snapshot is on its way are kept and applied after it, in order.
@@ -502,4 +510,5 @@ function drawRequests(st) {
 
 // ---------------------------------------------------------------- start
 ({ models: setupModels, chat: setupChat }[PAGE] || (() => {}))();
+document.addEventListener("visibilitychange", () => (document.hidden ? disconnect() : connect()));
 connect();
