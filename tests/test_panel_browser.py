@@ -5,10 +5,13 @@ Skipped only where Chromium is not installed (`apt-get install chromium`).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import time
 
 import httpx
+import paho.mqtt.client as mqtt
 import pytest
 
 from tests.conftest import REPO, LocalCluster
@@ -72,6 +75,23 @@ def browser(browser_context, cluster):
     b.close()
 
 
+@contextlib.contextmanager
+def download_progress(cluster, name: str, progress: dict):
+    """A node's retained download progress on the bus (as a downloading node publishes it), then cleared."""
+    topic = f"exo/{cluster.cluster}/node/{cluster.node_id(name)}/download"
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    host, port = cluster.broker.rsplit(":", 1)
+    client.connect(host, int(port))
+    client.loop_start()
+    try:
+        client.publish(topic, json.dumps(progress), qos=1, retain=True).wait_for_publish(5)
+        yield
+    finally:
+        client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        client.loop_stop()
+        client.disconnect()
+
+
 def shot(page: Page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
@@ -125,7 +145,13 @@ def test_models_page_lists_the_catalog_and_shows_api_errors(browser, cluster):
     for m in state["catalog"]:
         row = page.locator(f'#catalog tr[data-model="{m["id"]}"]')
         assert m["name"] in row.inner_text() and ("fits" in row.inner_text()) == m["fits"]
-    shot(page, "models")
+    with download_progress(cluster, "n0", {"model": state["catalog"][0]["id"], "state": "downloading",
+                                            "bytes": 3 * 10**8, "total": 10**9, "speed": 2.5e7, "eta": 28.0}):
+        node = cluster.node_id("n0")
+        item = page.locator(f'#catalog tr[data-model="{state["catalog"][0]["id"]}"] li[data-node="{node}"]')
+        item.wait_for()
+        assert item.get_attribute("data-state") == "downloading" and "30 %" in item.inner_text()
+        shot(page, "models")
 
     page.click("#folder-form button[type=submit]")                    # no folder typed
     page.wait_for_selector("#flash.error")

@@ -165,10 +165,11 @@ function modelLabel(st) {
   return parts.length > 2 ? parts.slice(-2).join("/") : st.model.id;
 }
 
-function planSummary(st) {
+function planSummary(st, withModel = true) {
   if (!st.model) return "No model is loaded.";
   if (!st.plan) return `No plan for ${modelLabel(st)}: ${st.plan_error || "waiting for nodes"}.`;
-  return `${modelLabel(st)} · plan ${st.plan.plan_id} over ${st.plan.shards.length} node(s) · ${isReady(st) ? "ready" : "loading…"}`;
+  const plan = `plan ${st.plan.plan_id} over ${st.plan.shards.length} node(s) · ${isReady(st) ? "ready" : "loading…"}`;
+  return withModel ? `${modelLabel(st)} · ${plan}` : plan;
 }
 
 // ---------------------------------------------------------------- Cluster
@@ -298,7 +299,7 @@ const TOKEN_KEY = "exo.adminToken";
 
 function drawModels(st) {
   $("#current").textContent = st.model
-    ? `Loaded: ${st.model.id} · ${st.model.num_layers} layers · ${fmtBytes(st.model.total_bytes)} · ${planSummary(st)}`
+    ? `Loaded: ${st.model.id} · ${st.model.num_layers} layers · ${fmtBytes(st.model.total_bytes)} · ${planSummary(st, false)}`
     : "No model is loaded.";
   const online = st.nodes.filter(n => n.online);
   const room = online.reduce((sum, n) => sum + usable(st, n), 0);
