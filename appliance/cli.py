@@ -45,6 +45,11 @@ def parser() -> argparse.ArgumentParser:
     _common(panel)
     _serving(panel)
 
+    models = sub.add_parser("models", help="list the catalog, or download a model into the cache")
+    models.add_argument("action", choices=["list", "download"])
+    models.add_argument("model", nargs="?", help="hub id to download (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
+    _common(models)
+
     broker = sub.add_parser("broker", help="the embedded MQTT broker alone")
     broker.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for the LAN)")
     broker.add_argument("--port", type=int, default=1883)
@@ -67,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        {"all": run_all, "node": run_node, "panel": run_panel, "broker": lambda _: run_broker(args)}[command](config)
+        {"all": run_all, "node": run_node, "panel": run_panel, "broker": lambda _: run_broker(args),
+         "models": lambda c: run_models(c, args)}[command](config)
     except KeyboardInterrupt:
         pass
     except (FileNotFoundError, ConnectionError, ValueError) as e:
@@ -93,6 +99,25 @@ def run_panel(config: Config) -> None:
     if not config.broker:
         sys.exit("exo panel: no broker given: pass --broker HOST:PORT or set `broker` in the config")
     serve_gunicorn(config)
+
+
+def run_models(config: Config, args: argparse.Namespace) -> None:
+    """`exo models list`: the catalog and what is on disk; `exo models download ID`: fetch it all
+    (HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply), with a progress bar on a terminal."""
+    from appliance.models.catalog import CATALOG
+    from appliance.models.store import cached_snapshot, models_dir
+
+    cache = models_dir(config.models_dir)
+    if args.action == "list":
+        for m in CATALOG:
+            mark = "cached" if cached_snapshot(m.id, cache) else "-"
+            print(f"{m.id:40} {m.layers:3d} layers {m.bytes / 1e9:6.2f} GB  {mark}")
+        return
+    if not args.model:
+        sys.exit("exo models download: name the model, e.g. exo models download HuggingFaceTB/SmolLM2-135M-Instruct")
+    from appliance.models.download import fetch_all
+
+    print(fetch_all(args.model, cache=cache), flush=True)
 
 
 def run_broker(args: argparse.Namespace) -> None:

@@ -22,7 +22,8 @@ from appliance.bus.client import Bus, parse_json
 from appliance.config import Config
 from appliance.coordinator.cluster import Cluster
 from appliance.models.config import ModelConfig
-from appliance.models.store import resolve_model_dir
+from appliance.models.download import fetch_for_coordinator
+from appliance.models.store import models_dir, resolve_model_dir
 from appliance.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,10 @@ class Coordinator:
         self.bus.stop()
 
     def load_model(self, model: str) -> LoadedModel:
-        path = resolve_model_dir(model, self.config.models_dir)
+        if Path(model).expanduser().is_dir():
+            path = resolve_model_dir(model)
+        else:   # a hub id: the coordinator needs only config.json and the tokenizer
+            path = fetch_for_coordinator(model, cache=models_dir(self.config.models_dir))
         self.model = LoadedModel(model, path, ModelConfig.load(path), Tokenizer(path))
         self.cluster.set_model(model, self.model.config)
         return self.model

@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -19,7 +20,8 @@ from appliance.bus import frames
 from appliance.bus.client import Bus, parse_json
 from appliance.config import Config
 from appliance.engines import ENGINES, Shard, Step, load_engine
-from appliance.models.store import resolve_model_dir
+from appliance.models.download import Progress, fetch_shard
+from appliance.models.store import models_dir, resolve_model_dir
 from appliance.node import system
 from appliance.node.identity import node_id
 from appliance.planner import Plan
@@ -101,7 +103,7 @@ class NodeAgent:
             log.info("plan %d gives this node no layers", plan.plan_id)
         else:
             try:
-                model_dir = resolve_model_dir(plan.model, self.config.models_dir)
+                model_dir = self.model_files(plan.model, shard.start, shard.end)
                 engine = load_engine(self.config.engine, Shard(model_dir, shard.start, shard.end, plan.num_layers),
                                      **plan.engine_options)
                 self.loaded, self.load_error = Loaded(plan, engine, plan.next_after(self.id)), None
@@ -110,6 +112,20 @@ class NodeAgent:
                 log.exception("plan %d: cannot load my shard", plan.plan_id)
                 self.load_error = {"plan_id": plan.plan_id, "error": str(e)}
         self.announce()
+
+    # -- downloads: a plan for a hub model fetches the files of this node's layers first
+    def model_files(self, model: str, start: int, end: int) -> Path:
+        if Path(model).expanduser().is_dir():
+            return resolve_model_dir(model)
+        progress = Progress(model, report=self.publish_download)
+        try:
+            return fetch_shard(model, start, end, progress, cache=models_dir(self.config.models_dir))
+        except Exception as e:
+            progress.send("error", str(e))
+            raise
+
+    def publish_download(self, state: dict) -> None:
+        self.bus.publish_json(self.topics.node_download(self.id), state, qos=1, retain=True)
 
     def run_frames(self, batch: list[frames.Frame]) -> None:
         loaded = self.loaded
