@@ -126,3 +126,34 @@ def test_no_nodes_means_503(broker, tmp_path):
         assert e.value.status_code == 503 and "no nodes" in e.value.message
     finally:
         lonely.stop()
+
+
+def test_one_coordinator_plans_and_a_standby_takes_over_when_it_dies(broker, tmp_path):
+    from appliance.broker import free_port, wait_for_port
+
+    c = LocalCluster(broker, tmp_path).start(1)
+    try:
+        first = c.health()["coordinator"]
+        assert first["leader"] is True
+        port = free_port()
+        standby = c._spawn("panel2", ["panel", "--model", MODEL, "--host", "127.0.0.1", "--port", str(port)])
+        wait_for_port("127.0.0.1", port, 30, standby)
+        url = f"http://127.0.0.1:{port}"
+        second = httpx.get(url + "/healthz", timeout=5).json()
+        assert second["coordinator"]["leader"] is False and second["coordinator"]["id"] != first["id"]
+        # the standby serves on the leader's plan and publishes none of its own
+        standby_client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        text = standby_client.completions.create(model=MODEL, prompt="", max_tokens=20, temperature=0).choices[0].text
+        assert STORY.startswith(text) and text
+        assert {p["coordinator"] for p in c.watcher.plans} == {first["id"]}
+
+        c.panel.kill()      # no clean exit: the broker sends its Last Will
+        c.watcher.wait(lambda w: w.plans[-1]["coordinator"] == second["coordinator"]["id"] and w.ready(1), 30,
+                       "the standby to plan")
+        assert httpx.get(url + "/healthz", timeout=5).json()["coordinator"]["leader"] is True
+        text = standby_client.completions.create(model=MODEL, prompt="", max_tokens=20, temperature=0).choices[0].text
+        assert STORY.startswith(text) and text
+    finally:
+        c.stop()
+        standby.terminate()
+        standby.wait(10)

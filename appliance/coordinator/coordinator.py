@@ -19,6 +19,7 @@ import numpy as np
 
 from appliance.bus import frames
 from appliance.bus.client import Bus, parse_json
+from appliance.bus.topics import Topics
 from appliance.config import Config
 from appliance.coordinator.cluster import Cluster
 from appliance.models.config import ModelConfig
@@ -92,7 +93,8 @@ class Coordinator:
     def __init__(self, config: Config):
         self.config = config
         self.id = frames.new_id()
-        self.bus = Bus(config, client_id=f"exo-coord-{self.id[:12]}")
+        self.bus = Bus(config, client_id=f"exo-coord-{self.id[:12]}",
+                       will=(Topics(config.cluster).coord_info(self.id), b""))   # clears our leadership claim
         self.topics = self.bus.topics
         self.cluster = Cluster(self.bus, self.id)
         self.cluster.listeners.append(self.on_cluster_event)
@@ -105,11 +107,13 @@ class Coordinator:
         self.cluster.subscribe()
         self.bus.on(self.topics.coord_out(self.id), self.on_reply)
         self.bus.start()
+        self.cluster.announce()
         if self.config.model:
             self.load_model(self.config.model)
         return self
 
     def stop(self) -> None:
+        self.cluster.withdraw()
         self.bus.stop()
 
     def load_model(self, model: str) -> LoadedModel:

@@ -262,4 +262,5 @@ def healthz():
     cluster = coordinator().cluster
     plan = cluster.ready_plan()
     return jsonify({"status": "ok", "nodes": len(cluster.nodes), "ready": plan is not None,
+                    "coordinator": {"id": cluster.coordinator_id, "leader": cluster.is_leader},
                     "plan": plan.to_dict() if plan else None, "plan_error": cluster.plan_error})
