@@ -98,7 +98,15 @@ def run_panel(config: Config) -> None:
 
     if not config.broker:
         sys.exit("exo panel: no broker given: pass --broker HOST:PORT or set `broker` in the config")
+    print_admin_token(config)
     serve_gunicorn(config)
+
+
+def print_admin_token(config: Config) -> None:
+    from appliance.panel.auth import ADMIN_TOKEN_FILE, admin_token
+
+    token = admin_token(config.state_dir)
+    print(f"exo: admin token {token} (kept in {os.path.join(config.state_dir, ADMIN_TOKEN_FILE)})", flush=True)
 
 
 def run_models(config: Config, args: argparse.Namespace) -> None:
@@ -147,6 +155,7 @@ def run_all(config: Config) -> None:
             started.append(spawn_node(config, f"local-{i + 1}"))
         coordinator = Coordinator(config).start()
         started.append(coordinator)
+        print_admin_token(config)
         print(f"exo: API and panel on http://localhost:{config.port} (broker {config.broker}, "
               f"{config.local_nodes} local node(s))", flush=True)
         serve_in_process(config, coordinator, watch=[p for p in started if isinstance(p, subprocess.Popen)])

@@ -131,8 +131,11 @@ def test_no_nodes_means_503(broker, tmp_path):
 def test_one_coordinator_plans_and_a_standby_takes_over_when_it_dies(broker, tmp_path):
     from appliance.broker import free_port, wait_for_port
 
-    c = LocalCluster(broker, tmp_path).start(1)
+    c = LocalCluster(broker, tmp_path)
+    c.add_node("solo")      # a name of its own: node ids (and MQTT client ids) derive from it
+    c.start_panel()
     try:
+        c.watcher.wait(lambda w: w.ready(1), 60, "a plan over one loaded node")
         first = c.health()["coordinator"]
         assert first["leader"] is True
         port = free_port()

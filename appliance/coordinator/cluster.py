@@ -143,6 +143,18 @@ class Cluster:
         self.follow_leader()
         self.schedule_replan(0)
 
+    def clear_model(self) -> None:
+        """No model: the leader publishes a plan without shards, so every node drops its shard."""
+        with self.lock:
+            self.model, self.model_config, self.plan, self.plan_error = "", None, None, "no model is loaded"
+            if not self.is_leader:
+                return
+            self.last_plan_id = max(self.last_plan_id + 1, int(time.time()))
+            empty = Plan(self.last_plan_id, "", 0, [], self.coordinator_id)
+            self.changed.notify_all()
+        self.bus.publish_json(self.topics.plan, empty.to_dict(), qos=1, retain=True)
+        self.emit("plan", empty.to_dict())
+
     def schedule_replan(self, delay: float = REPLAN_DEBOUNCE_S) -> None:
         with self.lock:
             if self._replan_timer:

@@ -83,6 +83,16 @@ class ActiveRequest:
     record: RequestRecord
 
 
+class Observer:
+    """Where the coordinator reports what it measures; the panel's /metrics installs a real one."""
+
+    def step_done(self, seconds: float) -> None:
+        pass
+
+    def finished(self, record: RequestRecord) -> None:
+        pass
+
+
 def prefill_chunks(prompt: list[int], hidden_size: int) -> list[tuple[int, list[int]]]:
     """(position, token ids) chunks whose activations stay within MAX_FRAME_BYTES."""
     size = max(1, MAX_FRAME_BYTES // (hidden_size * 4))
@@ -102,6 +112,7 @@ class Coordinator:
         self.active: dict[str, ActiveRequest] = {}
         self.history: collections.deque[RequestRecord] = collections.deque(maxlen=100)
         self.lock = threading.Lock()
+        self.observer = Observer()
 
     def start(self) -> "Coordinator":
         self.cluster.subscribe()
@@ -124,6 +135,11 @@ class Coordinator:
         self.model = LoadedModel(model, path, ModelConfig.load(path), Tokenizer(path))
         self.cluster.set_model(model, self.model.config)
         return self.model
+
+    def unload_model(self) -> None:
+        """Stop serving: the nodes get a plan without shards and drop theirs."""
+        self.model = None
+        self.cluster.clear_model()
 
     # -- replies and cluster events, on the MQTT thread
     def on_reply(self, topic: str, payload: bytes) -> None:
@@ -176,8 +192,11 @@ class Coordinator:
             for i, (pos, tokens) in enumerate(chunks):
                 send(0, pos, tokens, frames.SAMPLE if i == len(chunks) - 1 else 0)
             pos = len(prompt)
+            sent_at = time.monotonic()
             for step in range(max_tokens):
                 token = self._await_token(request, step)
+                if step:
+                    self.observer.step_done(time.monotonic() - sent_at)
                 record.completion_tokens += 1
                 elapsed = time.monotonic() - started
                 if record.ttft_s is None:
@@ -189,6 +208,7 @@ class Coordinator:
                     yield token
                     return
                 send(step + 1, pos, [token.id], frames.SAMPLE)   # the next step goes out first
+                sent_at = time.monotonic()
                 pos += 1
                 yield token
         except GenerationError as e:
@@ -199,6 +219,7 @@ class Coordinator:
                 record.status = "stopped"   # the consumer closed the generator early
             self.active.pop(request.id, None)
             self.bus.publish_json(self.topics.ctl("free"), {"request_id": request.id}, qos=1)
+            self.observer.finished(record)
 
     def recent_requests(self) -> list[dict]:
         """The last 100 requests, newest first."""

@@ -54,6 +54,7 @@ class NodeAgent:
         self.rngs: dict[str, np.random.Generator] = {}
         self.last_used: dict[str, float] = {}
         self.stopping = threading.Event()
+        self.frames_run, self.frame_seconds = 0, 0.0   # for /metrics: this node's time per frame
 
     # -- what the node tells the cluster
     def info(self) -> dict:
@@ -75,7 +76,8 @@ class NodeAgent:
         status = {"id": self.id, "time": time.time(), **system.machine_status(),
                   "shard": [shard.start, shard.end] if shard else None,
                   "queue_depth": self.work.qsize(),
-                  "requests": len(self.loaded.engine.requests()) if self.loaded else 0}
+                  "requests": len(self.loaded.engine.requests()) if self.loaded else 0,
+                  "frames": self.frames_run, "frame_seconds": round(self.frame_seconds, 6)}
         self.bus.publish_json(self.topics.node_status(self.id), status)
 
     # -- MQTT handlers: parse, then enqueue for the worker
@@ -135,6 +137,7 @@ class NodeAgent:
         batch = [f for f in batch if f not in stale]
         if not batch:
             return
+        started = time.monotonic()
         try:
             outputs = loaded.engine.forward([Step(f.request_id, f.pos, f.tensor) for f in batch])
         except Exception as e:
@@ -149,6 +152,8 @@ class NodeAgent:
                 self.bus.publish(self.topics.node_inbox(loaded.next_node), frames.encode(replace(f, tensor=out)))
             elif f.flags & frames.SAMPLE:
                 self.reply_token(f, out)
+        self.frames_run += len(batch)
+        self.frame_seconds += time.monotonic() - started
 
     def reply_token(self, f: frames.Frame, logits: np.ndarray) -> None:
         rng = self.rngs.get(f.request_id)
