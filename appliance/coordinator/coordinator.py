@@ -46,6 +46,7 @@ class Unavailable(GenerationError):
 class Token:
     id: int
     logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)   # the most likely ids and their logprobs
 
 
 @dataclass
@@ -235,5 +236,6 @@ class Coordinator:
                 error = Unavailable if reply.get("status") == 503 else GenerationError
                 raise error(reply["error"])
             if reply.get("step") == step:
-                return Token(int(reply["token"]), float(reply.get("logprob", 0.0)))
+                top = [(int(i), float(lp)) for i, lp in reply.get("top") or []]
+                return Token(int(reply["token"]), float(reply.get("logprob", 0.0)), top)
             log.debug("dropped a reply for step %s while waiting for step %d", reply.get("step"), step)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
 MAX_BATCH = 32
+TOP_LOGPROBS = 5          # the most likely tokens each reply carries, for the API's top_logprobs
 IDLE_REQUEST_S = 600.0   # a request untouched this long has been abandoned: free its cache
 
 
@@ -160,9 +161,12 @@ class NodeAgent:
         if rng is None:
             rng = self.rngs[f.request_id] = np.random.default_rng(f.sampling.seed)
         token = sample(logits, f.sampling, rng)
+        logprobs = log_softmax(logits)
+        top = np.argpartition(-logprobs, TOP_LOGPROBS - 1)[:TOP_LOGPROBS] if len(logprobs) > TOP_LOGPROBS else np.arange(len(logprobs))
+        top = top[np.argsort(-logprobs[top])]
         self.bus.publish_json(self.topics.coord_out(f.coordinator_id), {
-            "request_id": f.request_id, "step": f.step, "token": token,
-            "logprob": float(log_softmax(logits)[token])})
+            "request_id": f.request_id, "step": f.step, "token": token, "logprob": float(logprobs[token]),
+            "top": [[int(i), round(float(logprobs[i]), 6)] for i in top]})
 
     def reply_error(self, f: frames.Frame, message: str) -> None:
         self.bus.publish_json(self.topics.coord_out(f.coordinator_id),

@@ -15,6 +15,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from appliance.bus.frames import Sampling
 from appliance.coordinator.coordinator import Coordinator, GenerationError
 from appliance.models.tokenizer import StreamDecoder
+from appliance.node.agent import TOP_LOGPROBS
 
 api = Blueprint("api", __name__)
 
@@ -55,6 +56,7 @@ class Params:
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0
 
 
 def _number(body, name, default, kind=float, lo=None, hi=None):
@@ -103,8 +105,23 @@ def parse_params(chat: bool) -> Params:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    logprobs = body.get("logprobs") not in (None, False, 0)
-    return Params(name, prompt, max_tokens, sampling, stop, stream, bool(options.get("include_usage")), logprobs)
+    logprobs, top = _logprobs_params(body, chat)
+    return Params(name, prompt, max_tokens, sampling, stop, stream, bool(options.get("include_usage")), logprobs, top)
+
+
+def _logprobs_params(body, chat: bool) -> tuple[bool, int]:
+    """Completions: `logprobs` is how many top tokens to list (0-5). Chat: `logprobs` is a boolean
+    and `top_logprobs` the count (0-5)."""
+    if not chat:
+        top = _number(body, "logprobs", None, int, 0, TOP_LOGPROBS)
+        return top is not None, top or 0
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise ApiError(400, "'logprobs' must be a boolean", "logprobs")
+    top = _number(body, "top_logprobs", None, int, 0, TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return bool(wanted), top or 0
 
 
 def _text_prompt(body, model) -> list[int]:
@@ -140,6 +157,7 @@ class Piece:
     token: int | None = None
     logprob: float | None = None
     finish_reason: str | None = None
+    top: list = field(default_factory=list)
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -163,10 +181,10 @@ def run(params: Params, usage: dict):
             hits = [text.find(s, max(0, sent - len(s))) for s in params.stop]
             hits = [h for h in hits if h >= 0]
             if hits:
-                yield Piece(text[sent:min(hits)], token.id, token.logprob, finish_reason="stop")
+                yield Piece(text[sent:min(hits)], token.id, token.logprob, "stop", token.top)
                 return
             end = len(text) - held_back(text, params.stop)
-            yield Piece(text[sent:end], token.id, token.logprob)
+            yield Piece(text[sent:end], token.id, token.logprob, None, token.top)
             sent = end
         yield Piece(text[sent:], finish_reason="length")
     finally:
@@ -196,7 +214,8 @@ def respond(params: Params, chat: bool):
         collected = list(pieces)
         text = "".join(p.text for p in collected)
         finish = collected[-1].finish_reason
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                   "logprobs": _chat_logprobs(params, collected)}
                   if chat else {"index": 0, "text": text, "finish_reason": finish,
                                 "logprobs": _logprobs(params, collected)})
         return jsonify({**base, "object": kind, "choices": [choice], "usage": _finish_usage(usage)})
@@ -212,7 +231,8 @@ def respond(params: Params, chat: bool):
             for piece in _chain(first, pieces):
                 if not piece.text and not piece.finish_reason:
                     continue
-                choice = ({"index": 0, "delta": {"content": piece.text} if piece.text else {}, "finish_reason": piece.finish_reason}
+                choice = ({"index": 0, "delta": {"content": piece.text} if piece.text else {},
+                           "finish_reason": piece.finish_reason, "logprobs": _chat_logprobs(params, [piece])}
                           if chat else {"index": 0, "text": piece.text, "finish_reason": piece.finish_reason,
                                         "logprobs": _logprobs(params, [piece])})
                 yield sse({**base, "object": chunk_kind, "choices": [choice]})
@@ -232,12 +252,31 @@ def _chain(first, rest):
     yield from rest
 
 
+def _token_text(token: int) -> str:
+    return coordinator().model.tokenizer.decode([token])
+
+
 def _logprobs(params: Params, pieces: list[Piece]):
+    """The completions form: tokens, token_logprobs, top_logprobs (a dict per token), text_offset."""
     if not params.logprobs:
         return None
     kept = [p for p in pieces if p.token is not None]
-    return {"tokens": [p.text for p in kept], "token_logprobs": [p.logprob for p in kept],
-            "top_logprobs": None, "text_offset": None}
+    tokens = [_token_text(p.token) for p in kept]
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    top = [{_token_text(i): lp for i, lp in p.top[:params.top_logprobs]} for p in kept] if params.top_logprobs else None
+    return {"tokens": tokens, "token_logprobs": [p.logprob for p in kept], "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_logprobs(params: Params, pieces: list[Piece]):
+    """The chat form: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    if not params.logprobs:
+        return None
+
+    def entry(token: int, logprob: float) -> dict:
+        text = _token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    return {"content": [{**entry(p.token, p.logprob), "top_logprobs": [entry(i, lp) for i, lp in p.top[:params.top_logprobs]]}
+                        for p in pieces if p.token is not None]}
 
 
 @api.post("/v1/completions")
