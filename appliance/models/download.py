@@ -21,8 +21,9 @@ from typing import Callable
 
 from huggingface_hub import (_CACHED_NO_EXIST, get_hf_file_metadata, hf_hub_download, hf_hub_url,
                              try_to_load_from_cache)
-from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError
 from huggingface_hub.utils import tqdm as hf_tqdm
+from huggingface_hub.utils import validate_repo_id
 
 from appliance.models.config import ModelConfig
 from appliance.models.store import models_dir
@@ -102,6 +103,10 @@ def fetch(repo: str, files: list[str], progress: Progress | None = None, revisio
     OPTIONAL may be missing from the repo."""
     cache = cache or models_dir()
     progress = progress or Progress(repo)
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise DownloadError(f"{repo!r} is neither a model folder nor a hub id like org/name") from e
     _size_up(repo, files, progress, revision, cache)
     folder = None
     for f in files:
