@@ -240,3 +240,51 @@ def test_metrics_report_requests_latency_and_nodes(cluster, client):
         assert metric(url, "exo_node_memory_total_bytes", node=node) > 0
         assert metric(url, "exo_node_frame_seconds_total", node=node) > 0
     assert httpx.get(url + "/metrics").headers["content-type"].startswith("text/plain")
+
+
+CHAT_BAD_BODIES = [
+    ({"model": MODEL}, 400), ({"model": MODEL, "messages": "hi"}, 400),
+    ({"model": MODEL, "messages": [{"role": "user"}]}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": "5"}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 2}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "seed": -1}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": "yes"}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 9, "logprobs": True}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream_options": 1}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "story " * 600}]}, 400),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404),
+]
+
+
+@pytest.mark.parametrize("body,status", CHAT_BAD_BODIES)
+def test_bad_chat_requests_get_openai_style_errors(cluster, body, status):
+    r = httpx.post(cluster.url + "/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"] and r.json()["error"]["type"]
+
+
+def test_the_cluster_serves_after_every_bad_request_and_errors_reach_the_client(client, cluster):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=5, n=2)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "story " * 600}])
+    r = client.completions.create(model=MODEL, prompt="", max_tokens=10, temperature=0, stop="zzz")
+    assert STORY.startswith(r.choices[0].text) and r.choices[0].text
+    assert httpx.get(cluster.url + "/openapi.json").json()["openapi"].startswith("3.")
+
+
+def test_async_client_plain_and_streamed_chat(cluster):
+    async def go():
+        client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key="none", max_retries=0)
+        messages = [{"role": "user", "content": "Once upon a time"}]
+        plain = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+        stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                                      stream=True, stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        return plain, chunks
+    plain, chunks = asyncio.run(go())
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens

@@ -10,7 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 
 from appliance.bus.frames import Sampling
 from appliance.coordinator.coordinator import Coordinator, GenerationError
@@ -94,7 +94,7 @@ def parse_params(chat: bool) -> Params:
                        "max_tokens")
     seed = _number(body, "seed", None, int, 0, 2**63 - 1)
     sampling = Sampling(_number(body, "temperature", 1.0, float, 0, 2), _number(body, "top_p", 1.0, float, 0, 1),
-                        _number(body, "top_k", 0, int, 0), seed)
+                        _number(body, "top_k", 0, int, 0, 2**31 - 1), seed)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
@@ -142,8 +142,10 @@ def _chat_prompt(body, model) -> list[int]:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
             raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", "messages")
         content = m.get("content")
-        if isinstance(content, list):   # the list-of-parts form: keep the text parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if isinstance(content, list):   # the list-of-parts form: text parts only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise ApiError(400, f"messages[{i}].content parts must be {{'type': 'text', 'text': str}}", "messages")
+            content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string", "messages")
         clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
@@ -244,7 +246,7 @@ def respond(params: Params, chat: bool):
         finally:
             pieces.close()
 
-    return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return Response(stream_with_context(events()), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _chain(first, rest):
