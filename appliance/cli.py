@@ -34,12 +34,14 @@ def parser() -> argparse.ArgumentParser:
     _serving(top)
     top.add_argument("--local-nodes", dest="local_nodes", type=int, help="node processes to start here (default 1)")
     top.add_argument("--engine", help="engine of the local nodes")
+    top.add_argument("--quant", help="weights of the local nodes: q4, q8, f16 or f32")
     sub = top.add_subparsers(dest="command")
 
     node = sub.add_parser("node", help="one node agent (what a Pi runs)")
     _common(node)
     node.add_argument("--name", help="node name; several nodes on one host need different names")
     node.add_argument("--engine", help="engine for this node's shard")
+    node.add_argument("--quant", help="weights: q4, q8, f16 or f32 (default: the engine's)")
 
     panel = sub.add_parser("panel", help="the coordinator, API and panel, without local nodes")
     _common(panel)
@@ -49,6 +51,20 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=["list", "download"])
     models.add_argument("model", nargs="?", help="hub id to download (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
     _common(models)
+    bench = sub.add_parser("bench", help="measure engines, quants, node counts and concurrency on this machine")
+    what = bench.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="a local Hugging Face model folder")
+    what.add_argument("--shape", help="a synthetic model of a real shape: tinyllama-1.1b, llama-3.2-1b, "
+                                      "qwen2.5-0.5b, smollm2-135m")
+    bench.add_argument("--layers", type=int, help="with --shape: fewer layers than the real model")
+    bench.add_argument("--engines", default="numpy", help="comma-separated, e.g. numpy,onnxruntime")
+    bench.add_argument("--quants", default="f32", help="comma-separated, e.g. f32,q8,q4")
+    bench.add_argument("--nodes", default="1", help="comma-separated node counts, e.g. 1,2")
+    bench.add_argument("--concurrency", default="1", help="comma-separated stream counts, e.g. 1,8")
+    bench.add_argument("--prompt-tokens", dest="prompt_tokens", type=int, default=64)
+    bench.add_argument("--gen-tokens", dest="gen_tokens", type=int, default=32)
+    bench.add_argument("--broker", help="use this broker instead of an embedded one")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     broker = sub.add_parser("broker", help="the embedded MQTT broker alone")
     broker.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for the LAN)")
@@ -64,6 +80,10 @@ def config_from(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     command = args.command or "all"
+    if command == "bench":
+        from appliance.bench import main as bench_main
+        logging.basicConfig(level="WARNING")
+        return bench_main(args)
     try:
         config = config_from(args) if command != "broker" else None
     except (ValueError, OSError) as e:
@@ -132,9 +152,9 @@ def run_broker(args: argparse.Namespace) -> None:
     from appliance.broker import EmbeddedBroker
 
     broker = EmbeddedBroker(args.host, args.port).start()
-    print(f"mosquitto listening on {broker.address}", flush=True)
+    print(f"broker listening on {broker.address}", flush=True)
     try:
-        broker.process.wait()
+        broker.wait()
     finally:
         broker.stop()
 
@@ -167,6 +187,8 @@ def run_all(config: Config) -> None:
 def spawn_node(config: Config, name: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "appliance", "node", "--broker", config.broker, "--cluster", config.cluster,
                "--name", name, "--engine", config.engine, "--log-level", config.log_level]
+    if config.quant:
+        command += ["--quant", config.quant]
     env = {**os.environ, "EXO_STATE_DIR": config.state_dir, "EXO_MODELS_DIR": config.models_dir}
     return subprocess.Popen(command, env=env)
 

@@ -205,7 +205,7 @@ class Cluster:
         with self.lock:
             plan_id = self.plan.plan_id if self.plan else None
             return [f"{i}: {n['load_error']['error']}" for i, n in self.nodes.items()
-                    if (n.get("load_error") or {}).get("plan_id") == plan_id]
+                    if n.get("load_error") and n["load_error"].get("plan_id") == plan_id]
 
     def wait_ready(self, timeout: float) -> Plan | None:
         deadline = time.monotonic() + timeout

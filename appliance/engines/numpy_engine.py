@@ -70,7 +70,9 @@ class KVCache:
 class NumpyEngine(Engine):
     name = "numpy"
 
-    def __init__(self, shard: Shard, config: ModelConfig | None = None):
+    def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = "f32"):
+        if quant != "f32":
+            raise ValueError(f"the numpy engine computes in f32 only, not {quant!r}")
         super().__init__(shard, config)
         c = self.config
         names = shard_tensor_names(weight_map(shard.model_dir), shard.start, shard.end,

@@ -16,6 +16,8 @@ def create_app(coordinator: Coordinator) -> Flask:
     from appliance.panel.admin import admin
     from appliance.panel.api import api
     from appliance.panel.auth import admin_token, check_api_key
+    from appliance.panel.events import attach as attach_events
+    from appliance.panel.pages import pages
 
     app = Flask(__name__)
     app.config["coordinator"] = coordinator
@@ -25,6 +27,8 @@ def create_app(coordinator: Coordinator) -> Flask:
     app.register_blueprint(admin)
     app.register_blueprint(openapi.openapi)
     metrics.install(app, coordinator)
+    app.register_blueprint(pages)
+    attach_events(app, coordinator)
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
