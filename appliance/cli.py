@@ -47,9 +47,12 @@ def parser() -> argparse.ArgumentParser:
     _common(panel)
     _serving(panel)
 
-    models = sub.add_parser("models", help="list the catalog, or download a model into the cache")
-    models.add_argument("action", choices=["list", "download"])
+    models = sub.add_parser("models", help="list the catalog, download a model, or make a synthetic one")
+    models.add_argument("action", choices=["list", "download", "synth"])
     models.add_argument("model", nargs="?", help="hub id to download (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
+    models.add_argument("--shape", help="synth: tinyllama-1.1b, llama-3.2-1b, qwen2.5-0.5b or smollm2-135m")
+    models.add_argument("--out", help="synth: the folder to write")
+    models.add_argument("--layers", type=int, help="synth: fewer layers than the real model")
     _common(models)
     bench = sub.add_parser("bench", help="measure engines, quants, node counts and concurrency on this machine")
     what = bench.add_mutually_exclusive_group(required=True)
@@ -131,10 +134,18 @@ def print_admin_token(config: Config) -> None:
 
 def run_models(config: Config, args: argparse.Namespace) -> None:
     """`exo models list`: the catalog and what is on disk; `exo models download ID`: fetch it all
-    (HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply), with a progress bar on a terminal."""
+    (HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply), with a progress bar on a terminal;
+    `exo models synth --shape S --out DIR`: random weights of a real shape, for benchmarks."""
     from appliance.models.catalog import CATALOG
     from appliance.models.store import cached_snapshot, models_dir
 
+    if args.action == "synth":
+        from appliance.models.synth import SHAPES, synthesize
+        if args.shape not in SHAPES or not args.out:
+            sys.exit(f"exo models synth: give --shape ({', '.join(SHAPES)}) and --out DIR")
+        synthesize(args.shape, args.out, layers=args.layers)
+        print(f"wrote a random-weight {args.shape} to {args.out}", flush=True)
+        return
     cache = models_dir(config.models_dir)
     if args.action == "list":
         for m in CATALOG:
