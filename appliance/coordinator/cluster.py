@@ -35,7 +35,6 @@ class Cluster:
         self.plan_error: str | None = None
         self.model: str = ""
         self.model_config: ModelConfig | None = None
-        self.engine_options: dict = {}
         self.last_plan_id = 0
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)   # notified on any node or plan change
@@ -137,9 +136,9 @@ class Cluster:
             listener(kind, data)
 
     # -- planning
-    def set_model(self, model: str, config: ModelConfig, engine_options: dict | None = None) -> None:
+    def set_model(self, model: str, config: ModelConfig) -> None:
         with self.lock:
-            self.model, self.model_config, self.engine_options = model, config, engine_options or {}
+            self.model, self.model_config = model, config
         self.follow_leader()
         self.schedule_replan(0)
 
@@ -180,7 +179,7 @@ class Cluster:
                 return
             self.last_plan_id = max(self.last_plan_id + 1, int(time.time()))
             self.plan = Plan(self.last_plan_id, self.model, self.model_config.num_layers, shards,
-                             self.coordinator_id, self.engine_options)
+                             self.coordinator_id)
             self.plan_error = None
             self.changed.notify_all()
         log.info("plan %d: %s", self.plan.plan_id,
