@@ -47,6 +47,13 @@ def parser() -> argparse.ArgumentParser:
     _common(panel)
     _serving(panel)
 
+    models = sub.add_parser("models", help="list the catalog, download a model, or make a synthetic one")
+    models.add_argument("action", choices=["list", "download", "synth"])
+    models.add_argument("model", nargs="?", help="hub id to download (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
+    models.add_argument("--shape", help="synth: tinyllama-1.1b, llama-3.2-1b, qwen2.5-0.5b or smollm2-135m")
+    models.add_argument("--out", help="synth: the folder to write")
+    models.add_argument("--layers", type=int, help="synth: fewer layers than the real model")
+    _common(models)
     bench = sub.add_parser("bench", help="measure engines, quants, node counts and concurrency on this machine")
     what = bench.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="a local Hugging Face model folder")
@@ -88,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        {"all": run_all, "node": run_node, "panel": run_panel, "broker": lambda _: run_broker(args)}[command](config)
+        {"all": run_all, "node": run_node, "panel": run_panel, "broker": lambda _: run_broker(args),
+         "models": lambda c: run_models(c, args)}[command](config)
     except KeyboardInterrupt:
         pass
     except (FileNotFoundError, ConnectionError, ValueError) as e:
@@ -113,7 +121,42 @@ def run_panel(config: Config) -> None:
 
     if not config.broker:
         sys.exit("exo panel: no broker given: pass --broker HOST:PORT or set `broker` in the config")
+    print_admin_token(config)
     serve_gunicorn(config)
+
+
+def print_admin_token(config: Config) -> None:
+    from appliance.panel.auth import ADMIN_TOKEN_FILE, admin_token
+
+    token = admin_token(config.state_dir)
+    print(f"exo: admin token {token} (kept in {os.path.join(config.state_dir, ADMIN_TOKEN_FILE)})", flush=True)
+
+
+def run_models(config: Config, args: argparse.Namespace) -> None:
+    """`exo models list`: the catalog and what is on disk; `exo models download ID`: fetch it all
+    (HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE apply), with a progress bar on a terminal;
+    `exo models synth --shape S --out DIR`: random weights of a real shape, for benchmarks."""
+    from appliance.models.catalog import CATALOG
+    from appliance.models.store import cached_snapshot, models_dir
+
+    if args.action == "synth":
+        from appliance.models.synth import SHAPES, synthesize
+        if args.shape not in SHAPES or not args.out:
+            sys.exit(f"exo models synth: give --shape ({', '.join(SHAPES)}) and --out DIR")
+        synthesize(args.shape, args.out, layers=args.layers)
+        print(f"wrote a random-weight {args.shape} to {args.out}", flush=True)
+        return
+    cache = models_dir(config.models_dir)
+    if args.action == "list":
+        for m in CATALOG:
+            mark = "cached" if cached_snapshot(m.id, cache) else "-"
+            print(f"{m.id:40} {m.layers:3d} layers {m.bytes / 1e9:6.2f} GB  {mark}")
+        return
+    if not args.model:
+        sys.exit("exo models download: name the model, e.g. exo models download HuggingFaceTB/SmolLM2-135M-Instruct")
+    from appliance.models.download import fetch_all
+
+    print(fetch_all(args.model, cache=cache), flush=True)
 
 
 def run_broker(args: argparse.Namespace) -> None:
@@ -143,6 +186,7 @@ def run_all(config: Config) -> None:
             started.append(spawn_node(config, f"local-{i + 1}"))
         coordinator = Coordinator(config).start()
         started.append(coordinator)
+        print_admin_token(config)
         print(f"exo: API and panel on http://localhost:{config.port} (broker {config.broker}, "
               f"{config.local_nodes} local node(s))", flush=True)
         serve_in_process(config, coordinator, watch=[p for p in started if isinstance(p, subprocess.Popen)])

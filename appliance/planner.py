@@ -7,7 +7,7 @@ same inputs always give the same plan.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from appliance.models.config import ModelConfig
 
@@ -43,7 +43,6 @@ class Plan:
     num_layers: int
     shards: list[ShardAssignment]
     coordinator: str = ""
-    engine_options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,7 +51,7 @@ class Plan:
     def from_dict(cls, data: dict) -> "Plan":
         shards = [ShardAssignment(str(s["node"]), int(s["start"]), int(s["end"])) for s in data["shards"]]
         return cls(int(data["plan_id"]), str(data["model"]), int(data["num_layers"]), shards,
-                   str(data.get("coordinator", "")), dict(data.get("engine_options") or {}))
+                   str(data.get("coordinator", "")))
 
     def shard_of(self, node_id: str) -> ShardAssignment | None:
         return next((s for s in self.shards if s.node == node_id), None)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import STORIES, STORY, LocalCluster
+from tests.conftest import STORIES, STORY, LocalCluster, wait_for
 
 MODEL = str(STORIES)
 
@@ -126,3 +127,164 @@ def test_no_nodes_means_503(broker, tmp_path):
         assert e.value.status_code == 503 and "no nodes" in e.value.message
     finally:
         lonely.stop()
+
+
+def test_one_coordinator_plans_and_a_standby_takes_over_when_it_dies(broker, tmp_path):
+    from appliance.broker import free_port, wait_for_port
+
+    c = LocalCluster(broker, tmp_path)
+    c.add_node("solo")      # a name of its own: node ids (and MQTT client ids) derive from it
+    c.start_panel()
+    try:
+        c.watcher.wait(lambda w: w.ready(1), 60, "a plan over one loaded node")
+        first = c.health()["coordinator"]
+        assert first["leader"] is True
+        port = free_port()
+        standby = c._spawn("panel2", ["panel", "--model", MODEL, "--host", "127.0.0.1", "--port", str(port)])
+        wait_for_port("127.0.0.1", port, 30, standby)
+        url = f"http://127.0.0.1:{port}"
+        second = httpx.get(url + "/healthz", timeout=5).json()
+        assert second["coordinator"]["leader"] is False and second["coordinator"]["id"] != first["id"]
+        # the standby serves on the leader's plan and publishes none of its own
+        standby_client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        text = standby_client.completions.create(model=MODEL, prompt="", max_tokens=20, temperature=0).choices[0].text
+        assert STORY.startswith(text) and text
+        assert {p["coordinator"] for p in c.watcher.plans} == {first["id"]}
+
+        c.panel.kill()      # no clean exit: the broker sends its Last Will
+        c.watcher.wait(lambda w: w.plans[-1]["coordinator"] == second["coordinator"]["id"] and w.ready(1), 30,
+                       "the standby to plan")
+        assert httpx.get(url + "/healthz", timeout=5).json()["coordinator"]["leader"] is True
+        text = standby_client.completions.create(model=MODEL, prompt="", max_tokens=20, temperature=0).choices[0].text
+        assert STORY.startswith(text) and text
+    finally:
+        c.stop()
+        standby.terminate()
+        standby.wait(10)
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """One sample's value from /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=5).text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+def test_logprobs_on_completions_and_chat(client):
+    r = client.completions.create(model=MODEL, prompt="Once", max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and chosen <= 0 and abs(max(top.values()) - chosen) < 1e-4   # greedy takes the best
+    assert "".join(lp.tokens).replace(" ", "") == r.choices[0].text.replace(" ", "")
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], top_logprobs=2)
+
+
+def test_a_client_that_disconnects_stops_its_generation_on_every_node(cluster):
+    import json
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    stopped = metric(cluster.url, "exo_requests_total", status="stopped")
+    tokens = metric(cluster.url, "exo_completion_tokens_total")
+    heartbeats, cond = {}, threading.Condition()
+
+    def on_message(c, userdata, msg):
+        with cond:
+            heartbeats[msg.topic.split("/")[3]] = json.loads(msg.payload)
+            cond.notify_all()
+    watch = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    watch.on_message = on_message
+    watch.on_connect = lambda c, *_: c.subscribe(f"exo/{cluster.cluster}/node/+/status")
+    host, port = cluster.broker.rsplit(":", 1)
+    watch.connect(host, int(port))
+    watch.loop_start()
+    try:
+        body = {"model": MODEL, "prompt": "Once", "max_tokens": 400, "temperature": 0, "stream": True}
+        with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=30) as r:
+            first = next(line for line in r.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[6:])["choices"]
+        gone = time.time()
+        wait_for(lambda: metric(cluster.url, "exo_requests_total", status="stopped") == stopped + 1, 10,
+                 "the coordinator to record the request as stopped")
+        assert metric(cluster.url, "exo_completion_tokens_total") - tokens < 50   # stopped within a few steps
+        nodes = {s["node"] for s in cluster.health()["plan"]["shards"]}
+        with cond:   # a heartbeat sent after the disconnect, from each node, holds no request
+            assert cond.wait_for(lambda: all(heartbeats.get(n, {}).get("time", 0) > gone + 0.1
+                                             and heartbeats[n]["requests"] == 0 for n in nodes), 10), heartbeats
+    finally:
+        watch.loop_stop()
+        watch.disconnect()
+
+
+def test_metrics_report_requests_latency_and_nodes(cluster, client):
+    client.completions.create(model=MODEL, prompt="The", max_tokens=5, temperature=0)
+    url = cluster.url
+    assert metric(url, "exo_requests_total", status="done") >= 1
+    assert metric(url, "exo_time_to_first_token_seconds_count") >= 1
+    assert metric(url, "exo_step_seconds_count") >= 4
+    assert metric(url, "exo_prompt_tokens_total") >= 1
+    nodes = [s["node"] for s in cluster.health()["plan"]["shards"]]
+    for node in nodes:
+        wait_for(lambda: metric(url, "exo_node_frames_total", node=node) > 0, 10, f"a heartbeat from {node}")
+        assert metric(url, "exo_node_memory_total_bytes", node=node) > 0
+        assert metric(url, "exo_node_frame_seconds_total", node=node) > 0
+    assert httpx.get(url + "/metrics").headers["content-type"].startswith("text/plain")
+
+
+CHAT_BAD_BODIES = [
+    ({"model": MODEL}, 400), ({"model": MODEL, "messages": "hi"}, 400),
+    ({"model": MODEL, "messages": [{"role": "user"}]}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": "5"}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 2}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "seed": -1}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": "yes"}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 9, "logprobs": True}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream_options": 1}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "story " * 600}]}, 400),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404),
+]
+
+
+@pytest.mark.parametrize("body,status", CHAT_BAD_BODIES)
+def test_bad_chat_requests_get_openai_style_errors(cluster, body, status):
+    r = httpx.post(cluster.url + "/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"] and r.json()["error"]["type"]
+
+
+def test_the_cluster_serves_after_every_bad_request_and_errors_reach_the_client(client, cluster):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=5, n=2)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "story " * 600}])
+    r = client.completions.create(model=MODEL, prompt="", max_tokens=10, temperature=0, stop="zzz")
+    assert STORY.startswith(r.choices[0].text) and r.choices[0].text
+    assert httpx.get(cluster.url + "/openapi.json").json()["openapi"].startswith("3.")
+
+
+def test_async_client_plain_and_streamed_chat(cluster):
+    async def go():
+        client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key="none", max_retries=0)
+        messages = [{"role": "user", "content": "Once upon a time"}]
+        plain = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+        stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                                      stream=True, stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        return plain, chunks
+    plain, chunks = asyncio.run(go())
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens

@@ -76,3 +76,20 @@ def test_seed_makes_weights_reproducible(tmp_path):
 def test_unknown_shape_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown shape"):
         synthesize("gpt-5", tmp_path)
+
+
+def test_exo_models_synth_writes_a_model_the_cluster_can_load(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from appliance.models.config import ModelConfig
+    from appliance.models.tokenizer import Tokenizer
+
+    out = tmp_path / "smol"
+    subprocess.run([sys.executable, "-m", "appliance", "models", "synth", "--shape", "smollm2-135m", "--out", str(out),
+                    "--layers", "2"], check=True, capture_output=True, timeout=120)
+    config = ModelConfig.load(out)
+    assert (config.num_layers, config.hidden_size) == (2, 576)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    assert Tokenizer(out).encode("hello world")

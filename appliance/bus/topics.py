@@ -31,6 +31,9 @@ class Topics:
     def coord_out(self, coord_id: str) -> str:          # tokens and errors back to a coordinator
         return f"{self.root}/coord/{coord_id}/out"
 
+    def coord_info(self, coord_id: str = "+") -> str:   # retained, QoS 1, Last Will: who may plan
+        return f"{self.root}/coord/{coord_id}/info"
+
     def ctl(self, command: str = "#") -> str:           # QoS 1 commands: cancel, ...
         return f"{self.root}/ctl/{command}"
 

@@ -3,6 +3,12 @@
 Nodes arrive and leave through their retained `info` (a Last Will marks a dead node offline).
 Any change of the online set schedules a re-plan; a short debounce lets a burst of arrivals
 (a cluster booting) end in one plan rather than many.
+
+Exactly one coordinator plans: each announces itself on a retained `coord/<id>/info` (with a
+Last Will that clears it), and the leader is the online one that started first (then lowest id).
+Every coordinator computes the same answer from the same retained messages. A standby follows
+the leader's plan (and can serve requests on it); when the leader's Last Will arrives, the next
+one takes over and re-plans.
 """
 from __future__ import annotations
 
@@ -29,18 +35,32 @@ class Cluster:
         self.plan_error: str | None = None
         self.model: str = ""
         self.model_config: ModelConfig | None = None
-        self.engine_options: dict = {}
         self.last_plan_id = 0
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)   # notified on any node or plan change
         self.listeners: list[Callable[[str, dict], None]] = []
         self._replan_timer: threading.Timer | None = None
+        self.started = time.time()
+        self.coordinators: dict[str, float] = {}   # online coordinators: id -> start time
+        self.announced = False                     # our own announcement came back: leadership is known
+        self.is_leader = False
+        self.leaders_plan: Plan | None = None
 
     def subscribe(self) -> None:
         t = self.topics
         self.bus.on(t.node_info(), self.on_info, qos=1)
         self.bus.on(t.node_status(), self.on_status)
         self.bus.on(t.plan, self.on_retained_plan, qos=1)
+        self.bus.on(t.coord_info(), self.on_coordinator, qos=1)
+
+    def announce(self) -> None:
+        """Call once connected: retained, so coordinators that start later see us."""
+        self.bus.publish_json(self.topics.coord_info(self.coordinator_id),
+                              {"id": self.coordinator_id, "online": True, "started": self.started}, qos=1, retain=True)
+
+    def withdraw(self) -> None:
+        """Clear our claim before a clean exit (a crash clears it through the Last Will)."""
+        self.bus.client.publish(self.topics.coord_info(self.coordinator_id), b"", qos=1, retain=True).wait_for_publish(2)
 
     # -- incoming
     def on_info(self, topic: str, payload: bytes) -> None:
@@ -71,21 +91,68 @@ class Cluster:
         self.emit("status", {"id": node_id, **status})
 
     def on_retained_plan(self, topic: str, payload: bytes) -> None:
-        """Plans published before us (a restarted coordinator): keep plan ids monotonic."""
-        if payload:
-            plan_id = int(parse_json(payload).get("plan_id", 0))
-            with self.lock:
-                self.last_plan_id = max(self.last_plan_id, plan_id)
+        """Plans published by others (the leader, or a coordinator before us): keep plan ids
+        monotonic, and a standby follows the leader's plan."""
+        if not payload:
+            return
+        plan = Plan.from_dict(parse_json(payload))
+        with self.lock:
+            self.last_plan_id = max(self.last_plan_id, plan.plan_id)
+            if plan.coordinator != self.coordinator_id:
+                self.leaders_plan = plan
+        self.follow_leader()
+
+    def follow_leader(self) -> None:
+        """A standby serves on the leader's newest plan when it is for our model."""
+        with self.lock:
+            plan = self.leaders_plan
+            if self.is_leader or plan is None or plan.model != self.model or (self.plan and self.plan.plan_id >= plan.plan_id):
+                return
+            self.plan, self.plan_error = plan, None
+            self.changed.notify_all()
+        self.emit("plan", plan.to_dict())
+
+    def on_coordinator(self, topic: str, payload: bytes) -> None:
+        coord_id = topic.split("/")[-2]
+        info = parse_json(payload) if payload else {}
+        with self.lock:
+            if info.get("online"):
+                self.coordinators[coord_id] = float(info.get("started", 0))
+            else:
+                self.coordinators.pop(coord_id, None)
+            self.announced = self.announced or coord_id == self.coordinator_id
+            was, self.is_leader = self.is_leader, self.announced and self.leader() == self.coordinator_id
+        if self.is_leader != was:
+            log.info("this coordinator is %s", "the leader: it plans" if self.is_leader else "a standby")
+            if self.is_leader:
+                self.schedule_replan(0)
+
+    def leader(self) -> str | None:
+        with self.lock:
+            return min(self.coordinators, key=lambda c: (self.coordinators[c], c), default=None)
 
     def emit(self, kind: str, data: dict) -> None:
         for listener in list(self.listeners):
             listener(kind, data)
 
     # -- planning
-    def set_model(self, model: str, config: ModelConfig, engine_options: dict | None = None) -> None:
+    def set_model(self, model: str, config: ModelConfig) -> None:
         with self.lock:
-            self.model, self.model_config, self.engine_options = model, config, engine_options or {}
+            self.model, self.model_config = model, config
+        self.follow_leader()
         self.schedule_replan(0)
+
+    def clear_model(self) -> None:
+        """No model: the leader publishes a plan without shards, so every node drops its shard."""
+        with self.lock:
+            self.model, self.model_config, self.plan, self.plan_error = "", None, None, "no model is loaded"
+            if not self.is_leader:
+                return
+            self.last_plan_id = max(self.last_plan_id + 1, int(time.time()))
+            empty = Plan(self.last_plan_id, "", 0, [], self.coordinator_id)
+            self.changed.notify_all()
+        self.bus.publish_json(self.topics.plan, empty.to_dict(), qos=1, retain=True)
+        self.emit("plan", empty.to_dict())
 
     def schedule_replan(self, delay: float = REPLAN_DEBOUNCE_S) -> None:
         with self.lock:
@@ -97,7 +164,7 @@ class Cluster:
 
     def replan(self) -> None:
         with self.lock:
-            if not self.model_config:
+            if not self.model_config or not self.is_leader:
                 return
             capacities = [NodeCapacity(i, int(n.get("memory_available", 0)), n.get("speed"))
                           for i, n in sorted(self.nodes.items())]
@@ -112,7 +179,7 @@ class Cluster:
                 return
             self.last_plan_id = max(self.last_plan_id + 1, int(time.time()))
             self.plan = Plan(self.last_plan_id, self.model, self.model_config.num_layers, shards,
-                             self.coordinator_id, self.engine_options)
+                             self.coordinator_id)
             self.plan_error = None
             self.changed.notify_all()
         log.info("plan %d: %s", self.plan.plan_id,

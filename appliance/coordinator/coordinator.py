@@ -19,10 +19,12 @@ import numpy as np
 
 from appliance.bus import frames
 from appliance.bus.client import Bus, parse_json
+from appliance.bus.topics import Topics
 from appliance.config import Config
 from appliance.coordinator.cluster import Cluster
 from appliance.models.config import ModelConfig
-from appliance.models.store import resolve_model_dir
+from appliance.models.download import fetch_for_coordinator
+from appliance.models.store import models_dir, resolve_model_dir
 from appliance.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class Unavailable(GenerationError):
 class Token:
     id: int
     logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)   # the most likely ids and their logprobs
 
 
 @dataclass
@@ -81,6 +84,16 @@ class ActiveRequest:
     record: RequestRecord
 
 
+class Observer:
+    """Where the coordinator reports what it measures; the panel's /metrics installs a real one."""
+
+    def step_done(self, seconds: float) -> None:
+        pass
+
+    def finished(self, record: RequestRecord) -> None:
+        pass
+
+
 def prefill_chunks(prompt: list[int], hidden_size: int) -> list[tuple[int, list[int]]]:
     """(position, token ids) chunks whose activations stay within MAX_FRAME_BYTES."""
     size = max(1, MAX_FRAME_BYTES // (hidden_size * 4))
@@ -91,7 +104,8 @@ class Coordinator:
     def __init__(self, config: Config):
         self.config = config
         self.id = frames.new_id()
-        self.bus = Bus(config, client_id=f"exo-coord-{self.id[:12]}")
+        self.bus = Bus(config, client_id=f"exo-coord-{self.id[:12]}",
+                       will=(Topics(config.cluster).coord_info(self.id), b""))   # clears our leadership claim
         self.topics = self.bus.topics
         self.cluster = Cluster(self.bus, self.id)
         self.cluster.listeners.append(self.on_cluster_event)
@@ -99,23 +113,34 @@ class Coordinator:
         self.active: dict[str, ActiveRequest] = {}
         self.history: collections.deque[RequestRecord] = collections.deque(maxlen=100)
         self.lock = threading.Lock()
+        self.observer = Observer()
 
     def start(self) -> "Coordinator":
         self.cluster.subscribe()
         self.bus.on(self.topics.coord_out(self.id), self.on_reply)
         self.bus.start()
+        self.cluster.announce()
         if self.config.model:
             self.load_model(self.config.model)
         return self
 
     def stop(self) -> None:
+        self.cluster.withdraw()
         self.bus.stop()
 
     def load_model(self, model: str) -> LoadedModel:
-        path = resolve_model_dir(model, self.config.models_dir)
+        if Path(model).expanduser().is_dir():
+            path = resolve_model_dir(model)
+        else:   # a hub id: the coordinator needs only config.json and the tokenizer
+            path = fetch_for_coordinator(model, cache=models_dir(self.config.models_dir))
         self.model = LoadedModel(model, path, ModelConfig.load(path), Tokenizer(path))
         self.cluster.set_model(model, self.model.config)
         return self.model
+
+    def unload_model(self) -> None:
+        """Stop serving: the nodes get a plan without shards and drop theirs."""
+        self.model = None
+        self.cluster.clear_model()
 
     # -- replies and cluster events, on the MQTT thread
     def on_reply(self, topic: str, payload: bytes) -> None:
@@ -168,8 +193,11 @@ class Coordinator:
             for i, (pos, tokens) in enumerate(chunks):
                 send(0, pos, tokens, frames.SAMPLE if i == len(chunks) - 1 else 0)
             pos = len(prompt)
+            sent_at = time.monotonic()
             for step in range(max_tokens):
                 token = self._await_token(request, step)
+                if step:
+                    self.observer.step_done(time.monotonic() - sent_at)
                 record.completion_tokens += 1
                 elapsed = time.monotonic() - started
                 if record.ttft_s is None:
@@ -181,6 +209,7 @@ class Coordinator:
                     yield token
                     return
                 send(step + 1, pos, [token.id], frames.SAMPLE)   # the next step goes out first
+                sent_at = time.monotonic()
                 pos += 1
                 yield token
         except GenerationError as e:
@@ -191,6 +220,7 @@ class Coordinator:
                 record.status = "stopped"   # the consumer closed the generator early
             self.active.pop(request.id, None)
             self.bus.publish_json(self.topics.ctl("free"), {"request_id": request.id}, qos=1)
+            self.observer.finished(record)
 
     def recent_requests(self) -> list[dict]:
         """The last 100 requests, newest first."""
@@ -206,5 +236,6 @@ class Coordinator:
                 error = Unavailable if reply.get("status") == 503 else GenerationError
                 raise error(reply["error"])
             if reply.get("step") == step:
-                return Token(int(reply["token"]), float(reply.get("logprob", 0.0)))
+                top = [(int(i), float(lp)) for i, lp in reply.get("top") or []]
+                return Token(int(reply["token"]), float(reply.get("logprob", 0.0)), top)
             log.debug("dropped a reply for step %s while waiting for step %d", reply.get("step"), step)

@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -19,7 +20,8 @@ from appliance.bus import frames
 from appliance.bus.client import Bus, parse_json
 from appliance.config import Config
 from appliance.engines import ENGINES, Shard, Step, load_engine, pick_default_engine
-from appliance.models.store import resolve_model_dir
+from appliance.models.download import Progress, fetch_shard
+from appliance.models.store import models_dir, resolve_model_dir
 from appliance.node import system
 from appliance.node.identity import node_id
 from appliance.planner import Plan
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
 MAX_BATCH = 32
+TOP_LOGPROBS = 5          # the most likely tokens each reply carries, for the API's top_logprobs
 IDLE_REQUEST_S = 600.0   # a request untouched this long has been abandoned: free its cache
 
 
@@ -53,6 +56,7 @@ class NodeAgent:
         self.rngs: dict[str, np.random.Generator] = {}
         self.last_used: dict[str, float] = {}
         self.stopping = threading.Event()
+        self.frames_run, self.frame_seconds = 0, 0.0   # for /metrics: this node's time per frame
 
     # -- what the node tells the cluster
     def info(self) -> dict:
@@ -74,7 +78,8 @@ class NodeAgent:
         status = {"id": self.id, "time": time.time(), **system.machine_status(),
                   "shard": [shard.start, shard.end] if shard else None,
                   "queue_depth": self.work.qsize(),
-                  "requests": len(self.loaded.engine.requests()) if self.loaded else 0}
+                  "requests": len(self.loaded.engine.requests()) if self.loaded else 0,
+                  "frames": self.frames_run, "frame_seconds": round(self.frame_seconds, 6)}
         self.bus.publish_json(self.topics.node_status(self.id), status)
 
     # -- MQTT handlers: parse, then enqueue for the worker
@@ -102,7 +107,7 @@ class NodeAgent:
             log.info("plan %d gives this node no layers", plan.plan_id)
         else:
             try:
-                model_dir = resolve_model_dir(plan.model, self.config.models_dir)
+                model_dir = self.model_files(plan.model, shard.start, shard.end)
                 options = {"quant": self.config.quant} if self.config.quant else {}
                 engine = load_engine(self.engine_name, Shard(model_dir, shard.start, shard.end, plan.num_layers),
                                      **options)
@@ -113,6 +118,20 @@ class NodeAgent:
                 self.load_error = {"plan_id": plan.plan_id, "error": str(e)}
         self.announce()
 
+    # -- downloads: a plan for a hub model fetches the files of this node's layers first
+    def model_files(self, model: str, start: int, end: int) -> Path:
+        if Path(model).expanduser().is_dir():
+            return resolve_model_dir(model)
+        progress = Progress(model, report=self.publish_download)
+        try:
+            return fetch_shard(model, start, end, progress, cache=models_dir(self.config.models_dir))
+        except Exception as e:
+            progress.send("error", str(e))
+            raise
+
+    def publish_download(self, state: dict) -> None:
+        self.bus.publish_json(self.topics.node_download(self.id), state, qos=1, retain=True)
+
     def run_frames(self, batch: list[frames.Frame]) -> None:
         loaded = self.loaded
         stale = [f for f in batch if not loaded or f.plan_id != loaded.plan.plan_id]
@@ -121,6 +140,7 @@ class NodeAgent:
         batch = [f for f in batch if f not in stale]
         if not batch:
             return
+        started = time.monotonic()
         try:
             outputs = loaded.engine.forward([Step(f.request_id, f.pos, f.tensor) for f in batch])
         except Exception as e:
@@ -135,15 +155,20 @@ class NodeAgent:
                 self.bus.publish(self.topics.node_inbox(loaded.next_node), frames.encode(replace(f, tensor=out)))
             elif f.flags & frames.SAMPLE:
                 self.reply_token(f, out)
+        self.frames_run += len(batch)
+        self.frame_seconds += time.monotonic() - started
 
     def reply_token(self, f: frames.Frame, logits: np.ndarray) -> None:
         rng = self.rngs.get(f.request_id)
         if rng is None:
             rng = self.rngs[f.request_id] = np.random.default_rng(f.sampling.seed)
         token = sample(logits, f.sampling, rng)
+        logprobs = log_softmax(logits)
+        top = np.argpartition(-logprobs, TOP_LOGPROBS - 1)[:TOP_LOGPROBS] if len(logprobs) > TOP_LOGPROBS else np.arange(len(logprobs))
+        top = top[np.argsort(-logprobs[top])]
         self.bus.publish_json(self.topics.coord_out(f.coordinator_id), {
-            "request_id": f.request_id, "step": f.step, "token": token,
-            "logprob": float(log_softmax(logits)[token])})
+            "request_id": f.request_id, "step": f.step, "token": token, "logprob": float(logprobs[token]),
+            "top": [[int(i), round(float(logprobs[i]), 6)] for i in top]})
 
     def reply_error(self, f: frames.Frame, message: str) -> None:
         self.bus.publish_json(self.topics.coord_out(f.coordinator_id),

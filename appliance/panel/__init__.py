@@ -12,13 +12,21 @@ log = logging.getLogger(__name__)
 
 
 def create_app(coordinator: Coordinator) -> Flask:
+    from appliance.panel import metrics, openapi
+    from appliance.panel.admin import admin
     from appliance.panel.api import api
+    from appliance.panel.auth import admin_token, check_api_key
     from appliance.panel.events import attach as attach_events
     from appliance.panel.pages import pages
 
     app = Flask(__name__)
     app.config["coordinator"] = coordinator
+    app.config["admin_token"] = admin_token(coordinator.config.state_dir)
+    app.before_request(check_api_key)
     app.register_blueprint(api)
+    app.register_blueprint(admin)
+    app.register_blueprint(openapi.openapi)
+    metrics.install(app, coordinator)
     app.register_blueprint(pages)
     attach_events(app, coordinator)
 

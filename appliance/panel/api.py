@@ -10,11 +10,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 
 from appliance.bus.frames import Sampling
 from appliance.coordinator.coordinator import Coordinator, GenerationError
 from appliance.models.tokenizer import StreamDecoder
+from appliance.node.agent import TOP_LOGPROBS
 
 api = Blueprint("api", __name__)
 
@@ -55,6 +56,7 @@ class Params:
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0
 
 
 def _number(body, name, default, kind=float, lo=None, hi=None):
@@ -92,7 +94,7 @@ def parse_params(chat: bool) -> Params:
                        "max_tokens")
     seed = _number(body, "seed", None, int, 0, 2**63 - 1)
     sampling = Sampling(_number(body, "temperature", 1.0, float, 0, 2), _number(body, "top_p", 1.0, float, 0, 1),
-                        _number(body, "top_k", 0, int, 0), seed)
+                        _number(body, "top_k", 0, int, 0, 2**31 - 1), seed)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
@@ -103,8 +105,23 @@ def parse_params(chat: bool) -> Params:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    logprobs = body.get("logprobs") not in (None, False, 0)
-    return Params(name, prompt, max_tokens, sampling, stop, stream, bool(options.get("include_usage")), logprobs)
+    logprobs, top = _logprobs_params(body, chat)
+    return Params(name, prompt, max_tokens, sampling, stop, stream, bool(options.get("include_usage")), logprobs, top)
+
+
+def _logprobs_params(body, chat: bool) -> tuple[bool, int]:
+    """Completions: `logprobs` is how many top tokens to list (0-5). Chat: `logprobs` is a boolean
+    and `top_logprobs` the count (0-5)."""
+    if not chat:
+        top = _number(body, "logprobs", None, int, 0, TOP_LOGPROBS)
+        return top is not None, top or 0
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise ApiError(400, "'logprobs' must be a boolean", "logprobs")
+    top = _number(body, "top_logprobs", None, int, 0, TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return bool(wanted), top or 0
 
 
 def _text_prompt(body, model) -> list[int]:
@@ -125,8 +142,10 @@ def _chat_prompt(body, model) -> list[int]:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
             raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", "messages")
         content = m.get("content")
-        if isinstance(content, list):   # the list-of-parts form: keep the text parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if isinstance(content, list):   # the list-of-parts form: text parts only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise ApiError(400, f"messages[{i}].content parts must be {{'type': 'text', 'text': str}}", "messages")
+            content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string", "messages")
         clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
@@ -140,6 +159,7 @@ class Piece:
     token: int | None = None
     logprob: float | None = None
     finish_reason: str | None = None
+    top: list = field(default_factory=list)
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -163,10 +183,10 @@ def run(params: Params, usage: dict):
             hits = [text.find(s, max(0, sent - len(s))) for s in params.stop]
             hits = [h for h in hits if h >= 0]
             if hits:
-                yield Piece(text[sent:min(hits)], token.id, token.logprob, finish_reason="stop")
+                yield Piece(text[sent:min(hits)], token.id, token.logprob, "stop", token.top)
                 return
             end = len(text) - held_back(text, params.stop)
-            yield Piece(text[sent:end], token.id, token.logprob)
+            yield Piece(text[sent:end], token.id, token.logprob, None, token.top)
             sent = end
         yield Piece(text[sent:], finish_reason="length")
     finally:
@@ -196,7 +216,8 @@ def respond(params: Params, chat: bool):
         collected = list(pieces)
         text = "".join(p.text for p in collected)
         finish = collected[-1].finish_reason
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                   "logprobs": _chat_logprobs(params, collected)}
                   if chat else {"index": 0, "text": text, "finish_reason": finish,
                                 "logprobs": _logprobs(params, collected)})
         return jsonify({**base, "object": kind, "choices": [choice], "usage": _finish_usage(usage)})
@@ -212,7 +233,8 @@ def respond(params: Params, chat: bool):
             for piece in _chain(first, pieces):
                 if not piece.text and not piece.finish_reason:
                     continue
-                choice = ({"index": 0, "delta": {"content": piece.text} if piece.text else {}, "finish_reason": piece.finish_reason}
+                choice = ({"index": 0, "delta": {"content": piece.text} if piece.text else {},
+                           "finish_reason": piece.finish_reason, "logprobs": _chat_logprobs(params, [piece])}
                           if chat else {"index": 0, "text": piece.text, "finish_reason": piece.finish_reason,
                                         "logprobs": _logprobs(params, [piece])})
                 yield sse({**base, "object": chunk_kind, "choices": [choice]})
@@ -224,7 +246,7 @@ def respond(params: Params, chat: bool):
         finally:
             pieces.close()
 
-    return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return Response(stream_with_context(events()), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _chain(first, rest):
@@ -232,12 +254,31 @@ def _chain(first, rest):
     yield from rest
 
 
+def _token_text(token: int) -> str:
+    return coordinator().model.tokenizer.decode([token])
+
+
 def _logprobs(params: Params, pieces: list[Piece]):
+    """The completions form: tokens, token_logprobs, top_logprobs (a dict per token), text_offset."""
     if not params.logprobs:
         return None
     kept = [p for p in pieces if p.token is not None]
-    return {"tokens": [p.text for p in kept], "token_logprobs": [p.logprob for p in kept],
-            "top_logprobs": None, "text_offset": None}
+    tokens = [_token_text(p.token) for p in kept]
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    top = [{_token_text(i): lp for i, lp in p.top[:params.top_logprobs]} for p in kept] if params.top_logprobs else None
+    return {"tokens": tokens, "token_logprobs": [p.logprob for p in kept], "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_logprobs(params: Params, pieces: list[Piece]):
+    """The chat form: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    if not params.logprobs:
+        return None
+
+    def entry(token: int, logprob: float) -> dict:
+        text = _token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    return {"content": [{**entry(p.token, p.logprob), "top_logprobs": [entry(i, lp) for i, lp in p.top[:params.top_logprobs]]}
+                        for p in pieces if p.token is not None]}
 
 
 @api.post("/v1/completions")
@@ -262,4 +303,5 @@ def healthz():
     cluster = coordinator().cluster
     plan = cluster.ready_plan()
     return jsonify({"status": "ok", "nodes": len(cluster.nodes), "ready": plan is not None,
+                    "coordinator": {"id": cluster.coordinator_id, "leader": cluster.is_leader},
                     "plan": plan.to_dict() if plan else None, "plan_error": cluster.plan_error})

@@ -1,0 +1,189 @@
+"""Downloads from the Hugging Face Hub (or a mirror), into huggingface_hub's cache layout.
+
+A node fetches only what its shard needs: config.json, the safetensors index, and the
+safetensors files that hold its own layers (plus the embedding / norm / head when it is the
+first or last stage). The coordinator fetches config.json and the tokenizer files.
+
+Everything goes through `huggingface_hub.hf_hub_download`, so it honours HF_ENDPOINT, HF_TOKEN
+and HF_HUB_OFFLINE, resumes a transfer whose connection drops, and draws its tqdm progress bar
+on a terminal. `Progress` adds up the bytes of all files of one job and reports bytes, total,
+speed and ETA to a callback (the node publishes it on MQTT).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from huggingface_hub import (_CACHED_NO_EXIST, get_hf_file_metadata, hf_hub_download, hf_hub_url,
+                             try_to_load_from_cache)
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError
+from huggingface_hub.utils import tqdm as hf_tqdm
+from huggingface_hub.utils import validate_repo_id
+
+from appliance.models.config import ModelConfig
+from appliance.models.store import models_dir
+from appliance.models.weights import INDEX, shard_tensor_names
+
+CONFIG_FILES = ["config.json", "generation_config.json"]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+OPTIONAL = {"generation_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenizer_config.json"}
+SINGLE_FILE = "model.safetensors"
+REPORT_EVERY_S = 0.5
+
+
+class DownloadError(FileNotFoundError):
+    """A model's files could not be had: offline with nothing cached, not found, refused."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class Progress:
+    """Bytes of one download job, summed over its files; reported at most every REPORT_EVERY_S."""
+    model: str
+    report: Callable[[dict], None] = lambda state: None
+    total: int = 0
+    done: int = 0                   # bytes on disk for this job (cached files count at once)
+    fetched: int = 0                # bytes that came over the network in this job
+    started: float = field(default_factory=time.monotonic)
+    last_report: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, n: int, network: bool = True) -> None:
+        with self.lock:
+            self.done += n
+            self.fetched += n if network else 0
+            now = time.monotonic()
+            if now - self.last_report < REPORT_EVERY_S:
+                return
+            self.last_report = now
+        self.send("downloading")
+
+    def state(self, state: str, error: str | None = None) -> dict:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        speed = self.fetched / elapsed
+        left = max(self.total - self.done, 0)
+        eta = left / speed if speed > 0 else None
+        return {"model": self.model, "state": state, "bytes": self.done, "total": self.total,
+                "speed": round(speed, 1), "eta": None if eta is None else round(eta, 1), "error": error}
+
+    def send(self, state: str, error: str | None = None) -> None:
+        self.report(self.state(state, error))
+
+    def bar_class(self) -> type:
+        """A huggingface_hub tqdm class (it still draws on a terminal) that also counts into us."""
+        progress = self
+
+        class Bar(hf_tqdm):
+            def update(self, n=1):
+                progress.add(int(n or 0))
+                return super().update(n)
+        return Bar
+
+
+# -- which files
+def shard_files(weight_map: dict[str, str], config: ModelConfig, start: int, end: int) -> list[str]:
+    """The safetensors files that hold the tensors of layers [start, end)."""
+    names = shard_tensor_names(weight_map, start, end, start == 0, end == config.num_layers,
+                               config.tie_word_embeddings)
+    return sorted({weight_map[n] for n in names})
+
+
+# -- fetching
+def fetch(repo: str, files: list[str], progress: Progress | None = None, revision: str = "main",
+          cache: Path | None = None) -> Path:
+    """Make sure `files` of `repo` are in the cache; return the snapshot folder. Files named in
+    OPTIONAL may be missing from the repo."""
+    cache = cache or models_dir()
+    progress = progress or Progress(repo)
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise DownloadError(f"{repo!r} is neither a model folder nor a hub id like org/name") from e
+    _size_up(repo, files, progress, revision, cache)
+    folder = None
+    for f in files:
+        path = _fetch_one(repo, f, progress, revision, cache)
+        if path is None and f not in OPTIONAL:
+            raise DownloadError(f"{repo} has no file {f}")
+        folder = path.parent if path else folder
+    return folder
+
+
+def _fetch_one(repo: str, f: str, progress: Progress, revision: str, cache: Path) -> Path | None:
+    """The file's path in the cache, or None when the hub says the repo has no such file."""
+    cached = try_to_load_from_cache(repo, f, cache_dir=cache, revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    if cached is _CACHED_NO_EXIST:
+        return None
+    try:
+        return Path(hf_hub_download(repo, f, revision=revision, cache_dir=cache, tqdm_class=progress.bar_class(),
+                                    endpoint=_endpoint()))
+    except RemoteEntryNotFoundError:
+        return None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        if _offline():
+            where = cache / ("models--" + repo.replace("/", "--"))
+            raise DownloadError(f"model {repo!r}: {f} is not on disk under {where} and HF_HUB_OFFLINE is set, "
+                                f"so it cannot be downloaded; unset HF_HUB_OFFLINE or copy the model there") from e
+        raise DownloadError(f"cannot download {f} of {repo}: the hub at {_endpoint() or 'huggingface.co'} "
+                            f"cannot be reached and the file is not cached ({e})") from e
+    except Exception as e:  # refused tokens, a repo that does not exist, a broken server
+        raise DownloadError(f"cannot download {f} of {repo}: {e}") from e
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def _size_up(repo, files, progress: Progress, revision, cache) -> None:
+    """Set the job's total: cached files count as done, missing ones are sized by a HEAD request."""
+    for f in files:
+        cached = try_to_load_from_cache(repo, f, cache_dir=cache, revision=revision)
+        if isinstance(cached, str):
+            size = os.path.getsize(cached)
+            progress.total += size
+            progress.add(size, network=False)
+        elif cached is None and not _offline():
+            try:
+                url = hf_hub_url(repo, f, revision=revision, endpoint=_endpoint())
+                progress.total += get_hf_file_metadata(url).size or 0
+            except Exception:   # a missing optional file, or an error hf_hub_download will report
+                pass
+
+
+def fetch_for_coordinator(repo: str, revision: str = "main", cache: Path | None = None) -> Path:
+    """config.json and the tokenizer: what the coordinator needs to build prompts and decode."""
+    return fetch(repo, CONFIG_FILES + TOKENIZER_FILES, revision=revision, cache=cache)
+
+
+def fetch_shard(repo: str, start: int | None = None, end: int | None = None, progress: Progress | None = None,
+                revision: str = "main", cache: Path | None = None) -> Path:
+    """config.json, then the index, then only the safetensors files that hold layers [start, end)
+    (all layers when start/end are None)."""
+    progress = progress or Progress(repo)
+    folder = fetch(repo, CONFIG_FILES, revision=revision, cache=cache)
+    config = ModelConfig.load(folder)
+    start, end = start or 0, config.num_layers if end is None else end
+    index = _fetch_one(repo, INDEX, Progress(repo), revision, cache or models_dir())
+    if index is None:                  # an unsharded checkpoint has no index
+        files = [SINGLE_FILE]
+    else:
+        files = shard_files(json.loads(index.read_text())["weight_map"], config, start, end)
+    fetch(repo, files, progress, revision, cache)
+    progress.send("done")
+    return folder
+
+
+def fetch_all(repo: str, progress: Progress | None = None, revision: str = "main", cache: Path | None = None) -> Path:
+    """Everything `exo` needs to serve the whole model from this machine."""
+    fetch_for_coordinator(repo, revision, cache)
+    return fetch_shard(repo, None, None, progress, revision, cache)

@@ -1,0 +1,89 @@
+"""Admin actions (need the admin token): load, unload or delete a model, and re-plan.
+
+    POST /api/models/load    {"model": "<folder or hub id>"}   fetch config/tokenizer, plan; nodes download and load
+    POST /api/models/unload                                     every node drops its shard
+    POST /api/models/delete  {"model": "<hub id>"}             remove it from this machine's model cache
+    POST /api/replan                                            plan again now
+"""
+from __future__ import annotations
+
+import shutil
+
+from flask import Blueprint, current_app, jsonify, request
+
+from appliance.panel.api import ApiError
+from appliance.panel.auth import check_admin
+
+admin = Blueprint("admin", __name__)
+admin.before_request(check_admin)
+
+
+@admin.errorhandler(ApiError)
+def _api_error(e: ApiError):
+    return e.response()
+
+
+def _coordinator():
+    return current_app.config["coordinator"]
+
+
+def _leader_only():
+    cluster = _coordinator().cluster
+    if not cluster.is_leader:
+        raise ApiError(409, f"this coordinator is a standby; send admin actions to the leader ({cluster.leader()})",
+                       kind="conflict_error")
+
+
+def _model_arg() -> str:
+    body = request.get_json(silent=True)
+    model = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(model, str) or not model.strip():
+        raise ApiError(400, "the body must be a JSON object with a 'model' string", "model")
+    return model.strip()
+
+
+@admin.post("/api/models/load")
+def load():
+    _leader_only()
+    model = _model_arg()
+    try:
+        loaded = _coordinator().load_model(model)
+    except FileNotFoundError as e:      # not a folder, not on the hub, or offline with nothing cached
+        raise ApiError(404, str(e), "model", "not_found_error") from e
+    except (ValueError, OSError) as e:  # a folder or config that is not a model we can run
+        raise ApiError(400, f"cannot load {model}: {e}", "model") from e
+    return jsonify({"model": loaded.id, "status": "planning"}), 202
+
+
+@admin.post("/api/models/unload")
+def unload():
+    _leader_only()
+    _coordinator().unload_model()
+    return jsonify({"model": None, "status": "unloaded"})
+
+
+@admin.post("/api/models/delete")
+def delete():
+    from appliance.models.store import models_dir
+
+    model = _model_arg()
+    current = _coordinator().model
+    if current is not None and current.id == model:
+        raise ApiError(409, f"{model} is loaded; unload it first", "model", "conflict_error")
+    if "/" not in model or model.startswith(("/", ".")) or ".." in model:
+        raise ApiError(400, "'model' must be a hub id like org/name", "model")
+    folder = models_dir(_coordinator().config.models_dir) / ("models--" + model.replace("/", "--"))
+    if not folder.is_dir():
+        raise ApiError(404, f"{model} is not in the model cache", "model", "not_found_error")
+    shutil.rmtree(folder)
+    return jsonify({"model": model, "deleted": True})
+
+
+@admin.post("/api/replan")
+def replan():
+    _leader_only()
+    cluster = _coordinator().cluster
+    if cluster.model_config is None:
+        raise ApiError(409, "no model is loaded: nothing to plan", kind="conflict_error")
+    cluster.schedule_replan(0)
+    return jsonify({"status": "planning"}), 202

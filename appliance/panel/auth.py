@@ -1,0 +1,58 @@
+"""Bearer tokens: optional API keys on /v1/* (`api_keys` in the config), and the admin token that
+the admin actions need (generated once, kept in the state dir with mode 0600, printed by `exo`)."""
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from flask import current_app, jsonify, request
+
+ADMIN_TOKEN_FILE = "admin_token"
+
+
+def admin_token(state_dir: str | os.PathLike) -> str:
+    """The admin token: read from the state dir, or made and stored there (0600) the first time."""
+    path = Path(state_dir) / ADMIN_TOKEN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def bearer() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(token: str | None, allowed) -> bool:
+    return token is not None and any(hmac.compare_digest(token.encode(), a.encode()) for a in allowed)
+
+
+def unauthorized(message: str, status: int = 401):
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+    return jsonify(body), status, {"WWW-Authenticate": "Bearer"}
+
+
+def check_api_key():
+    """before_request for /v1/*: None lets the request through."""
+    keys = current_app.config["coordinator"].config.api_keys
+    if not keys or not request.path.startswith("/v1/"):
+        return None
+    if _matches(bearer(), keys):
+        return None
+    return unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'")
+
+
+def check_admin():
+    """before_request for the admin blueprint."""
+    if _matches(bearer(), [current_app.config["admin_token"]]):
+        return None
+    return unauthorized("this action needs the admin token (printed by exo at start, kept in the state dir)")
