@@ -31,6 +31,7 @@ class Config:
     broker_ca_file: str = ""
     name: str = ""                      # node name; also salts the node id so one host can run several
     engine: str = "numpy"
+    quant: str = ""                     # q4 | q8 | f16 | f32; empty: the engine's own default
     model: str = ""                     # a local folder or a catalog id
     models_dir: str = ""                # default: the huggingface_hub cache
     state_dir: str = field(default_factory=_default_state_dir)

@@ -1,0 +1,31 @@
+"""The panel: a Flask application factory serving the API (and, later, the pages)."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from appliance.coordinator.coordinator import Coordinator
+
+log = logging.getLogger(__name__)
+
+
+def create_app(coordinator: Coordinator) -> Flask:
+    from appliance.panel.api import api
+
+    app = Flask(__name__)
+    app.config["coordinator"] = coordinator
+    app.register_blueprint(api)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        kind = "not_found_error" if e.code == 404 else "invalid_request_error"
+        return jsonify({"error": {"message": e.description, "type": kind, "param": None, "code": None}}), e.code
+
+    @app.errorhandler(Exception)
+    def server_error(e: Exception):
+        log.exception("unhandled error")
+        return jsonify({"error": {"message": f"internal error: {e}", "type": "server_error", "param": None, "code": None}}), 500
+
+    return app

@@ -1,0 +1,199 @@
+"""`exo bench`: measure a real cluster on this machine.
+
+For each combination of engine, quant, node count and concurrency it starts that many node
+processes on a broker, plans the model over them, and drives the coordinator directly (no HTTP)
+with `concurrency` streams at once. Reported per case: prefill tok/s, decode tok/s (per stream
+and in aggregate), time to first token, the MQTT hop latency for a decode-sized message, and
+the peak RSS of each node process.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import psutil
+
+from appliance.broker import EmbeddedBroker
+from appliance.bus.frames import Sampling
+from appliance.config import Config
+from appliance.coordinator.coordinator import Coordinator
+
+ENGINE_QUANTS = {"numpy": ["f32"], "onnxruntime": ["q4", "q8", "f16", "f32"], "tinygrad": ["f32", "f16"]}
+
+
+@dataclass
+class CaseResult:
+    engine: str
+    quant: str
+    nodes: int
+    concurrency: int
+    prompt_tokens: int
+    gen_tokens: int
+    ttft_s: float
+    prefill_tok_s: float
+    decode_tok_s_per_stream: float
+    decode_tok_s_total: float
+    hop_ms: float
+    peak_rss_mb: list[float]
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's high-water mark of resident memory (Linux VmHWM), else its RSS now."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def hop_latency_ms(broker: str, payload_bytes: int, rounds: int = 200) -> float:
+    """Median time for one decode-sized message to go client -> broker -> client: one pipeline hop."""
+    host, port = broker.rsplit(":", 1)
+    arrived, subscribed = threading.Event(), threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_message = lambda *_: arrived.set()
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.connect(host, int(port))
+    client.loop_start()
+    topic = f"exo/bench/hop/{time.monotonic_ns()}"
+    client.subscribe(topic)
+    payload, times = b"\0" * payload_bytes, []
+    try:
+        if not subscribed.wait(5):
+            raise TimeoutError("the broker did not confirm a subscription within 5 s")
+        for _ in range(rounds):
+            arrived.clear()
+            started = time.perf_counter()
+            client.publish(topic, payload)
+            if not arrived.wait(5):
+                raise TimeoutError("the broker did not echo a message within 5 s")
+            times.append(time.perf_counter() - started)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return statistics.median(times) * 1000
+
+
+class BenchCluster:
+    """`nodes` node processes of one engine and quant, and a coordinator in this process."""
+
+    def __init__(self, broker: str, model_dir: Path, engine: str, quant: str, nodes: int):
+        from appliance.cli import spawn_node, stop_part
+
+        self.stop_part = stop_part
+        self.config = Config(broker=broker, cluster=f"bench{time.monotonic_ns()}", engine=engine, quant=quant,
+                             model=str(model_dir), log_level="WARNING")
+        self.processes = [spawn_node(self.config, f"bench-{i}") for i in range(nodes)]
+        self.coordinator = Coordinator(self.config).start()
+
+    def wait_ready(self, nodes: int, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        cluster = self.coordinator.cluster
+        while time.monotonic() < deadline:
+            plan = cluster.wait_ready(min(5.0, deadline - time.monotonic()))
+            if plan and len(plan.nodes) == nodes:
+                return
+            if cluster.load_errors():
+                raise RuntimeError("; ".join(cluster.load_errors()))
+        raise TimeoutError(f"{nodes} node(s) did not load the model within {timeout:.0f} s")
+
+    def close(self) -> None:
+        self.coordinator.stop()
+        for p in self.processes:
+            self.stop_part(p)
+
+
+def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, gen_tokens: int, vocab: int):
+    """Run `concurrency` streams at once; return (ttfts, per-stream decode tok/s, total decode tok/s)."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, vocab, prompt_tokens).tolist() for _ in range(concurrency)]
+    results: list[tuple[float, float, int]] = [None] * concurrency
+    barrier = threading.Barrier(concurrency)
+
+    def stream(i: int) -> None:
+        barrier.wait()
+        started = time.perf_counter()
+        stamps = [time.perf_counter() for _ in coordinator.generate(prompts[i], gen_tokens, Sampling(1.0, seed=i))]
+        results[i] = (stamps[0] - started, stamps[0], stamps[-1], len(stamps))
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ttfts = [r[0] for r in results]
+    per_stream = [(n - 1) / (last - first) for _, first, last, n in results if n > 1 and last > first]
+    decode_start, decode_end = min(r[1] for r in results), max(r[2] for r in results)
+    total = sum(r[3] - 1 for r in results) / max(decode_end - decode_start, 1e-9)
+    return ttfts, per_stream, total
+
+
+def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: list[int],
+          concurrencies: list[int], prompt_tokens: int, gen_tokens: int, broker: str = "",
+          report=print) -> list[CaseResult]:
+    from appliance.models.config import ModelConfig
+
+    config = ModelConfig.load(model_dir)
+    own_broker = None if broker else EmbeddedBroker(port=0).start()
+    broker = broker or own_broker.address
+    hop = hop_latency_ms(broker, config.hidden_size * 4 + 100)
+    results = []
+    try:
+        for engine, quant, nodes in itertools.product(engines, quants, node_counts):
+            if quant not in ENGINE_QUANTS.get(engine, []):
+                continue
+            cluster = BenchCluster(broker, model_dir, engine, quant, nodes)
+            try:
+                cluster.wait_ready(nodes)
+                run_streams(cluster.coordinator, 1, 8, 4, config.vocab_size)   # warm-up: JIT, caches, pages
+                for concurrency in concurrencies:
+                    ttfts, per_stream, total = run_streams(cluster.coordinator, concurrency, prompt_tokens,
+                                                           gen_tokens, config.vocab_size)
+                    ttft = statistics.median(ttfts)
+                    result = CaseResult(engine, quant, nodes, concurrency, prompt_tokens, gen_tokens,
+                                        round(ttft, 4), round(prompt_tokens / ttft, 1),
+                                        round(statistics.median(per_stream), 2), round(total, 2), round(hop, 3),
+                                        [round(peak_rss_mb(p.pid), 1) for p in cluster.processes])
+                    results.append(result)
+                    report(result)
+            finally:
+                cluster.close()
+    finally:
+        if own_broker:
+            own_broker.stop()
+    return results
+
+
+def table(results: list[CaseResult]) -> str:
+    head = ("engine", "quant", "nodes", "streams", "TTFT s", "prefill tok/s", "decode tok/s/stream",
+            "decode tok/s total", "hop ms", "peak RSS MB per node")
+    rows = [(r.engine, r.quant, r.nodes, r.concurrency, r.ttft_s, r.prefill_tok_s, r.decode_tok_s_per_stream,
+             r.decode_tok_s_total, r.hop_ms, " ".join(f"{m:.0f}" for m in r.peak_rss_mb)) for r in results]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(args) -> None:
+    model_dir = Path(args.model) if args.model else None
+    if model_dir is None:
+        from appliance.models.synth import synthesize
+        model_dir = Path(tempfile.mkdtemp(prefix=f"exo-bench-{args.shape}-"))
+        synthesize(args.shape, model_dir, layers=args.layers)
+    split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
+    results = bench(model_dir, split(args.engines), split(args.quants), [int(n) for n in split(args.nodes)],
+                    [int(c) for c in split(args.concurrency)], args.prompt_tokens, args.gen_tokens, args.broker or "",
+                    report=(lambda r: None) if args.json else (lambda r: print(f"  {r.engine} {r.quant} "
+                                                                                 f"nodes={r.nodes} streams={r.concurrency}: "
+                                                                                 f"{r.decode_tok_s_total} tok/s", flush=True)))
+    print(json.dumps([asdict(r) for r in results], indent=2) if args.json else table(results))

@@ -1,0 +1,87 @@
+"""A thin wrapper over paho-mqtt 2.x: connect, subscribe a handler per topic filter, publish.
+
+Handlers run on paho's network thread, so they must be quick (hand heavy work to a queue).
+A handler that raises is logged and the message dropped: bad input never takes a process down.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+
+from appliance.bus.topics import Topics
+from appliance.config import Config
+
+log = logging.getLogger(__name__)
+Handler = Callable[[str, bytes], None]
+
+
+class Bus:
+    def __init__(self, config: Config, client_id: str, will: tuple[str, bytes] | None = None):
+        self.config = config
+        self.topics = Topics(config.cluster)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv311)
+        self.client.enable_logger(logging.getLogger("paho"))
+        if config.broker_username:
+            self.client.username_pw_set(config.broker_username, config.broker_password or None)
+        if config.broker_tls:
+            self.client.tls_set(ca_certs=config.broker_ca_file or None)
+        if will:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.subscriptions: dict[str, int] = {}
+        self.connected = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *_: self.connected.clear()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            return
+        for topic, qos in self.subscriptions.items():  # subscriptions do not survive a reconnect
+            client.subscribe(topic, qos)
+        self.connected.set()
+
+    def on(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
+        def dispatch(client, userdata, message):
+            try:
+                handler(message.topic, message.payload)
+            except Exception:
+                log.exception("dropped a message on %s (%d bytes)", message.topic, len(message.payload))
+        self.client.message_callback_add(topic_filter, dispatch)
+        self.subscriptions[topic_filter] = qos
+        if self.connected.is_set():
+            self.client.subscribe(topic_filter, qos)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def publish_json(self, topic: str, data: dict, qos: int = 0, retain: bool = False) -> None:
+        self.publish(topic, json.dumps(data, separators=(",", ":")), qos=qos, retain=retain)
+
+    def start(self, timeout: float = 10.0) -> "Bus":
+        host, port = self.config.broker_address
+        try:
+            self.client.connect(host, port, keepalive=5)
+        except OSError as e:
+            raise ConnectionError(f"cannot reach the MQTT broker at {host}:{port}: {e}") from e
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            self.stop()
+            raise ConnectionError(f"the MQTT broker at {host}:{port} did not accept us within {timeout:.0f} s")
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def parse_json(payload: bytes) -> dict:
+    """Decode a JSON object payload, or raise ValueError."""
+    data = json.loads(payload)
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return data

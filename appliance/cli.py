@@ -1,0 +1,174 @@
+"""`exo`: the whole cluster on this machine; `exo node`, `exo panel`, `exo broker` one part each."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import os
+import sys
+
+from appliance import __version__
+from appliance.config import Config, load_config
+
+log = logging.getLogger("exo")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (default /etc/exo/config.yaml when present)")
+    p.add_argument("--broker", help="MQTT broker HOST:PORT")
+    p.add_argument("--cluster", help="cluster name (topic prefix exo/<cluster>/)")
+    p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ...")
+
+
+def _serving(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="a local Hugging Face model folder or a catalog id")
+    p.add_argument("--host", help="address the API listens on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="API and panel port (default 52415)")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="exo", description="Run one language model across many small machines.")
+    top.add_argument("--version", action="version", version=f"exo appliance {__version__}")
+    _common(top)
+    _serving(top)
+    top.add_argument("--local-nodes", dest="local_nodes", type=int, help="node processes to start here (default 1)")
+    top.add_argument("--engine", help="engine of the local nodes")
+    top.add_argument("--quant", help="weights of the local nodes: q4, q8, f16 or f32")
+    sub = top.add_subparsers(dest="command")
+
+    node = sub.add_parser("node", help="one node agent (what a Pi runs)")
+    _common(node)
+    node.add_argument("--name", help="node name; several nodes on one host need different names")
+    node.add_argument("--engine", help="engine for this node's shard")
+    node.add_argument("--quant", help="weights: q4, q8, f16 or f32 (default: the engine's)")
+
+    panel = sub.add_parser("panel", help="the coordinator, API and panel, without local nodes")
+    _common(panel)
+    _serving(panel)
+
+    bench = sub.add_parser("bench", help="measure engines, quants, node counts and concurrency on this machine")
+    what = bench.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="a local Hugging Face model folder")
+    what.add_argument("--shape", help="a synthetic model of a real shape: tinyllama-1.1b, llama-3.2-1b, "
+                                      "qwen2.5-0.5b, smollm2-135m")
+    bench.add_argument("--layers", type=int, help="with --shape: fewer layers than the real model")
+    bench.add_argument("--engines", default="numpy", help="comma-separated, e.g. numpy,onnxruntime")
+    bench.add_argument("--quants", default="f32", help="comma-separated, e.g. f32,q8,q4")
+    bench.add_argument("--nodes", default="1", help="comma-separated node counts, e.g. 1,2")
+    bench.add_argument("--concurrency", default="1", help="comma-separated stream counts, e.g. 1,8")
+    bench.add_argument("--prompt-tokens", dest="prompt_tokens", type=int, default=64)
+    bench.add_argument("--gen-tokens", dest="gen_tokens", type=int, default=32)
+    bench.add_argument("--broker", help="use this broker instead of an embedded one")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    broker = sub.add_parser("broker", help="the embedded MQTT broker alone")
+    broker.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for the LAN)")
+    broker.add_argument("--port", type=int, default=1883)
+    return top
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    return load_config(getattr(args, "config", None), **flags)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    command = args.command or "all"
+    if command == "bench":
+        from appliance.bench import main as bench_main
+        logging.basicConfig(level="WARNING")
+        return bench_main(args)
+    try:
+        config = config_from(args) if command != "broker" else None
+    except (ValueError, OSError) as e:
+        sys.exit(f"exo: bad configuration: {e}")
+    level = config.log_level.upper() if config else "INFO"
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        {"all": run_all, "node": run_node, "panel": run_panel, "broker": lambda _: run_broker(args)}[command](config)
+    except KeyboardInterrupt:
+        pass
+    except (FileNotFoundError, ConnectionError, ValueError) as e:
+        sys.exit(f"exo: {e}")
+
+
+def run_node(config: Config) -> None:
+    from appliance.node.agent import NodeAgent
+
+    if not config.broker:
+        sys.exit("exo node: no broker given: pass --broker HOST:PORT or set `broker` in the config")
+    agent = NodeAgent(config).start()
+    log.info("node %s (%s) on broker %s, cluster %s", agent.id, config.name or "-", config.broker, config.cluster)
+    try:
+        agent.serve_forever()
+    finally:
+        agent.stop()
+
+
+def run_panel(config: Config) -> None:
+    from appliance.panel.server import serve_gunicorn
+
+    if not config.broker:
+        sys.exit("exo panel: no broker given: pass --broker HOST:PORT or set `broker` in the config")
+    serve_gunicorn(config)
+
+
+def run_broker(args: argparse.Namespace) -> None:
+    from appliance.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(args.host, args.port).start()
+    print(f"broker listening on {broker.address}", flush=True)
+    try:
+        broker.wait()
+    finally:
+        broker.stop()
+
+
+def run_all(config: Config) -> None:
+    """Broker (embedded unless one is configured), N node processes, coordinator and API here."""
+    from appliance.broker import EmbeddedBroker
+    from appliance.coordinator.coordinator import Coordinator
+    from appliance.panel.server import serve_in_process
+
+    started: list = []
+    try:
+        if not config.broker:
+            broker = EmbeddedBroker().start()
+            started.append(broker)
+            config.broker = broker.address
+        for i in range(config.local_nodes):
+            started.append(spawn_node(config, f"local-{i + 1}"))
+        coordinator = Coordinator(config).start()
+        started.append(coordinator)
+        print(f"exo: API and panel on http://localhost:{config.port} (broker {config.broker}, "
+              f"{config.local_nodes} local node(s))", flush=True)
+        serve_in_process(config, coordinator, watch=[p for p in started if isinstance(p, subprocess.Popen)])
+    finally:
+        for part in reversed(started):
+            stop_part(part)
+
+
+def spawn_node(config: Config, name: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "appliance", "node", "--broker", config.broker, "--cluster", config.cluster,
+               "--name", name, "--engine", config.engine, "--log-level", config.log_level]
+    if config.quant:
+        command += ["--quant", config.quant]
+    env = {**os.environ, "EXO_STATE_DIR": config.state_dir, "EXO_MODELS_DIR": config.models_dir}
+    return subprocess.Popen(command, env=env)
+
+
+def stop_part(part) -> None:
+    if isinstance(part, subprocess.Popen):
+        if part.poll() is None:
+            part.terminate()
+            try:
+                part.wait(5)
+            except subprocess.TimeoutExpired:
+                part.kill()
+                part.wait()
+    else:
+        part.stop()
+

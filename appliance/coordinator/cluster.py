@@ -1,0 +1,150 @@
+"""The coordinator's view of the cluster: which nodes are online, and the plan it publishes.
+
+Nodes arrive and leave through their retained `info` (a Last Will marks a dead node offline).
+Any change of the online set schedules a re-plan; a short debounce lets a burst of arrivals
+(a cluster booting) end in one plan rather than many.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from appliance.bus.client import Bus, parse_json
+from appliance.models.config import ModelConfig
+from appliance.planner import NodeCapacity, Plan, PlanError, split_layers
+
+log = logging.getLogger(__name__)
+
+REPLAN_DEBOUNCE_S = 0.5
+
+
+class Cluster:
+    def __init__(self, bus: Bus, coordinator_id: str):
+        self.bus, self.topics, self.coordinator_id = bus, bus.topics, coordinator_id
+        self.nodes: dict[str, dict] = {}        # online nodes' info, by id
+        self.status: dict[str, dict] = {}       # latest heartbeat, by id
+        self.plan: Plan | None = None
+        self.plan_error: str | None = None
+        self.model: str = ""
+        self.model_config: ModelConfig | None = None
+        self.engine_options: dict = {}
+        self.last_plan_id = 0
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)   # notified on any node or plan change
+        self.listeners: list[Callable[[str, dict], None]] = []
+        self._replan_timer: threading.Timer | None = None
+
+    def subscribe(self) -> None:
+        t = self.topics
+        self.bus.on(t.node_info(), self.on_info, qos=1)
+        self.bus.on(t.node_status(), self.on_status)
+        self.bus.on(t.plan, self.on_retained_plan, qos=1)
+
+    # -- incoming
+    def on_info(self, topic: str, payload: bytes) -> None:
+        node_id = self.topics.node_id_of(topic)
+        info = parse_json(payload) if payload else {"online": False}
+        if info.get("online"):
+            info["memory_available"] = int(info["memory_available"])  # the planner relies on it
+            info["speed"] = float(info["speed"]) if info.get("speed") else None
+        with self.lock:
+            was_online = node_id in self.nodes
+            if info.get("online"):
+                self.nodes[node_id] = info
+            else:
+                self.nodes.pop(node_id, None)
+                self.status.pop(node_id, None)
+            if was_online != (node_id in self.nodes):
+                log.info("node %s is %s", node_id, "online" if node_id in self.nodes else "offline")
+                self.schedule_replan()
+            self.changed.notify_all()
+        self.emit("node", {"id": node_id, **info})
+
+    def on_status(self, topic: str, payload: bytes) -> None:
+        node_id = self.topics.node_id_of(topic)
+        status = parse_json(payload)
+        with self.lock:
+            if node_id in self.nodes:
+                self.status[node_id] = status
+        self.emit("status", {"id": node_id, **status})
+
+    def on_retained_plan(self, topic: str, payload: bytes) -> None:
+        """Plans published before us (a restarted coordinator): keep plan ids monotonic."""
+        if payload:
+            plan_id = int(parse_json(payload).get("plan_id", 0))
+            with self.lock:
+                self.last_plan_id = max(self.last_plan_id, plan_id)
+
+    def emit(self, kind: str, data: dict) -> None:
+        for listener in list(self.listeners):
+            listener(kind, data)
+
+    # -- planning
+    def set_model(self, model: str, config: ModelConfig, engine_options: dict | None = None) -> None:
+        with self.lock:
+            self.model, self.model_config, self.engine_options = model, config, engine_options or {}
+        self.schedule_replan(0)
+
+    def schedule_replan(self, delay: float = REPLAN_DEBOUNCE_S) -> None:
+        with self.lock:
+            if self._replan_timer:
+                self._replan_timer.cancel()
+            self._replan_timer = threading.Timer(delay, self.replan)
+            self._replan_timer.daemon = True
+            self._replan_timer.start()
+
+    def replan(self) -> None:
+        with self.lock:
+            if not self.model_config:
+                return
+            capacities = [NodeCapacity(i, int(n.get("memory_available", 0)), n.get("speed"))
+                          for i, n in sorted(self.nodes.items())]
+            try:
+                if not capacities:
+                    raise PlanError("no nodes are online")
+                shards = split_layers(capacities, self.model_config)
+            except PlanError as e:
+                self.plan, self.plan_error = None, str(e)
+                log.warning("no plan: %s", e)
+                self.changed.notify_all()
+                return
+            self.last_plan_id = max(self.last_plan_id + 1, int(time.time()))
+            self.plan = Plan(self.last_plan_id, self.model, self.model_config.num_layers, shards,
+                             self.coordinator_id, self.engine_options)
+            self.plan_error = None
+            self.changed.notify_all()
+        log.info("plan %d: %s", self.plan.plan_id,
+                 ", ".join(f"{s.node}[{s.start},{s.end})" for s in self.plan.shards))
+        self.bus.publish_json(self.topics.plan, self.plan.to_dict(), qos=1, retain=True)
+        self.emit("plan", self.plan.to_dict())
+
+    # -- readiness
+    def ready_plan(self) -> Plan | None:
+        """The current plan if every node in it has loaded its shard, else None."""
+        with self.lock:
+            plan = self.plan
+            if plan is None:
+                return None
+            for node in plan.nodes:
+                shard = (self.nodes.get(node) or {}).get("shard") or {}
+                if shard.get("plan_id") != plan.plan_id:
+                    return None
+            return plan
+
+    def load_errors(self) -> list[str]:
+        with self.lock:
+            plan_id = self.plan.plan_id if self.plan else None
+            return [f"{i}: {n['load_error']['error']}" for i, n in self.nodes.items()
+                    if n.get("load_error") and n["load_error"].get("plan_id") == plan_id]
+
+    def wait_ready(self, timeout: float) -> Plan | None:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                plan = self.ready_plan()
+                left = deadline - time.monotonic()
+                if plan or left <= 0 or self.load_errors() or (self.plan is None and self.plan_error and not self.nodes):
+                    return plan
+                self.changed.wait(left)

@@ -1,0 +1,58 @@
+"""The one interface every engine implements: run a shard (layers [start, end)) of a model.
+
+A stage receives `Step`s: for the first stage `x` holds token ids, for the others the hidden
+states the previous stage produced. An engine keeps one KV cache per request and runs a batch of
+steps of different requests in one call. The last stage returns logits of the final position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from appliance.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Shard:
+    model_dir: Path
+    start: int
+    end: int
+    num_layers: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.num_layers
+
+
+@dataclass
+class Step:
+    request_id: str
+    pos: int            # position of x[0] in the request's sequence
+    x: np.ndarray       # int32 [T] token ids (first stage) or float32 [T, hidden] activations
+
+
+class Engine:
+    """Base class: subclasses implement `forward` and keep their KV caches keyed by request."""
+    name = "base"
+
+    def __init__(self, shard: Shard, config: ModelConfig | None = None):
+        self.shard = shard
+        self.config = config or ModelConfig.load(shard.model_dir)
+
+    def forward(self, steps: list[Step]) -> list[np.ndarray]:
+        """One output per step: float32 [T, hidden] activations, or on the last stage float32
+        [vocab] logits of the step's final position."""
+        raise NotImplementedError
+
+    def free(self, request_id: str) -> None:
+        """Forget a request's KV cache (finished, cancelled or failed)."""
+        raise NotImplementedError
+
+    def requests(self) -> list[str]:
+        raise NotImplementedError

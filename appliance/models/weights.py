@@ -1,0 +1,87 @@
+"""Memory-mapped safetensors: a node maps only the tensors of its own layers.
+
+The safetensors format is an 8-byte little-endian header length, a JSON header (name -> dtype,
+shape, byte offsets) and the raw tensor bytes. Mapping the file and viewing slices of it means a
+node's resident memory grows only with the pages of the tensors it actually touches.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
+INDEX = "model.safetensors.index.json"
+
+
+def weight_map(model_dir: str | Path) -> dict[str, str]:
+    """Tensor name -> safetensors file name, for one-file and sharded checkpoints alike."""
+    model_dir = Path(model_dir)
+    if (model_dir / INDEX).exists():
+        return json.loads((model_dir / INDEX).read_text())["weight_map"]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} has no *.safetensors weights")
+    return {name: f.name for f in files for name in _header(f)[0] if name != "__metadata__"}
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length)), 8 + length
+
+
+def shard_tensor_names(names, start: int, end: int, first: bool, last: bool, tied: bool) -> list[str]:
+    """The tensors a stage holding layers [start, end) needs."""
+    def wanted(name: str) -> bool:
+        if name.startswith("model.layers."):
+            return start <= int(name.split(".")[2]) < end
+        if name == "model.embed_tokens.weight":
+            return first or (last and tied)
+        if name == "model.norm.weight":
+            return last
+        if name == "lm_head.weight":         # a tied checkpoint may store a copy: the embedding serves
+            return last and not tied
+        return False
+    return [n for n in names if wanted(n)]
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def load_tensors(model_dir: str | Path, names: list[str]) -> dict[str, np.ndarray]:
+    """Map the named tensors read-only. bfloat16 tensors come back as their raw uint16 bits;
+    call `as_float32` to compute with them."""
+    model_dir = Path(model_dir)
+    files = weight_map(model_dir)
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    out = {}
+    for file, file_names in by_file.items():
+        header, data_start = _header(model_dir / file)
+        mapped = np.memmap(model_dir / file, dtype=np.uint8, mode="r")
+        for name in file_names:
+            info = header[name]
+            lo, hi = info["data_offsets"]
+            dtype = DTYPES[info["dtype"]]
+            out[name] = mapped[data_start + lo:data_start + hi].view(dtype).reshape(info["shape"])
+            out[name].flags.writeable = False
+            if info["dtype"] == "BF16":
+                out[name] = _BF16(out[name])
+    return out
+
+
+class _BF16(np.ndarray):
+    """A uint16 view that remembers it holds bfloat16 bits."""
+    def __new__(cls, raw):
+        return raw.view(cls)
+
+
+def as_float32(t: np.ndarray) -> np.ndarray:
+    if isinstance(t, _BF16):
+        return bf16_to_f32(t.view(np.uint16))
+    return np.asarray(t, dtype=np.float32)

@@ -1,0 +1,211 @@
+"""The node agent: announce, heartbeat, follow the plan, run its shard.
+
+MQTT handlers only parse and enqueue; one worker thread owns the engine and does everything
+heavy (loading a shard, running steps), so the network loop never stalls. Decode steps of
+different requests that wait in the queue together go through the engine as one batch.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from appliance import __version__
+from appliance.bus import frames
+from appliance.bus.client import Bus, parse_json
+from appliance.config import Config
+from appliance.engines import ENGINES, Shard, Step, load_engine
+from appliance.models.store import resolve_model_dir
+from appliance.node import system
+from appliance.node.identity import node_id
+from appliance.planner import Plan
+from appliance.sampling import log_softmax, sample
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 2.0
+MAX_BATCH = 32
+IDLE_REQUEST_S = 600.0   # a request untouched this long has been abandoned: free its cache
+
+
+@dataclass
+class Loaded:
+    plan: Plan
+    engine: object
+    next_node: str | None
+
+
+class NodeAgent:
+    def __init__(self, config: Config):
+        self.config = config
+        self.id = node_id(config.state_dir, config.name)
+        self.bus = Bus(config, client_id=f"exo-node-{self.id}",
+                       will=(f"exo/{config.cluster}/node/{self.id}/info", b'{"id":"%s","online":false}' % self.id.encode()))
+        self.topics = self.bus.topics
+        self.work: queue.Queue = queue.Queue()
+        self.loaded: Loaded | None = None
+        self.load_error: dict | None = None
+        self.rngs: dict[str, np.random.Generator] = {}
+        self.last_used: dict[str, float] = {}
+        self.stopping = threading.Event()
+
+    # -- what the node tells the cluster
+    def info(self) -> dict:
+        shard = None
+        if self.loaded:
+            s = self.loaded.plan.shard_of(self.id)
+            shard = {"plan_id": self.loaded.plan.plan_id, "model": self.loaded.plan.model,
+                     "start": s.start, "end": s.end, "engine": self.loaded.engine.name}
+        return {"id": self.id, "name": self.config.name, "online": True, "version": __version__,
+                "roles": ["node"], "engines": sorted(ENGINES), "engine": self.config.engine,
+                **system.machine_info(), "speed": None, "cached_models": [],
+                "shard": shard, "load_error": self.load_error}
+
+    def announce(self) -> None:
+        self.bus.publish_json(self.topics.node_info(self.id), self.info(), qos=1, retain=True)
+
+    def heartbeat(self) -> None:
+        shard = self.loaded and self.loaded.plan.shard_of(self.id)
+        status = {"id": self.id, "time": time.time(), **system.machine_status(),
+                  "shard": [shard.start, shard.end] if shard else None,
+                  "queue_depth": self.work.qsize(),
+                  "requests": len(self.loaded.engine.requests()) if self.loaded else 0}
+        self.bus.publish_json(self.topics.node_status(self.id), status)
+
+    # -- MQTT handlers: parse, then enqueue for the worker
+    def on_plan(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        self.work.put(("plan", Plan.from_dict(parse_json(payload))))
+
+    def on_frame(self, topic: str, payload: bytes) -> None:
+        try:
+            self.work.put(("frame", frames.decode(payload)))
+        except frames.FrameError as e:
+            log.warning("dropped a malformed frame on %s: %s", topic, e)
+
+    def on_free(self, topic: str, payload: bytes) -> None:
+        self.work.put(("free", str(parse_json(payload)["request_id"])))
+
+    # -- the worker
+    def load(self, plan: Plan) -> None:
+        if self.loaded and plan.plan_id <= self.loaded.plan.plan_id:
+            return
+        shard = plan.shard_of(self.id)
+        self.loaded, self.rngs, self.last_used = None, {}, {}
+        if shard is None:
+            log.info("plan %d gives this node no layers", plan.plan_id)
+        else:
+            try:
+                model_dir = resolve_model_dir(plan.model, self.config.models_dir)
+                options = {"quant": self.config.quant} if self.config.quant else {}
+                engine = load_engine(self.config.engine, Shard(model_dir, shard.start, shard.end, plan.num_layers),
+                                     **options)
+                self.loaded, self.load_error = Loaded(plan, engine, plan.next_after(self.id)), None
+                log.info("plan %d: loaded layers [%d, %d) of %s", plan.plan_id, shard.start, shard.end, plan.model)
+            except Exception as e:
+                log.exception("plan %d: cannot load my shard", plan.plan_id)
+                self.load_error = {"plan_id": plan.plan_id, "error": str(e)}
+        self.announce()
+
+    def run_frames(self, batch: list[frames.Frame]) -> None:
+        loaded = self.loaded
+        stale = [f for f in batch if not loaded or f.plan_id != loaded.plan.plan_id]
+        for f in stale:
+            self.reply_error(f, f"node {self.id} does not hold plan {f.plan_id}'s shard")
+        batch = [f for f in batch if f not in stale]
+        if not batch:
+            return
+        try:
+            outputs = loaded.engine.forward([Step(f.request_id, f.pos, f.tensor) for f in batch])
+        except Exception as e:
+            log.exception("engine failed on a batch of %d", len(batch))
+            for f in batch:
+                self.reply_error(f, f"node {self.id}: {e}")
+            return
+        now = time.monotonic()
+        for f, out in zip(batch, outputs):
+            self.last_used[f.request_id] = now
+            if loaded.next_node is not None:
+                self.bus.publish(self.topics.node_inbox(loaded.next_node), frames.encode(replace(f, tensor=out)))
+            elif f.flags & frames.SAMPLE:
+                self.reply_token(f, out)
+
+    def reply_token(self, f: frames.Frame, logits: np.ndarray) -> None:
+        rng = self.rngs.get(f.request_id)
+        if rng is None:
+            rng = self.rngs[f.request_id] = np.random.default_rng(f.sampling.seed)
+        token = sample(logits, f.sampling, rng)
+        self.bus.publish_json(self.topics.coord_out(f.coordinator_id), {
+            "request_id": f.request_id, "step": f.step, "token": token,
+            "logprob": float(log_softmax(logits)[token])})
+
+    def reply_error(self, f: frames.Frame, message: str) -> None:
+        self.bus.publish_json(self.topics.coord_out(f.coordinator_id),
+                              {"request_id": f.request_id, "step": f.step, "error": message})
+
+    def free(self, request_id: str) -> None:
+        if self.loaded:
+            self.loaded.engine.free(request_id)
+        self.rngs.pop(request_id, None)
+        self.last_used.pop(request_id, None)
+
+    def free_abandoned(self) -> None:
+        cutoff = time.monotonic() - IDLE_REQUEST_S
+        for request_id in [r for r, t in self.last_used.items() if t < cutoff]:
+            self.free(request_id)
+
+    def worker(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                kind, item = self.work.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                self.free_abandoned()
+                continue
+            if kind == "plan":
+                self.load(item)
+            elif kind == "free":
+                self.free(item)
+            elif kind == "frame":
+                self.run_frames(self.take_batch(item))
+
+    def take_batch(self, first: frames.Frame) -> list[frames.Frame]:
+        """The frame just taken plus the frames queued behind it, one per request, in order.
+        Anything else met on the way is handled first, so the order of the queue is kept."""
+        batch, seen = [first], {first.request_id}
+        while len(batch) < MAX_BATCH:
+            try:
+                kind, item = self.work.get_nowait()
+            except queue.Empty:
+                break
+            if kind != "frame" or item.request_id in seen:
+                with self.work.mutex:  # not batchable now: put it back in its place
+                    self.work.queue.appendleft((kind, item))
+                break
+            batch.append(item)
+            seen.add(item.request_id)
+        return batch
+
+    # -- life cycle
+    def start(self) -> "NodeAgent":
+        t = self.topics
+        self.bus.on(t.plan, self.on_plan, qos=1)
+        self.bus.on(t.node_inbox(self.id), self.on_frame)
+        self.bus.on(t.ctl("free"), self.on_free, qos=1)
+        self.bus.start()
+        self.announce()
+        threading.Thread(target=self.worker, name="node-worker", daemon=True).start()
+        return self
+
+    def serve_forever(self) -> None:
+        while not self.stopping.wait(HEARTBEAT_S):
+            self.heartbeat()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.bus.publish_json(self.topics.node_info(self.id), {"id": self.id, "online": False}, qos=1, retain=True)
+        self.bus.stop()

@@ -1,0 +1,265 @@
+"""The OpenAI-style API: /v1/models, /v1/completions, /v1/chat/completions, /healthz.
+
+Requests are validated up front; anything wrong is an OpenAI-style JSON error with the right
+status, and nothing is sent into the cluster for it.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from appliance.bus.frames import Sampling
+from appliance.coordinator.coordinator import Coordinator, GenerationError
+from appliance.models.tokenizer import StreamDecoder
+
+api = Blueprint("api", __name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def response(self):
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return jsonify(body), self.status
+
+
+@api.errorhandler(ApiError)
+def _api_error(e: ApiError):
+    return e.response()
+
+
+@api.errorhandler(GenerationError)
+def _generation_error(e: GenerationError):
+    kind = "service_unavailable" if e.status == 503 else "server_error"
+    return ApiError(e.status, str(e), kind=kind).response()
+
+
+def coordinator() -> Coordinator:
+    return current_app.config["coordinator"]
+
+
+# -- request parsing
+@dataclass
+class Params:
+    model: str
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+
+
+def _number(body, name, default, kind=float, lo=None, hi=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}", name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ApiError(400, f"'{name}' must be between {lo} and {hi}", name)
+    return kind(value)
+
+
+def parse_params(chat: bool) -> Params:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = coordinator().model
+    name = body.get("model")
+    if not isinstance(name, str):
+        raise ApiError(400, "'model' is required and must be a string", "model")
+    if model is None or name != model.id:
+        raise ApiError(404, f"the model '{name}' does not exist or is not loaded", "model", "not_found_error")
+    if _number(body, "n", 1, int, 1, 1) != 1:
+        raise ApiError(400, "'n' must be 1", "n")
+    prompt = _chat_prompt(body, model) if chat else _text_prompt(body, model)
+    context = model.config.max_position_embeddings
+    if len(prompt) >= context:
+        raise ApiError(400, f"the prompt is {len(prompt)} tokens; this model's context is {context}", "prompt")
+    default_max = context - len(prompt) if chat else 16
+    max_tokens = _number(body, "max_completion_tokens", None, int, 1) if chat else None
+    max_tokens = max_tokens or _number(body, "max_tokens", default_max, int, 1)
+    if len(prompt) + max_tokens > context:
+        raise ApiError(400, f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds the context of {context} tokens",
+                       "max_tokens")
+    seed = _number(body, "seed", None, int, 0, 2**63 - 1)
+    sampling = Sampling(_number(body, "temperature", 1.0, float, 0, 2), _number(body, "top_p", 1.0, float, 0, 1),
+                        _number(body, "top_k", 0, int, 0), seed)
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be a boolean", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    logprobs = body.get("logprobs") not in (None, False, 0)
+    return Params(name, prompt, max_tokens, sampling, stop, stream, bool(options.get("include_usage")), logprobs)
+
+
+def _text_prompt(body, model) -> list[int]:
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' must be a string", "prompt")
+    return model.tokenizer.encode(prompt)
+
+
+def _chat_prompt(body, model) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", "messages")
+        content = m.get("content")
+        if isinstance(content, list):   # the list-of-parts form: keep the text parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string", "messages")
+        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    return model.tokenizer.apply_chat_template(clean)
+
+
+# -- generation
+@dataclass
+class Piece:
+    text: str
+    token: int | None = None
+    logprob: float | None = None
+    finish_reason: str | None = None
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters might be the start of a stop string, so must wait."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def run(params: Params, usage: dict):
+    """Yield text pieces, honouring stop strings; the last piece carries the finish reason."""
+    model = coordinator().model
+    decoder = StreamDecoder(model.tokenizer)
+    text, sent = "", 0
+    tokens = coordinator().generate(params.prompt, params.max_tokens, params.sampling)
+    try:
+        for token in tokens:
+            usage["completion_tokens"] += 1
+            if token.id in model.config.eos_token_ids:
+                yield Piece(text[sent:], finish_reason="stop")
+                return
+            text += decoder.push(token.id)
+            hits = [text.find(s, max(0, sent - len(s))) for s in params.stop]
+            hits = [h for h in hits if h >= 0]
+            if hits:
+                yield Piece(text[sent:min(hits)], token.id, token.logprob, finish_reason="stop")
+                return
+            end = len(text) - held_back(text, params.stop)
+            yield Piece(text[sent:end], token.id, token.logprob)
+            sent = end
+        yield Piece(text[sent:], finish_reason="length")
+    finally:
+        tokens.close()
+
+
+def _usage(params: Params) -> dict:
+    return {"prompt_tokens": len(params.prompt), "completion_tokens": 0, "total_tokens": 0}
+
+
+def _finish_usage(usage: dict) -> dict:
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return usage
+
+
+def sse(data) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def respond(params: Params, chat: bool):
+    kind = "chat.completion" if chat else "text_completion"
+    base = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
+            "model": params.model}
+    usage = _usage(params)
+    pieces = run(params, usage)
+    if not params.stream:
+        collected = list(pieces)
+        text = "".join(p.text for p in collected)
+        finish = collected[-1].finish_reason
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+                  if chat else {"index": 0, "text": text, "finish_reason": finish,
+                                "logprobs": _logprobs(params, collected)})
+        return jsonify({**base, "object": kind, "choices": [choice], "usage": _finish_usage(usage)})
+
+    first = next(pieces)  # errors before the first token still get a proper status code
+
+    def events():
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+        try:
+            if chat:
+                yield sse({**base, "object": chunk_kind, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                                       "finish_reason": None}]})
+            for piece in _chain(first, pieces):
+                if not piece.text and not piece.finish_reason:
+                    continue
+                choice = ({"index": 0, "delta": {"content": piece.text} if piece.text else {}, "finish_reason": piece.finish_reason}
+                          if chat else {"index": 0, "text": piece.text, "finish_reason": piece.finish_reason,
+                                        "logprobs": _logprobs(params, [piece])})
+                yield sse({**base, "object": chunk_kind, "choices": [choice]})
+            if params.include_usage:
+                yield sse({**base, "object": chunk_kind, "choices": [], "usage": _finish_usage(usage)})
+            yield "data: [DONE]\n\n"
+        except GenerationError as e:
+            yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": e.status}})
+        finally:
+            pieces.close()
+
+    return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _logprobs(params: Params, pieces: list[Piece]):
+    if not params.logprobs:
+        return None
+    kept = [p for p in pieces if p.token is not None]
+    return {"tokens": [p.text for p in kept], "token_logprobs": [p.logprob for p in kept],
+            "top_logprobs": None, "text_offset": None}
+
+
+@api.post("/v1/completions")
+def completions():
+    return respond(parse_params(chat=False), chat=False)
+
+
+@api.post("/v1/chat/completions")
+def chat_completions():
+    return respond(parse_params(chat=True), chat=True)
+
+
+@api.get("/v1/models")
+def models():
+    model = coordinator().model
+    data = [{"id": model.id, "object": "model", "created": 0, "owned_by": "exo"}] if model else []
+    return jsonify({"object": "list", "data": data})
+
+
+@api.get("/healthz")
+def healthz():
+    cluster = coordinator().cluster
+    plan = cluster.ready_plan()
+    return jsonify({"status": "ok", "nodes": len(cluster.nodes), "ready": plan is not None,
+                    "plan": plan.to_dict() if plan else None, "plan_error": cluster.plan_error})

@@ -1,0 +1,147 @@
+"""The cluster end to end: real mosquitto, real node and panel processes, the official openai client."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+import paho.mqtt.client as mqtt
+import psutil
+import pytest
+
+from appliance.broker import free_port
+from appliance.bus import frames
+from tests.conftest import STORIES, STORY, wait_for
+
+PROMPTS = ["Once upon a time", "The dog", "Lily and Tom went to the"]
+MODEL = str(STORIES)
+
+
+def complete(cluster, prompt="", max_tokens=64, **kw):
+    return cluster.openai().completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, **kw)
+
+
+def greedy_texts(cluster) -> list[str]:
+    return [complete(cluster, p, max_tokens=24).choices[0].text for p in PROMPTS]
+
+
+def test_all_in_one_exo_writes_the_story_and_ctrl_c_stops_everything(tmp_path):
+    port = free_port()
+    env = {**os.environ, "EXO_STATE_DIR": str(tmp_path), "EXO_CONFIG": str(tmp_path / "c.yaml")}
+    (tmp_path / "c.yaml").write_text("{}\n")
+    log = open(tmp_path / "exo.log", "wb")
+    exo = subprocess.Popen([sys.executable, "-m", "appliance", "--model", MODEL, "--local-nodes", "3",
+                            "--port", str(port), "--host", "127.0.0.1", "--cluster", "allinone"],
+                           stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+
+        def answer():
+            try:
+                return client.completions.create(model=MODEL, prompt="", max_tokens=48, temperature=0)
+            except (openai.APIConnectionError, openai.InternalServerError):
+                return None  # not up yet, or 503 while the plan loads
+        result = wait_for(answer, 60, "the all-in-one exo to answer")
+        assert result.choices[0].text.startswith(STORY[:95])
+        assert result.choices[0].finish_reason == "length"
+        children = psutil.Process(exo.pid).children(recursive=True)
+        assert len(children) >= 4  # the broker and three nodes
+    finally:
+        exo.send_signal(signal.SIGINT)
+        exo.wait(20)
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left running after Ctrl-C: {alive}"
+
+
+def test_three_nodes_write_the_story(local_cluster):
+    cluster = local_cluster(3)
+    text = complete(cluster, max_tokens=48).choices[0].text
+    assert text.startswith(STORY[:95]), text
+
+
+def test_greedy_tokens_are_the_same_for_1_3_and_5_nodes(local_cluster):
+    results = {}
+    for n in (1, 3, 5):
+        cluster = local_cluster(n)
+        results[n] = greedy_texts(cluster)
+        assert complete(cluster, max_tokens=48).choices[0].text.startswith(STORY[:95])
+        assert len(cluster.health()["plan"]["shards"]) == n
+        cluster.stop()
+    assert results[1] == results[3] == results[5]
+    assert all(results[1])
+
+
+def test_a_node_killed_while_idle_is_planned_out(local_cluster):
+    cluster = local_cluster(3)
+    victim = cluster.node_id("n1")
+    started = time.monotonic()
+    cluster.nodes["n1"].kill()
+    cluster.watcher.wait(lambda w: w.ready(2) and victim not in [s["node"] for s in w.plans[-1]["shards"]],
+                         10, "a new plan without the killed node")
+    assert time.monotonic() - started < 10
+    assert complete(cluster, max_tokens=48).choices[0].text.startswith(STORY[:95])
+
+
+def test_a_node_killed_mid_stream_ends_the_stream_with_an_error(local_cluster):
+    cluster = local_cluster(3)
+    stream = cluster.openai().completions.create(model=MODEL, prompt="", max_tokens=500, temperature=0, stream=True)
+    received = []
+    with pytest.raises(openai.APIError):
+        for chunk in stream:
+            received.append(chunk.choices[0].text)
+            if len(received) == 1:
+                killed_at = time.monotonic()
+                cluster.nodes["n2"].kill()
+    assert time.monotonic() - killed_at < 10
+    assert len(received) < 500
+
+
+def test_malformed_frames_and_json_are_dropped_and_the_node_keeps_serving(local_cluster):
+    cluster = local_cluster(2)
+    first = cluster.node_id("n0")
+    root = f"exo/{cluster.cluster}"
+    good = frames.encode(frames.Frame(frames.new_id(), frames.new_id(), 1, 0, 0, __import__("numpy").zeros(3, "int32")))
+    garbage = {
+        f"{root}/node/{first}/in": [b"", b"\x00" * 3, b"nonsense" * 20, good[:40], good[:-2], b"EXOX" + good[4:],
+                                    good[:7] + b"\x09" + good[8:]],
+        f"{root}/plan": [b"{", b"[]", b'{"plan_id": "x"}', b"\xff\xfe"],
+        f"{root}/ctl/free": [b"not json", b"{}", b"[1,2]"],
+        # and what the coordinator reads
+        f"{root}/node/fake/info": [b"{", b'{"online": true, "memory_available": "lots"}', b'{"online": true}'],
+        f"{root}/node/fake/status": [b"\x00", b"3"],
+        f"{root}/coord/{cluster.watcher.plans[-1]['coordinator']}/out": [b"{", b'{"request_id": 5}'],
+    }
+    host, port = cluster.broker.rsplit(":", 1)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.connect(host, int(port))
+    client.loop_start()
+    for topic, payloads in garbage.items():
+        for payload in payloads:
+            client.publish(topic, payload, qos=1).wait_for_publish(5)
+    client.loop_stop()
+    client.disconnect()
+    assert complete(cluster, max_tokens=48).choices[0].text.startswith(STORY[:95])
+    assert all(p.poll() is None for p in [cluster.panel, *cluster.nodes.values()])
+    log = cluster.log("n0")
+    assert "dropped a malformed frame" in log and "dropped a message" in log
+
+
+def test_the_pure_python_broker_carries_a_whole_cluster(tmp_path):
+    from appliance.broker import EmbeddedBroker
+    from tests.conftest import LocalCluster
+
+    broker = EmbeddedBroker(port=free_port(), kind="python").start()
+    cluster = LocalCluster(broker.address, tmp_path)
+    try:
+        cluster.start(2)
+        assert complete(cluster, max_tokens=48).choices[0].text.startswith(STORY[:95])
+        victim = cluster.node_id("n1")
+        cluster.nodes["n1"].kill()   # the Last Will works there too
+        cluster.watcher.wait(lambda w: w.ready(1) and victim not in [s["node"] for s in w.plans[-1]["shards"]],
+                             10, "a new plan without the killed node")
+    finally:
+        cluster.stop()
+        broker.stop()

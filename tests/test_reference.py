@@ -1,0 +1,140 @@
+"""The numpy engine against Hugging Face transformers (torch CPU, float32 compute).
+
+Each case builds a tiny random model with transformers' own config class, saves it with
+`save_pretrained` and compares logits over a prefill and a few decode steps (KV cache), with the
+model whole and split into chained shards.
+"""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from appliance.engines.base import Shard, Step  # noqa: E402
+from appliance.engines.numpy_engine import NumpyEngine  # noqa: E402
+from appliance.models.config import ModelConfig  # noqa: E402
+from appliance.models.weights import load_tensors, weight_map  # noqa: E402
+
+pytestmark = pytest.mark.reference
+
+TOLERANCE = 1e-4
+LAYERS = 3
+SPLITS = [(0, 3), (0, 1, 3), (0, 1, 2, 3)]   # whole, 2 shards, 3 shards
+PROMPT = [5, 17, 42, 3, 88, 61, 9]           # prefill
+DECODE = [23, 70, 1]                         # then one token at a time
+
+TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=97, max_position_embeddings=64)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8}
+
+# name: (config class, config overrides, stored dtype, save_pretrained options)
+CASES = {
+    "llama": ("LlamaConfig", {}, torch.float32, {}),
+    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True), torch.float32, {}),
+    "llama3-rope": ("LlamaConfig", dict(rope_scaling=LLAMA3, rope_theta=500000.0), torch.float32, {}),
+    "llama3-rope-tied-gqa": ("LlamaConfig", dict(rope_scaling=LLAMA3, rope_theta=500000.0, tie_word_embeddings=True,
+                                                 num_key_value_heads=2), torch.float32, {}),
+    "llama-mqa-head_dim": ("LlamaConfig", dict(num_key_value_heads=1, head_dim=16), torch.float32, {}),
+    "mistral-gqa-sliding": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=4), torch.float32, {}),
+    "qwen2-bias-tied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True), torch.float32, {}),
+    "llama-fp16": ("LlamaConfig", dict(num_key_value_heads=2), torch.float16, {}),
+    "qwen2-bf16": ("Qwen2Config", dict(num_key_value_heads=2), torch.bfloat16, {}),
+    "llama-sharded": ("LlamaConfig", dict(num_key_value_heads=2), torch.float32, dict(max_shard_size="20KB")),
+}
+
+
+def make_model(path, config_class, overrides, dtype, save_options):
+    config = getattr(transformers, config_class)(**{**TINY, **overrides})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # weights large enough that logits are O(1), and random biases and norms
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
+    model.to(dtype).save_pretrained(path, **save_options)
+    return path
+
+
+def legacy_config(path):
+    """Rewrite config.json the way checkpoints from before transformers 5 spell it."""
+    c = json.loads((path / "config.json").read_text())
+    rope = c.pop("rope_parameters")
+    c["rope_theta"] = rope.pop("rope_theta")
+    c["rope_scaling"] = rope if rope["rope_type"] != "default" else None
+    c["torch_dtype"] = c.pop("dtype")
+    (path / "config.json").write_text(json.dumps(c))
+
+
+def torch_logits(path):
+    """Logits at the last prefill position and at each decode position, float32 compute."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT + DECODE])).logits[0].numpy()
+    return logits[len(PROMPT) - 1:]
+
+
+def numpy_logits(path, bounds):
+    engines = [NumpyEngine(Shard(path, a, b, LAYERS)) for a, b in zip(bounds, bounds[1:])]
+
+    def step(pos, tokens):
+        x = np.asarray(tokens, np.int32)
+        for engine in engines:
+            (x,) = engine.forward([Step("r", pos, x)])
+        return x
+
+    out = [step(0, PROMPT)]
+    out += [step(len(PROMPT) + i, [token]) for i, token in enumerate(DECODE)]
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(tmp_path, case):
+    path = make_model(tmp_path, *CASES[case])
+    expected = torch_logits(path)
+    assert np.abs(expected).max() > 0.1, "logits too small to tell anything apart"
+    for bounds in SPLITS:
+        diff = np.abs(numpy_logits(path, bounds) - expected).max()
+        assert diff < TOLERANCE, f"{case} split {bounds}: max abs diff {diff:.2e}"
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-tied", "qwen2-bias-tied", "qwen2-bf16"])
+def test_sizes_the_planner_sees(tmp_path, case):
+    path = make_model(tmp_path, *CASES[case])
+    config, names = ModelConfig.load(path), list(weight_map(path))
+    tensors = load_tensors(path, names)
+    assert config.total_bytes == sum(t.nbytes for t in tensors.values())
+    assert config.layer_params == sum(tensors[n].size for n in names if n.startswith("model.layers.0."))
+
+
+def test_sharded_checkpoint_has_an_index(tmp_path):
+    path = make_model(tmp_path, *CASES["llama-sharded"])
+    assert (path / "model.safetensors.index.json").exists()
+    assert len(list(path.glob("*.safetensors"))) > 2
+
+
+def test_legacy_config_spelling(tmp_path):
+    """Llama 3.1 checkpoints on the Hub write rope_theta + rope_scaling + torch_dtype."""
+    path = make_model(tmp_path, *CASES["llama3-rope-tied-gqa"])
+    modern = ModelConfig.load(path)
+    legacy_config(path)
+    assert ModelConfig.load(path) == modern
+    assert modern.rope_theta == 500000.0 and modern.rope_scaling["rope_type"] == "llama3"
+    diff = np.abs(numpy_logits(path, (0, 2, 3)) - torch_logits(path)).max()
+    assert diff < TOLERANCE, f"max abs diff {diff:.2e}"
+
+
+def test_batch_of_requests_matches_one_at_a_time(tmp_path):
+    path = make_model(tmp_path, *CASES["qwen2-bias-tied"])
+    alone = numpy_logits(path, (0, 3))
+    engine = NumpyEngine(Shard(path, 0, 3, LAYERS))
+    other = np.asarray([7, 8, 9], np.int32)
+    first, _ = engine.forward([Step("a", 0, np.asarray(PROMPT, np.int32)), Step("b", 0, other)])
+    np.testing.assert_allclose(first, alone[0], atol=1e-5)
+    for i, token in enumerate(DECODE):
+        out, _ = engine.forward([Step("a", len(PROMPT) + i, np.asarray([token], np.int32)),
+                                 Step("b", len(other) + i, np.asarray([token], np.int32))])
+        np.testing.assert_allclose(out, alone[i + 1], atol=1e-5)
+    engine.free("a")
+    assert engine.requests() == ["b"]

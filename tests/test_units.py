@@ -1,0 +1,131 @@
+"""The pure parts: planner, activation frames, config layering, sampling, stop strings."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from appliance.bus import frames
+from appliance.config import load_config, parse_address
+from appliance.models.config import ModelConfig
+from appliance.panel.api import held_back
+from appliance.planner import NodeCapacity, PlanError, split_layers
+from appliance.coordinator.coordinator import MAX_FRAME_BYTES, prefill_chunks
+from appliance.sampling import sample
+
+GB = 10**9
+
+
+def model(layers=22, hidden=2048):
+    return ModelConfig.from_dict({"hidden_size": hidden, "intermediate_size": 5632, "num_hidden_layers": layers,
+                                  "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
+                                  "torch_dtype": "bfloat16"})
+
+
+def blocks(shards):
+    return [(s.node, s.end - s.start) for s in shards]
+
+
+# -- planner
+def test_layers_split_by_memory_contiguous_and_complete():
+    shards = split_layers([NodeCapacity("a", 8 * GB), NodeCapacity("b", 4 * GB), NodeCapacity("c", 4 * GB)], model(20))
+    assert blocks(shards) == [("a", 10), ("b", 5), ("c", 5)]
+    assert [s.start for s in shards] == [0, 10, 15] and shards[-1].end == 20
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 11])
+def test_any_number_of_nodes_and_deterministic(n):
+    nodes = [NodeCapacity(f"n{i}", (i % 3 + 3) * GB) for i in range(n)]
+    first = split_layers(nodes, model())
+    assert split_layers(list(reversed(nodes)), model()) == first
+    assert sum(s.end - s.start for s in first) == 22
+    assert all(a.end == b.start for a, b in zip(first, first[1:]))
+
+
+def test_a_node_too_small_for_one_layer_gets_none():
+    layer = model().layer_bytes
+    shards = split_layers([NodeCapacity("big", 8 * GB), NodeCapacity("tiny", layer // 2)], model())
+    assert blocks(shards) == [("big", 22)]
+
+
+def test_a_full_node_spills_onto_the_others():
+    layer = model().layer_bytes
+    small = NodeCapacity("small", int(3 * layer / 0.8) + 1)   # room for exactly 3 layers
+    shards = split_layers([small, NodeCapacity("x", 2 * GB), NodeCapacity("y", 2 * GB)], model())
+    assert dict(blocks(shards))["small"] <= 3 and sum(n for _, n in blocks(shards)) == 22
+
+
+def test_speed_refines_the_split_when_every_node_reports_it():
+    shards = split_layers([NodeCapacity("a", 8 * GB, speed=1.0), NodeCapacity("b", 8 * GB, speed=3.0)], model(20))
+    assert dict(blocks(shards)) == {"a": 5, "b": 15}
+
+
+def test_too_little_memory_is_a_clear_error():
+    with pytest.raises(PlanError, match="needs .* GB"):
+        split_layers([NodeCapacity("a", GB // 10)], model())
+
+
+# -- frames
+def test_frame_round_trip_keeps_every_field():
+    tensor = np.arange(12, dtype=np.float32).reshape(3, 4)
+    f = frames.Frame(frames.new_id(), frames.new_id(), 7, 3, 42, tensor, frames.SAMPLE,
+                     frames.Sampling(0.7, 0.9, 40, 1234))
+    g = frames.decode(frames.encode(f))
+    assert (g.request_id, g.coordinator_id, g.plan_id, g.step, g.pos, g.flags) == \
+           (f.request_id, f.coordinator_id, 7, 3, 42, frames.SAMPLE)
+    assert g.sampling == frames.Sampling(pytest.approx(0.7), pytest.approx(0.9), 40, 1234)
+    np.testing.assert_array_equal(g.tensor, tensor)
+
+
+def test_decode_step_frame_is_small():
+    f = frames.Frame(frames.new_id(), frames.new_id(), 1, 1, 1, np.zeros((1, 2048), np.float32))
+    assert 8192 < len(frames.encode(f)) < 8192 + 100
+
+
+@pytest.mark.parametrize("mangle", [lambda b: b[:10], lambda b: b"XXXX" + b[4:], lambda b: b[:-1],
+                                    lambda b: b + b"\0", lambda b: b[:4] + b"\x07" + b[5:]])
+def test_malformed_frames_raise_frame_error(mangle):
+    good = frames.encode(frames.Frame(frames.new_id(), frames.new_id(), 1, 0, 0, np.zeros(4, np.int32)))
+    with pytest.raises(frames.FrameError):
+        frames.decode(mangle(good))
+
+
+def test_prefill_chunks_stay_under_a_megabyte():
+    chunks = prefill_chunks(list(range(1000)), hidden_size=2048)
+    assert all(len(t) * 2048 * 4 <= MAX_FRAME_BYTES for _, t in chunks)
+    assert [p for p, _ in chunks] == [0, 128, 256, 384, 512, 640, 768, 896]
+    assert sum((t for _, t in chunks), []) == list(range(1000))
+
+
+# -- config
+def test_config_layers_defaults_file_env_flags(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("cluster: lab\nbroker: pi1:1883\nport: 8000\napi_keys: [a, b]\n")
+    env = {"EXO_PORT": "9000", "EXO_BROKER_TLS": "true"}
+    c = load_config(path, env=env, cluster="flag")
+    assert (c.cluster, c.broker, c.port, c.broker_tls, c.api_keys) == ("flag", "pi1:1883", 9000, True, ["a", "b"])
+    assert load_config(path, env={}).port == 8000
+    assert parse_address("pi1:1884") == ("pi1", 1884) and parse_address("pi1") == ("pi1", 1883)
+
+
+def test_unknown_config_keys_are_refused(tmp_path):
+    (tmp_path / "c.yaml").write_text("brokr: x\n")
+    with pytest.raises(ValueError, match="unknown config keys: brokr"):
+        load_config(tmp_path / "c.yaml", env={})
+
+
+# -- sampling and stop strings
+def test_sampling_greedy_topk_topp_and_seed():
+    logits = np.array([1.0, 3.0, 2.0, 0.5])
+    rng = np.random.default_rng(0)
+    assert sample(logits, frames.Sampling(temperature=0), rng) == 1
+    assert {sample(logits, frames.Sampling(1.0, 1.0, 1), rng) for _ in range(20)} == {1}
+    assert {sample(logits, frames.Sampling(1.0, 0.5, 0), rng) for _ in range(20)} == {1}
+    assert {sample(logits, frames.Sampling(5.0, 1.0, 2), rng) for _ in range(200)} == {1, 2}
+    a = [sample(logits, frames.Sampling(1.0), np.random.default_rng(5)) for _ in range(10)]
+    assert a == [sample(logits, frames.Sampling(1.0), np.random.default_rng(5)) for _ in range(10)]
+
+
+def test_held_back_keeps_a_possible_stop_prefix():
+    assert held_back("the end of Li", ["Lily"]) == 2
+    assert held_back("the end", ["Lily"]) == 0
+    assert held_back("abc", []) == 0
