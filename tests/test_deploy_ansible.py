@@ -1,0 +1,143 @@
+"""ansible/: lint, syntax, and site.yml run for real against this machine (connection local).
+
+After two runs (the second must change nothing) the test starts mosquitto with the generated
+config and checks authentication and the ACL with real clients.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+import uuid
+
+import pytest
+import yaml
+
+from appliance.broker import free_port, wait_for_port
+
+from .deploy_helpers import (REPO, Watcher, connect, needs_root, note_time, publish,  # noqa: F401
+                             record_time, requires, run)
+
+ANSIBLE = REPO / "ansible"
+
+
+@requires("ansible-lint")
+def test_ansible_lint_production_profile():
+    out = run("ansible-lint", "--profile", "production", cwd=ANSIBLE)
+    assert "Passed" in out.stdout + out.stderr
+
+
+@requires("ansible-playbook")
+def test_site_syntax_check_with_the_example_inventory():
+    run("ansible-playbook", "-i", "inventory.example.yml", "--syntax-check", "site.yml", cwd=ANSIBLE)
+
+
+def recap_changed(output: str) -> int:
+    match = re.search(r"^localhost\s+:.*\bchanged=(\d+)", output, re.M)
+    assert match, output[-3000:]
+    return int(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """site.yml applied twice to this machine, with broker, panel and node all on localhost."""
+    work = tmp_path_factory.mktemp("ansible")
+    cluster = f"t{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    inventory = {"all": {
+        "vars": {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
+                 "exo_cluster": cluster, "exo_broker_host": "127.0.0.1", "exo_broker_port": port,
+                 "exo_credentials_dir": str(work / "credentials")},
+        "children": {"broker": {"hosts": {"localhost": {"broker_listen_address": "127.0.0.1"}}},
+                     "panel": {"hosts": {"localhost": {}}},
+                     "nodes": {"hosts": {"localhost": {}}}}}}
+    (work / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    runs = []
+    for n in (1, 2):
+        start = time.monotonic()
+        runs.append(run("ansible-playbook", "-i", work / "inventory.yml", "site.yml", cwd=ANSIBLE))
+        note_time(f"ansible-playbook site.yml run {n}", time.monotonic() - start)
+    return {"cluster": cluster, "address": f"127.0.0.1:{port}", "runs": runs, "work": work}
+
+
+@needs_root
+@requires("ansible-playbook", "mosquitto")
+def test_site_is_idempotent(deployed):
+    first, second = deployed["runs"]
+    assert recap_changed(first.stdout) > 0
+    assert recap_changed(second.stdout) == 0, second.stdout[-4000:]
+    assert "[WARNING]" not in first.stderr + second.stderr
+
+
+@pytest.fixture(scope="module")
+def mosquitto(deployed):
+    """mosquitto as Debian starts it (root, dropping to the mosquitto user), with our config."""
+    proc = subprocess.Popen(["mosquitto", "-c", "/etc/mosquitto/mosquitto.conf"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    host, port = deployed["address"].split(":")
+    try:
+        wait_for_port(host, int(port), timeout=15, process=proc)
+        yield deployed["address"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@needs_root
+@requires("ansible-playbook", "mosquitto")
+def test_broker_refuses_anonymous_and_enforces_the_acl(deployed, mosquitto):
+    node = yaml.safe_load(open("/etc/exo/config.yaml"))
+    panel = yaml.safe_load(open("/etc/exo/panel.yaml"))
+    assert node["cluster"] == deployed["cluster"] and node["broker"] == mosquitto
+    prefix = f"exo/{deployed['cluster']}"
+
+    _, rc = connect(mosquitto)
+    assert rc.is_failure, "an anonymous client was let in"
+    _, rc = connect(mosquitto, node["broker_username"], "wrong password")
+    assert rc.is_failure, "a wrong password was let in"
+
+    watcher = Watcher(mosquitto, [f"{prefix}/#"], panel["broker_username"], panel["broker_password"])
+    client, rc = connect(mosquitto, node["broker_username"], node["broker_password"])
+    assert not rc.is_failure, f"the node's own credentials were refused: {rc}"
+    try:
+        me = node["broker_username"]
+        publish(client, f"{prefix}/plan", '{"plan_id": 999}', retain=True)   # denied: panel only
+        publish(client, f"{prefix}/ctl/load", "{}")                           # denied: panel only
+        publish(client, f"{prefix}/node/someone-else/info", "{}")             # denied: not its own
+        publish(client, f"{prefix}/node/someone-else/in", b"frame")           # allowed: an inbox
+        publish(client, f"{prefix}/node/{me}/status", "marker")               # allowed: its own
+        watcher.wait_for(lambda t, p: t == f"{prefix}/node/{me}/status" and p == b"marker", 10,
+                         "marker on the node's own status topic")
+        topics = [t for t, _ in watcher.messages]
+        assert f"{prefix}/node/someone-else/in" in topics
+        assert f"{prefix}/plan" not in topics
+        assert f"{prefix}/ctl/load" not in topics
+        assert f"{prefix}/node/someone-else/info" not in topics
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        watcher.close()
+
+    # The panel may write the plan.
+    panel_client, rc = connect(mosquitto, panel["broker_username"], panel["broker_password"])
+    assert not rc.is_failure
+    watcher = Watcher(mosquitto, [f"{prefix}/plan"], node["broker_username"], node["broker_password"])
+    publish(panel_client, f"{prefix}/plan", '{"plan_id": 1}')
+    watcher.wait_for(lambda t, p: t == f"{prefix}/plan", 10, "the panel's plan")
+    watcher.close()
+    panel_client.loop_stop()
+    panel_client.disconnect()
+
+
+@needs_root
+@requires("ansible-playbook", "mosquitto")
+def test_generated_files_are_private(deployed):
+    import os
+    import stat
+    for path, mode in [("/etc/exo/config.yaml", 0o600), ("/etc/exo/panel.yaml", 0o600),
+                       ("/etc/mosquitto/exo.passwd", 0o640), ("/etc/mosquitto/exo.acl", 0o640)]:
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode, path
+    creds = deployed["work"] / "credentials"
+    assert (creds / "mqtt" / "localhost").read_text().strip() == \
+        yaml.safe_load(open("/etc/exo/config.yaml"))["broker_password"]
+    assert "exo/" not in open("/etc/mosquitto/exo.passwd").read()
