@@ -10,7 +10,7 @@ apt_packages=(
   qemu-user-static binfmt-support  # arm64 chroot where binfmt_misc is available
   mosquitto mosquitto-clients # the broker the ansible test configures
   shellcheck                  # image/ stage scripts
-  python3-venv                # the node role's venv
+  python3-venv python3-apt    # the package role's venv; ansible's apt module
 )
 missing=()
 for p in "${apt_packages[@]}"; do

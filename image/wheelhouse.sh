@@ -15,8 +15,12 @@ esac
 mkdir -p "${dest}"
 rm -f "${dest}"/exo_appliance-*.whl
 SOURCE_DATE_EPOCH=315532800 python3 -m pip wheel --quiet --no-deps --wheel-dir "${dest}" "${repo}"
-python3 -m pip download --quiet --dest "${dest}" --only-binary=:all: \
-	--python-version 3.11 --implementation cp --abi cp311 \
-	--platform "manylinux_2_36_${machine}" --platform "manylinux_2_28_${machine}" \
-	--platform "manylinux_2_17_${machine}" --platform "manylinux2014_${machine}" \
-	"${dest}"/exo_appliance-*.whl
+download() {
+	python3 -m pip download --quiet --dest "${dest}" --only-binary=:all: \
+		--python-version 3.11 --implementation cp --abi cp311 \
+		--platform "manylinux_2_36_${machine}" --platform "manylinux_2_28_${machine}" \
+		--platform "manylinux_2_17_${machine}" --platform "manylinux2014_${machine}" \
+		"$@" "${dest}"/exo_appliance-*.whl
+}
+# A folder filled before needs no index; otherwise (or when the dependencies changed) ask PyPI.
+download --no-index --find-links "${dest}" 2>/dev/null || download

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import time
 import uuid
 
+import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
@@ -43,10 +45,12 @@ def deployed(tmp_path_factory):
     """site.yml applied twice to this machine, with broker, panel and node all on localhost."""
     work = tmp_path_factory.mktemp("ansible")
     cluster = f"t{uuid.uuid4().hex[:8]}"
-    port = free_port()
+    port, tls_port = free_port(), free_port()
+    # TLS on: nodes use the TLS listener, the plain one stays on loopback (as the role does).
     inventory = {"all": {
         "vars": {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
                  "exo_cluster": cluster, "exo_broker_host": "127.0.0.1", "exo_broker_port": port,
+                 "exo_broker_tls": True, "exo_broker_tls_port": tls_port,
                  "exo_credentials_dir": str(work / "credentials")},
         "children": {"broker": {"hosts": {"localhost": {"broker_listen_address": "127.0.0.1"}}},
                      "panel": {"hosts": {"localhost": {}}},
@@ -57,7 +61,8 @@ def deployed(tmp_path_factory):
         start = time.monotonic()
         runs.append(run("ansible-playbook", "-i", work / "inventory.yml", "site.yml", cwd=ANSIBLE))
         note_time(f"ansible-playbook site.yml run {n}", time.monotonic() - start)
-    return {"cluster": cluster, "address": f"127.0.0.1:{port}", "runs": runs, "work": work}
+    return {"cluster": cluster, "address": f"127.0.0.1:{port}", "tls_address": f"127.0.0.1:{tls_port}",
+            "runs": runs, "work": work}
 
 
 @needs_root
@@ -72,15 +77,17 @@ def test_site_is_idempotent(deployed):
 class Mosquitto:
     """mosquitto as Debian starts it (root, dropping to the mosquitto user), with our config."""
 
-    def __init__(self, address: str):
-        self.address = address
+    def __init__(self, *addresses: str):
+        self.address = addresses[0]
+        self.addresses = addresses
         self.start()
 
     def start(self):
         self.proc = subprocess.Popen(["mosquitto", "-c", "/etc/mosquitto/mosquitto.conf"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        host, port = self.address.split(":")
-        wait_for_port(host, int(port), timeout=15, process=self.proc)
+        for address in self.addresses:
+            host, port = address.split(":")
+            wait_for_port(host, int(port), timeout=15, process=self.proc)
 
     def stop(self):
         self.proc.terminate()
@@ -89,7 +96,7 @@ class Mosquitto:
 
 @pytest.fixture(scope="module")
 def broker_process(deployed):
-    broker = Mosquitto(deployed["address"])
+    broker = Mosquitto(deployed["address"], deployed["tls_address"])
     yield broker
     broker.stop()
 
@@ -104,7 +111,7 @@ def mosquitto(broker_process):
 def test_broker_refuses_anonymous_and_enforces_the_acl(deployed, mosquitto):
     node = yaml.safe_load(open("/etc/exo/config.yaml"))
     panel = yaml.safe_load(open("/etc/exo/panel.yaml"))
-    assert node["cluster"] == deployed["cluster"] and node["broker"] == mosquitto
+    assert node["cluster"] == deployed["cluster"] and node["broker"] == deployed["tls_address"]
     prefix = f"exo/{deployed['cluster']}"
 
     _, rc = connect(mosquitto)
@@ -181,3 +188,23 @@ def test_rotating_a_node_password(deployed, broker_process):
     assert not rc.is_failure, f"the new password was refused: {rc}"
     client.loop_stop()
     client.disconnect()
+
+
+@needs_root
+@requires("ansible-playbook", "mosquitto")
+def test_nodes_reach_the_broker_over_tls_with_the_generated_ca(deployed, broker_process):
+    node = yaml.safe_load(open("/etc/exo/config.yaml"))
+    assert node["broker_tls"] is True
+    host, port = node["broker"].split(":")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.tls_set(ca_certs=node["broker_ca_file"])          # verifies the name, 127.0.0.1 here
+    client.username_pw_set(node["broker_username"], node["broker_password"])
+    connected = threading.Event()
+    client.on_connect = lambda c, u, f, rc, p: (not rc.is_failure) and connected.set()
+    client.connect(host, int(port))
+    client.loop_start()
+    try:
+        assert connected.wait(10), "no TLS connection with the node's credentials and the CA"
+    finally:
+        client.loop_stop()
+        client.disconnect()
