@@ -20,7 +20,7 @@ download() {
 		--python-version 3.11 --implementation cp --abi cp311 \
 		--platform "manylinux_2_36_${machine}" --platform "manylinux_2_28_${machine}" \
 		--platform "manylinux_2_17_${machine}" --platform "manylinux2014_${machine}" \
-		"$@" "${dest}"/exo_appliance-*.whl
+		"$@" "${dest}"/exo_appliance-*.whl pip
 }
 # A folder filled before needs no index; otherwise (or when the dependencies changed) ask PyPI.
 download --no-index --find-links "${dest}" 2>/dev/null || download
