@@ -27,3 +27,5 @@ if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
 fi
 
 python3 -m pip install -q -r "$(dirname "$0")/../ansible/requirements.txt"
+# The tests' own clients (the core's [test] extra has them too).
+python3 -m pip install -q "paho-mqtt>=2.0,<3" "pytest>=8" psutil PyYAML

@@ -1,5 +1,7 @@
 """ansible/: lint, syntax, and site.yml run for real against this machine (connection local).
 
+It overwrites and then removes this machine's /etc/exo and exo mosquitto files: CI machines only.
+
 After two runs (the second must change nothing) the test starts mosquitto with the generated
 config and checks authentication and the ACL with real clients.
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 import threading
 import time
 import uuid
@@ -56,13 +59,37 @@ def deployed(tmp_path_factory):
                      "panel": {"hosts": {"localhost": {}}},
                      "nodes": {"hosts": {"localhost": {}}}}}}
     (work / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    remove_deployment()
     runs = []
-    for n in (1, 2):
-        start = time.monotonic()
-        runs.append(run("ansible-playbook", "-i", work / "inventory.yml", "site.yml", cwd=ANSIBLE))
-        note_time(f"ansible-playbook site.yml run {n}", time.monotonic() - start)
-    return {"cluster": cluster, "address": f"127.0.0.1:{port}", "tls_address": f"127.0.0.1:{tls_port}",
-            "runs": runs, "work": work}
+    try:
+        for n in (1, 2):
+            start = time.monotonic()
+            runs.append(run("ansible-playbook", "-i", work / "inventory.yml", "site.yml", cwd=ANSIBLE))
+            note_time(f"ansible-playbook site.yml run {n}", time.monotonic() - start)
+        yield {"cluster": cluster, "address": f"127.0.0.1:{port}", "tls_address": f"127.0.0.1:{tls_port}",
+               "runs": runs, "work": work}
+    finally:
+        remove_deployment()
+
+
+# What site.yml writes to this machine outside /opt/exo (a venv, kept to make the next run quick).
+# Left behind, /etc/exo/config.yaml would become every later `exo` process's config.
+DEPLOYED_FILES = [
+    "/etc/exo/config.yaml", "/etc/exo/panel.yaml", "/etc/exo/broker-ca.crt",
+    "/etc/mosquitto/conf.d/exo.conf", "/etc/mosquitto/conf.d/exo-base.conf",
+    "/etc/mosquitto/exo.passwd", "/etc/mosquitto/exo.passwd.sha256", "/etc/mosquitto/exo.acl",
+    "/etc/mosquitto/certs/exo-ca.crt", "/etc/mosquitto/certs/exo-server.crt",
+    "/etc/mosquitto/certs/exo-server.key",
+    "/etc/systemd/system/exo-node.service", "/etc/systemd/system/exo-panel.service",
+    "/etc/systemd/system/multi-user.target.wants/exo-node.service",
+    "/etc/systemd/system/multi-user.target.wants/exo-panel.service",
+]
+
+
+def remove_deployment():
+    for path in DEPLOYED_FILES:
+        Path(path).unlink(missing_ok=True)
+
 
 
 @needs_root
@@ -141,11 +168,11 @@ def test_broker_refuses_anonymous_and_enforces_the_acl(deployed, mosquitto):
         client.disconnect()
         watcher.close()
 
-    # The panel may write the plan.
+    # The panel may write the plan (retained, as the coordinator does).
     panel_client, rc = connect(mosquitto, panel["broker_username"], panel["broker_password"])
     assert not rc.is_failure
     watcher = Watcher(mosquitto, [f"{prefix}/plan"], node["broker_username"], node["broker_password"])
-    publish(panel_client, f"{prefix}/plan", '{"plan_id": 1}')
+    publish(panel_client, f"{prefix}/plan", '{"plan_id": 1}', retain=True)
     watcher.wait_for(lambda t, p: t == f"{prefix}/plan", 10, "the panel's plan")
     watcher.close()
     panel_client.loop_stop()
@@ -179,9 +206,15 @@ def test_rotating_a_node_password(deployed, broker_process):
     new = yaml.safe_load(open("/etc/exo/config.yaml"))
     assert new["broker_password"] != old["broker_password"]
 
-    # On a systemd host the role restarts mosquitto; here the test does.
+    # On a systemd host the role restarts mosquitto; here the test does. The retained plan from
+    # the ACL test survives it: persistence is on, and the mosquitto user can write its database.
     broker_process.stop()
     broker_process.start()
+    panel = yaml.safe_load(open("/etc/exo/panel.yaml"))
+    watcher = Watcher(broker_process.address, [f"exo/{deployed['cluster']}/plan"],
+                      panel["broker_username"], panel["broker_password"])
+    watcher.wait_for(lambda t, p: p == b'{"plan_id": 1}', 10, "the retained plan after a restart")
+    watcher.close()
     _, rc = connect(broker_process.address, old["broker_username"], old["broker_password"])
     assert rc.is_failure, "the old password still works"
     client, rc = connect(broker_process.address, new["broker_username"], new["broker_password"])
