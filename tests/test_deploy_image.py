@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import yaml
 
 from .deploy_helpers import (REPO, STAGE, arm64_emulation, fresh_root, in_chroot, install_stage,  # noqa: F401
                              needs_root, record_time, requires, run)
@@ -59,6 +60,28 @@ def test_stage_install_in_a_debootstrap_chroot(tmp_path):
     assert not (root / "var/lib/exo").exists()
     assert (root / "etc/mosquitto/conf.d/exo-base.conf").is_file()
     assert os.access(root / "usr/local/sbin/exo-firstboot", os.X_OK)
+
+    # First boot with a card configured before flashing: a broker and a node, on Wi-Fi.
+    (root / "etc/machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    (root / "boot/firmware").mkdir(parents=True, exist_ok=True)
+    (root / "boot/firmware/exo.yaml").write_text(yaml.safe_dump({
+        "role": ["node", "broker"], "cluster": "kitchen", "broker": "127.0.0.1:1883",
+        "broker_username": "exo", "broker_password": "s3cret", "name": "pi-a",
+        "wifi": {"ssid": "Lab", "password": "wifi-s3cret", "country": "GB"}}))
+    in_chroot(root, "/usr/local/sbin/exo-firstboot\n")
+    assert (root / "etc/hostname").read_text() == "exo-012345\n"
+    config = yaml.safe_load((root / "etc/exo/config.yaml").read_text())
+    assert config == {"cluster": "kitchen", "broker": "127.0.0.1:1883", "broker_username": "exo",
+                      "broker_password": "s3cret", "name": "pi-a"}
+    wifi = (root / "etc/NetworkManager/system-connections/exo-wifi.nmconnection")
+    assert "ssid=Lab" in wifi.read_text() and oct(wifi.stat().st_mode & 0o777) == "0o600"
+    assert "listener 1883" in (root / "etc/mosquitto/conf.d/exo.conf").read_text()
+    assert (root / "etc/mosquitto/exo.passwd").read_text().startswith("exo:$7$")
+    enabled = in_chroot(root, "systemctl is-enabled mosquitto.service exo-node.service exo-panel.service "
+                              "|| true").stdout.split()
+    assert enabled == ["enabled", "enabled", "disabled"]
+    applied = (root / "boot/firmware/exo.yaml.applied").read_text()
+    assert "s3cret" not in applied and not (root / "boot/firmware/exo.yaml").exists()
 
 
 FAKE_PI_GEN = """#!/bin/bash
