@@ -98,8 +98,8 @@ class EmbeddedBroker:
 
         def run() -> None:
             asyncio.set_event_loop(self.loop)
-            broker = Broker(config, loop=self.loop)
-            self.loop.run_until_complete(broker.start())
+            self.amqtt = Broker(config, loop=self.loop)
+            self.loop.run_until_complete(self.amqtt.start())
             started.set()
             self.loop.run_forever()
         threading.Thread(target=run, name="amqtt", daemon=True).start()
@@ -124,5 +124,6 @@ class EmbeddedBroker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         if self.loop:
+            asyncio.run_coroutine_threadsafe(self.amqtt.shutdown(), self.loop).result(10)
             self.loop.call_soon_threadsafe(self.loop.stop)
         self.folder.cleanup()

@@ -30,7 +30,7 @@ class Config:
     broker_tls: bool = False
     broker_ca_file: str = ""
     name: str = ""                      # node name; also salts the node id so one host can run several
-    engine: str = "numpy"
+    engine: str = "auto"                # auto: tinygrad where a GPU backend is present, else onnxruntime
     quant: str = ""                     # q4 | q8 | f16 | f32; empty: the engine's own default
     model: str = ""                     # a local folder or a catalog id
     models_dir: str = ""                # default: the huggingface_hub cache

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -21,6 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO.parent / "shared" / "models" / "stories260K" / "hf"
 STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
          "One day, she saw a big, red ball.")
+
+
+# Tests never read the machine's /etc/exo/config.yaml (the Ansible test writes one for real).
+_EMPTY_CONFIG = Path(tempfile.mkdtemp(prefix="exo-test-config-")) / "config.yaml"
+_EMPTY_CONFIG.write_text("{}\n")
+os.environ["EXO_CONFIG"] = str(_EMPTY_CONFIG)
 
 
 def wait_for(predicate, timeout: float, what: str):

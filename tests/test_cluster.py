@@ -145,3 +145,44 @@ def test_the_pure_python_broker_carries_a_whole_cluster(tmp_path):
     finally:
         cluster.stop()
         broker.stop()
+
+
+def test_a_catalog_id_not_on_disk_is_a_clear_error_and_nothing_is_left_running(tmp_path):
+    env = {**os.environ, "EXO_STATE_DIR": str(tmp_path), "EXO_CONFIG": str(tmp_path / "c.yaml"),
+           "EXO_MODELS_DIR": str(tmp_path / "models"), "HF_HUB_OFFLINE": "1"}
+    (tmp_path / "c.yaml").write_text("{}\n")
+    exo = subprocess.run([sys.executable, "-m", "appliance", "--model", "Qwen/Qwen2.5-0.5B-Instruct",
+                          "--port", str(free_port()), "--local-nodes", "2"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert exo.returncode != 0
+    assert str(tmp_path / "models" / "models--Qwen--Qwen2.5-0.5B-Instruct") in exo.stderr
+
+
+def test_node_and_panel_need_a_broker(tmp_path):
+    env = {**os.environ, "EXO_CONFIG": str(tmp_path / "c.yaml")}
+    (tmp_path / "c.yaml").write_text("{}\n")
+    for command in ("node", "panel"):
+        run = subprocess.run([sys.executable, "-m", "appliance", command], capture_output=True, text=True, env=env)
+        assert run.returncode != 0 and "no broker given" in run.stderr
+
+
+def test_a_prompt_sent_in_many_chunks_gives_the_same_tokens(broker, tmp_path, monkeypatch):
+    from appliance.config import Config
+    from appliance.coordinator import coordinator as coordinator_module
+    from tests.conftest import LocalCluster
+
+    cluster = LocalCluster(broker, tmp_path)
+    for name in ("n0", "n1"):
+        cluster.add_node(name)
+    coordinator = coordinator_module.Coordinator(Config(broker=broker, cluster=cluster.cluster, model=MODEL)).start()
+    try:
+        cluster.watcher.wait(lambda w: w.ready(2), 30, "a plan over 2 loaded nodes")
+        prompt = coordinator.model.tokenizer.encode("Lily and Tom went to the park. " * 12)
+        greedy = frames.Sampling(temperature=0)
+        whole = [t.id for t in coordinator.generate(prompt, 20, greedy)]
+        monkeypatch.setattr(coordinator_module, "MAX_FRAME_BYTES", 16 * 64 * 4)   # 16 tokens a chunk
+        assert len(coordinator_module.prefill_chunks(prompt, 64)) > 5
+        assert [t.id for t in coordinator.generate(prompt, 20, greedy)] == whole
+    finally:
+        coordinator.stop()
+        cluster.stop()

@@ -129,3 +129,20 @@ def test_held_back_keeps_a_possible_stop_prefix():
     assert held_back("the end of Li", ["Lily"]) == 2
     assert held_back("the end", ["Lily"]) == 0
     assert held_back("abc", []) == 0
+
+
+# -- node batching
+def test_a_batch_takes_one_step_of_each_request_and_stops_at_commands(tmp_path):
+    from appliance.config import Config
+    from appliance.node.agent import NodeAgent
+
+    agent = NodeAgent(Config(broker="127.0.0.1:1", state_dir=str(tmp_path)))
+
+    def frame(request, pos):
+        return frames.Frame(request, "0" * 32, 1, 0, pos, np.zeros(1, np.int32))
+    a = [frame("a" * 32, p) for p in range(3)]          # a long prompt's chunks
+    b, c, d = frame("b" * 32, 0), frame("c" * 32, 0), frame("d" * 32, 0)
+    for item in [("frame", a[1]), ("frame", a[2]), ("frame", b), ("frame", c), ("free", "x"), ("frame", d)]:
+        agent.work.put(item)
+    assert agent.take_batch(a[0]) == [a[0], b, c]
+    assert [item for _, item in agent.work.queue] == [a[1], a[2], "x", d]

@@ -39,7 +39,7 @@ class Sampling:
     seed: int | None = None
 
 
-@dataclass
+@dataclass(eq=False)   # frames are compared by identity; their tensors have no single truth value
 class Frame:
     request_id: str         # 32 hex digits
     coordinator_id: str     # 32 hex digits: replies go to coord/<coordinator_id>/out

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from appliance.engines.base import Engine, Shard, Step
 
-__all__ = ["Engine", "Shard", "Step", "ENGINES", "load_engine"]
+__all__ = ["Engine", "Shard", "Step", "ENGINES", "load_engine", "pick_default_engine"]
 
 # name -> "module:Class", imported only when chosen so a node pulls in just its own backend.
 ENGINES = {
     "numpy": "appliance.engines.numpy_engine:NumpyEngine",
+    "onnxruntime": "appliance.engines.onnx_engine:OnnxEngine",
+    "tinygrad": "appliance.engines.tinygrad_engine:TinygradEngine",
 }
 
 
@@ -17,3 +19,18 @@ def load_engine(name: str, shard: Shard, **options) -> Engine:
     module_name, class_name = ENGINES[name].split(":")
     module = __import__(module_name, fromlist=[class_name])
     return getattr(module, class_name)(shard, **options)
+
+
+def pick_default_engine() -> str:
+    """"tinygrad" where a GPU backend is present (Metal on a Mac, CUDA, AMD), else "onnxruntime".
+    Cheap: looks for the drivers' libraries and devices, imports neither engine."""
+    import ctypes.util
+    import os
+    import sys
+
+    if sys.platform == "darwin":  # Metal
+        return "tinygrad"
+    if any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd")) and \
+            any(ctypes.util.find_library(lib) for lib in ("cuda", "amdhip64", "hsa-runtime64")):
+        return "tinygrad"
+    return "onnxruntime"

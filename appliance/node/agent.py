@@ -18,7 +18,7 @@ from appliance import __version__
 from appliance.bus import frames
 from appliance.bus.client import Bus, parse_json
 from appliance.config import Config
-from appliance.engines import ENGINES, Shard, Step, load_engine
+from appliance.engines import ENGINES, Shard, Step, load_engine, pick_default_engine
 from appliance.models.store import resolve_model_dir
 from appliance.node import system
 from appliance.node.identity import node_id
@@ -43,7 +43,8 @@ class NodeAgent:
     def __init__(self, config: Config):
         self.config = config
         self.id = node_id(config.state_dir, config.name)
-        self.bus = Bus(config, client_id=f"exo-node-{self.id}",
+        self.engine_name = pick_default_engine() if config.engine == "auto" else config.engine
+        self.bus = Bus(config, client_id=f"exo-node-{config.cluster}-{self.id}",
                        will=(f"exo/{config.cluster}/node/{self.id}/info", b'{"id":"%s","online":false}' % self.id.encode()))
         self.topics = self.bus.topics
         self.work: queue.Queue = queue.Queue()
@@ -61,7 +62,7 @@ class NodeAgent:
             shard = {"plan_id": self.loaded.plan.plan_id, "model": self.loaded.plan.model,
                      "start": s.start, "end": s.end, "engine": self.loaded.engine.name}
         return {"id": self.id, "name": self.config.name, "online": True, "version": __version__,
-                "roles": ["node"], "engines": sorted(ENGINES), "engine": self.config.engine,
+                "roles": ["node"], "engines": sorted(ENGINES), "engine": self.engine_name,
                 **system.machine_info(), "speed": None, "cached_models": [],
                 "shard": shard, "load_error": self.load_error}
 
@@ -103,7 +104,7 @@ class NodeAgent:
             try:
                 model_dir = resolve_model_dir(plan.model, self.config.models_dir)
                 options = {"quant": self.config.quant} if self.config.quant else {}
-                engine = load_engine(self.config.engine, Shard(model_dir, shard.start, shard.end, plan.num_layers),
+                engine = load_engine(self.engine_name, Shard(model_dir, shard.start, shard.end, plan.num_layers),
                                      **options)
                 self.loaded, self.load_error = Loaded(plan, engine, plan.next_after(self.id)), None
                 log.info("plan %d: loaded layers [%d, %d) of %s", plan.plan_id, shard.start, shard.end, plan.model)
@@ -174,20 +175,19 @@ class NodeAgent:
                 self.run_frames(self.take_batch(item))
 
     def take_batch(self, first: frames.Frame) -> list[frames.Frame]:
-        """The frame just taken plus the frames queued behind it, one per request, in order.
-        Anything else met on the way is handled first, so the order of the queue is kept."""
+        """The frame just taken plus, from the queue behind it, the oldest waiting frame of each
+        other request: every request moves one step per batch, so a long prompt's chunks do not
+        hold up everyone else's decode steps. The scan stops at a plan or free command, which
+        must not be overtaken."""
         batch, seen = [first], {first.request_id}
-        while len(batch) < MAX_BATCH:
-            try:
-                kind, item = self.work.get_nowait()
-            except queue.Empty:
-                break
-            if kind != "frame" or item.request_id in seen:
-                with self.work.mutex:  # not batchable now: put it back in its place
-                    self.work.queue.appendleft((kind, item))
-                break
-            batch.append(item)
-            seen.add(item.request_id)
+        with self.work.mutex:
+            for item in list(self.work.queue):
+                if len(batch) == MAX_BATCH or item[0] != "frame":
+                    break
+                if item[1].request_id not in seen:
+                    batch.append(item[1])
+                    seen.add(item[1].request_id)
+                    self.work.queue.remove(item)
         return batch
 
     # -- life cycle

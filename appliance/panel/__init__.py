@@ -13,10 +13,14 @@ log = logging.getLogger(__name__)
 
 def create_app(coordinator: Coordinator) -> Flask:
     from appliance.panel.api import api
+    from appliance.panel.events import attach as attach_events
+    from appliance.panel.pages import pages
 
     app = Flask(__name__)
     app.config["coordinator"] = coordinator
     app.register_blueprint(api)
+    app.register_blueprint(pages)
+    attach_events(app, coordinator)
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):

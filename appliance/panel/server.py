@@ -11,6 +11,7 @@ import subprocess
 import threading
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
 from werkzeug.serving import make_server
 
 from appliance.config import Config
@@ -21,6 +22,15 @@ log = logging.getLogger(__name__)
 THREADS = 32
 
 
+class PanelWorker(ThreadWorker):
+    """A gthread worker that ends the panel's open live-update streams when told to stop, so
+    an open browser tab does not hold the shutdown for gunicorn's whole grace period."""
+
+    def handle_exit(self, sig, frame):
+        self.wsgi.extensions["exo_events"].close_all()
+        super().handle_exit(sig, frame)
+
+
 class PanelApplication(BaseApplication):
     def __init__(self, config: Config):
         self.exo_config = config
@@ -28,7 +38,7 @@ class PanelApplication(BaseApplication):
 
     def load_config(self):
         options = {"bind": f"{self.exo_config.host}:{self.exo_config.port}", "workers": 1,
-                   "worker_class": "gthread", "threads": THREADS, "timeout": 120,
+                   "worker_class": "appliance.panel.server.PanelWorker", "threads": THREADS, "timeout": 120,
                    "accesslog": "-", "loglevel": self.exo_config.log_level.lower()}
         for key, value in options.items():
             self.cfg.set(key, value)

@@ -1,0 +1,236 @@
+"""onnxruntime engine: the default on CPUs. A shard becomes one ONNX graph (onnx_graph.py) with
+weights quantized to 4 or 8 bits (MatMulNBits, block 32) or kept as float16/float32.
+
+Weights. The graph holds no weight bytes: each initializer is handed to the session as an OrtValue
+over a memory map. float32 shards map the model's safetensors directly; quantized (q4, q8) and
+f16 shards are converted once and cached under `cache_dir` (default ~/.cache/exo/onnx) in a
+directory keyed by a hash of the model's config and weight files (name, size, mtime), the layer
+range and the quant, so a restart maps the cached file instead of quantizing again.
+
+KV cache. One float32 pool per shard: [layers, 2 (key, value), slots, kv_heads, capacity, Dp].
+Each request owns a slot. A call runs a contiguous range of slots [lo, hi): for every layer the
+pool's slice [lo:hi] is bound (IOBinding, by pointer) both as GroupQueryAttention's past_key and
+as its present_key output. With past and present on the same buffer the kernel writes only the
+new positions in place, so a step never copies a cache. Slots inside the range that are not in
+this call ride along as dummy rows: they write a junk entry at their own next free position, which
+their next real step overwrites. np.zeros allocates lazily, so untouched capacity costs no RAM.
+
+Batching. Decode steps (one token) of different requests run as ONE session call over B rows;
+each row has its own length (seqlens_k). Multi-token steps (prefill chunks) run one call each.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from appliance.engines.base import Engine, Shard, Step
+from appliance.engines.numpy_engine import rope_inv_freq
+from appliance.engines.onnx_graph import QUANTS, build_graph, convert_weights, padded_head_dim
+from appliance.models.config import ModelConfig
+from appliance.models.weights import load_tensors, shard_tensor_names, weight_map
+
+CACHE_VERSION = 1
+DEFAULT_CACHE_DIR = Path("~/.cache/exo/onnx")
+QUANTIZED_SHARDS = 0  # how many shards this process converted (tests check the cache is reused)
+
+
+class OnnxEngine(Engine):
+    name = "onnxruntime"
+
+    def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = "q8",
+                 cache_dir: str | Path | None = None, max_seq: int = 2048, slots: int = 8, threads: int = 0):
+        import onnxruntime as ort
+
+        super().__init__(shard, config)
+        if quant not in QUANTS:
+            raise ValueError(f"quant must be one of {QUANTS}, not {quant!r}")
+        c = self.config
+        self.quant = quant
+        self.capacity = min(max_seq, c.max_position_embeddings)
+        self.weights, self.cache_path = shard_weights(shard, c, quant, cache_dir)
+        shapes = {name: (t.shape, t.dtype) for name, t in self.weights.items()}
+        model = build_graph(c, shard, shapes, quant, self.capacity)
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        names = list(self.weights)
+        self._initializers = [ort.OrtValue.ortvalue_from_numpy(self.weights[n]) for n in names]
+        options.add_external_initializers(names, self._initializers)
+        # f16 keeps its weights float16 in memory and widens them per step; folding the Cast would
+        # store a float32 copy instead.
+        disabled = ["ConstantFolding"] if quant == "f16" else None
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=disabled)
+        release_pages(self.weights.values())
+
+        self.layers, self.head_dim = shard.end - shard.start, padded_head_dim(c.head_dim)
+        self.pool = self._new_pool(slots)
+        self.slot: dict[str, int] = {}
+        self.length: dict[str, int] = {}
+        angles = np.arange(self.capacity)[:, None] * rope_inv_freq(c)[None, :]
+        angles = np.concatenate([angles, angles], axis=-1)[:, None, :]
+        self.cos, self.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+    def requests(self) -> list[str]:
+        return list(self.slot)
+
+    def free(self, request_id: str) -> None:
+        self.slot.pop(request_id, None)
+        self.length.pop(request_id, None)
+
+    def forward(self, steps: list[Step]) -> list[np.ndarray]:
+        out: list[np.ndarray | None] = [None] * len(steps)
+        decode = [i for i, s in enumerate(steps) if len(s.x) == 1]
+        if len({steps[i].request_id for i in decode}) != len(decode):
+            decode = []  # two steps of one request: run them in order, one by one
+        for i, result in zip(decode, self._run([steps[i] for i in decode]) if decode else []):
+            out[i] = result
+        for i, step in enumerate(steps):
+            if out[i] is None:
+                out[i] = self._run([step])[0]
+        return out
+
+    # ---- one session call over a range of slots, every row with the same number of tokens ----
+
+    def _run(self, steps: list[Step]) -> list[np.ndarray]:
+        T = len(steps[0].x)
+        for step in steps:
+            if step.pos + T > self.capacity:
+                raise ValueError(f"request {step.request_id}: position {step.pos + T} is past the KV capacity "
+                                 f"{self.capacity} (max_seq)")
+            self._assign_slot(step.request_id)
+        slots = [self.slot[s.request_id] for s in steps]
+        lo, hi = min(slots), max(slots) + 1
+        x, positions, seqlens = self._rows(dict(zip(slots, steps)), lo, hi, T)
+
+        io = self.session.io_binding()
+        io.bind_output("logits" if self.shard.is_last else "hidden_out")
+        io.bind_cpu_input("input_ids" if self.shard.is_first else "hidden", x)
+        io.bind_cpu_input("cos", np.ascontiguousarray(self.cos[positions]))
+        io.bind_cpu_input("sin", np.ascontiguousarray(self.sin[positions]))
+        io.bind_cpu_input("seqlens_k", seqlens)
+        io.bind_cpu_input("total_sequence_length", np.array(seqlens.max() + 1, np.int32))
+        if self.shard.is_last:
+            io.bind_cpu_input("last_rows", np.arange(hi - lo, dtype=np.int64) * T + T - 1)
+        for i in range(self.layers):
+            for j, kind in enumerate(("key", "value")):
+                view = self.pool[i, j, lo:hi]  # contiguous: slots are the outer axis of what follows
+                for bind, name in ((io.bind_input, f"past_{kind}_{i}"), (io.bind_output, f"present_{kind}_{i}")):
+                    bind(name, "cpu", 0, np.float32, list(view.shape), view.ctypes.data)
+        self.session.run_with_iobinding(io)
+        result = io.get_outputs()[0].numpy()
+
+        for step in steps:
+            self.length[step.request_id] = step.pos + T
+        if self.shard.is_last:
+            return [result[slot - lo] for slot in slots]
+        return [result[(slot - lo) * T:(slot - lo + 1) * T] for slot in slots]
+
+    def _rows(self, by_slot: dict[int, Step], lo: int, hi: int, T: int):
+        """Inputs, positions and seqlens_k of the rows for slots lo..hi-1, dummies included."""
+        owner = {slot: rid for rid, slot in self.slot.items()}
+        rows, positions = [], []
+        for slot in range(lo, hi):
+            step = by_slot.get(slot)
+            if step is not None:
+                rows.append(step.x)
+                start = step.pos
+            else:  # a dummy row: writes one junk entry where the slot's next real step will write
+                rows.append(np.zeros((T,) if self.shard.is_first else (T, self.config.hidden_size)))
+                start = min(self.length.get(owner.get(slot), 0), self.capacity - T)
+            positions.append(np.arange(start, start + T))
+        x = np.concatenate(rows).astype(np.int64 if self.shard.is_first else np.float32)
+        seqlens = np.array([p[-1] for p in positions], np.int32)
+        return x, np.concatenate(positions), seqlens
+
+    def _assign_slot(self, request_id: str) -> None:
+        if request_id in self.slot:
+            return
+        used = set(self.slot.values())
+        free = next(s for s in range(self.pool.shape[2] + 1) if s not in used)
+        if free == self.pool.shape[2]:  # all taken: double the pool (a copy, but only on growth)
+            bigger = self._new_pool(2 * self.pool.shape[2])
+            bigger[:, :, :self.pool.shape[2]] = self.pool
+            self.pool = bigger
+        self.slot[request_id] = free
+
+    def _new_pool(self, slots: int) -> np.ndarray:
+        c = self.config
+        return np.zeros((self.layers, 2, slots, c.num_kv_heads, self.capacity, self.head_dim), np.float32)
+
+
+# ---- weights and the on-disk cache -------------------------------------------------------------
+
+def shard_weights(shard: Shard, config: ModelConfig, quant: str, cache_dir) -> tuple[dict[str, np.ndarray], Path | None]:
+    """The graph's initializers, memory-mapped: from the checkpoint for f32, else from the cache."""
+    names = shard_tensor_names(weight_map(shard.model_dir), shard.start, shard.end,
+                               shard.is_first, shard.is_last, config.tie_word_embeddings)
+    hf = load_tensors(shard.model_dir, names)
+    if quant == "f32" and all(t.dtype == np.float32 for t in hf.values()):
+        return dict(convert_weights(hf, quant, shard.is_first, shard.is_last)), None
+    path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / cache_key(shard, quant)
+    if not (path / "index.json").exists():
+        global QUANTIZED_SHARDS
+        QUANTIZED_SHARDS += 1
+        save_arrays(path, convert_weights(hf, quant, shard.is_first, shard.is_last))
+    return load_arrays(path), path / "weights.bin"
+
+
+def release_pages(arrays) -> None:
+    """The session has prepacked the matrices into its own buffers: drop the pages of the memory
+    maps it read them from, so they are not counted twice. They are file-backed and read-only: a
+    tensor still used in place (the embedding's Gather) just faults its pages back in."""
+    maps = {}
+    for a in arrays:
+        while a is not None and not hasattr(a, "_mmap"):
+            a = a.base
+        if a is not None and a._mmap is not None:
+            maps[id(a._mmap)] = a._mmap
+    for m in maps.values():
+        m.madvise(mmap.MADV_DONTNEED)
+
+
+def cache_key(shard: Shard, quant: str) -> str:
+    """Model revision stand-in: the config and every weight file's name, size and mtime."""
+    model_dir = Path(shard.model_dir)
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(f"v{CACHE_VERSION}".encode())
+    return f"{model_dir.name}-{h.hexdigest()[:16]}/layers-{shard.start}-{shard.end}-{quant}"
+
+
+def save_arrays(path: Path, arrays) -> None:
+    """Arrays into one raw file (64-byte aligned) plus index.json; written aside, then renamed."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    index, offset = {}, 0
+    with open(tmp / "weights.bin", "wb") as f:
+        for name, a in arrays:
+            a = np.ascontiguousarray(a)
+            f.write(b"\0" * (-offset % 64))
+            offset += -offset % 64
+            index[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": offset}
+            f.write(a.tobytes())
+            offset += a.nbytes
+    (tmp / "index.json").write_text(json.dumps(index))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    index = json.loads((path / "index.json").read_text())
+    raw = np.memmap(path / "weights.bin", dtype=np.uint8, mode="r")
+    out = {}
+    for name, meta in index.items():
+        dtype = np.dtype(meta["dtype"])
+        count = int(np.prod(meta["shape"]))
+        out[name] = raw[meta["offset"]:meta["offset"] + count * dtype.itemsize].view(dtype).reshape(meta["shape"])
+    return out

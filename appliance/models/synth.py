@@ -1,0 +1,158 @@
+"""Synthetic models: the real config of a known model, random weights and a small working tokenizer.
+
+`exo models synth` uses this to benchmark and test at real shapes without downloading anything.
+The tokenizer is a byte-level BPE trained on a few built-in sentences; its vocabulary is padded
+with `<|reserved_N|>` entries to exactly the config's `vocab_size`, and the model's special tokens
+sit at their real ids.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+# The configs of the real checkpoints (their config.json, trimmed to what matters here).
+_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+          "attention_bias": False, "mlp_bias": False}
+SHAPES: dict[str, dict] = {
+    "tinyllama-1.1b": {**_LLAMA, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                       "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
+                       "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                       "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2},
+    "llama-3.2-1b": {**_LLAMA, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+                     "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                     "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                     "tie_word_embeddings": True, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]},
+    "qwen2.5-0.5b": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+                     "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+                     "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                     "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645},
+    "smollm2-135m": {**_LLAMA, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+                     "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+                     "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2},
+}
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3 = ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+          "{{ m['content'] }}<|eot_id|>{% endfor %}"
+          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+ZEPHYR = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+# Special tokens at their real ids, and (bos, eos, chat template) as tokenizer_config.json names them.
+SPECIALS = {
+    "tinyllama-1.1b": ({0: "<unk>", 1: "<s>", 2: "</s>"}, ("<s>", "</s>", ZEPHYR)),
+    "llama-3.2-1b": ({128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128006: "<|start_header_id|>",
+                      128007: "<|end_header_id|>", 128008: "<|eom_id|>", 128009: "<|eot_id|>"},
+                     ("<|begin_of_text|>", "<|eot_id|>", LLAMA3)),
+    "qwen2.5-0.5b": ({151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_end|>"},
+                     (None, "<|im_end|>", CHATML)),
+    "smollm2-135m": ({0: "<|endoftext|>", 1: "<|im_start|>", 2: "<|im_end|>"},
+                     ("<|im_start|>", "<|im_end|>", CHATML)),
+}
+
+TRAINING_TEXT = """Once upon a time, there was a little girl named Lily. She loved to play outside in the park.
+One day, she saw a big red ball under a tree. "Can I play with you?" asked the small dog.
+The sun was warm and the sky was blue. They ran and laughed until it was time to go home.
+A Raspberry Pi cluster runs a language model: each node holds a block of transformer layers,
+passes activations to the next node over MQTT, and the last node samples the next token.
+Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000, punctuation . , ; : ! ? ' " ( ) [ ] { } - + * / = < >
+"""
+
+
+def synthesize(shape: str, out_dir: str | Path, *, seed: int = 0, dtype: str = "float32",
+               layers: int | None = None) -> Path:
+    """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json to out_dir."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    if dtype not in ("float32", "float16"):
+        raise ValueError("dtype must be float32 or float16")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(SHAPES[shape], torch_dtype=dtype)
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_random_weights(config, out / "model.safetensors", seed=seed, dtype=dtype)
+    write_tokenizer(shape, config["vocab_size"], out)
+    return out
+
+
+def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    h, inter = c["hidden_size"], c["intermediate_size"]
+    head_dim = c.get("head_dim") or h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                       p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                       p + "mlp.down_proj.weight": (h, inter)})
+        if c["model_type"] == "qwen2":
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+    shapes["model.norm.weight"] = (h,)
+    if not c.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (c["vocab_size"], h)
+    return shapes
+
+
+def write_random_weights(config: dict, path: Path, *, seed: int, dtype: str) -> None:
+    """Stream a safetensors file tensor by tensor, so a full-size model never sits in memory."""
+    np_dtype = np.dtype(dtype)
+    shapes = tensor_shapes(config)
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape)) * np_dtype.itemsize
+        header[name] = {"dtype": "F32" if dtype == "float32" else "F16", "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the tensor data 8-byte aligned
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                t = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+            else:
+                t = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+            f.write(t.astype(np_dtype).tobytes())
+
+
+def write_tokenizer(shape: str, vocab_size: int, out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials, (bos, eos, template) = SPECIALS[shape]
+    low = [specials[i] for i in sorted(specials) if i < 16]  # ids 0, 1, 2...: trained in first
+    assert [i for i in sorted(specials) if i < 16] == list(range(len(low)))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 1024), special_tokens=low, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TRAINING_TEXT.splitlines(), trainer)
+    if bos is not None:  # like Llama's tokenizers: encode() starts with BOS
+        bos_id = next(i for i, t in specials.items() if t == bos)
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
+
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    for i in range(len(vocab), vocab_size):  # pad to the config's vocab, specials at their real ids
+        vocab[specials.get(i, f"<|reserved_{i}|>")] = i
+    data["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for i, t in sorted(specials.items())]
+    (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": bos, "eos_token": eos, "chat_template": template, "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": SHAPES[shape]["max_position_embeddings"], "add_bos_token": bos is not None,
+    }, indent=2))

@@ -1,0 +1,95 @@
+"""The panel's pages and the JSON snapshot they render from.
+
+Each page is a small template around one plain script (static/panel.js): the script fetches
+`/api/state`, draws the page, then follows `/api/events` (events.py) to keep it live.
+Everything is served from the package: no CDN, so the panel works on a LAN with no internet.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, render_template
+
+from appliance.coordinator.coordinator import Coordinator
+from appliance.models.catalog import CATALOG
+from appliance.panel.events import hub
+from appliance.planner import USABLE_FRACTION
+
+pages = Blueprint("pages", __name__)
+
+PAGES = [   # (endpoint, path, title)
+    ("cluster", "/", "Cluster"),
+    ("split", "/split", "Model split"),
+    ("models", "/models", "Models"),
+    ("chat", "/chat", "Chat"),
+    ("requests", "/requests", "Requests"),
+]
+
+
+def coordinator() -> Coordinator:
+    return current_app.config["coordinator"]
+
+
+def _page(name: str):
+    title = next(t for e, _, t in PAGES if e == name)
+    return lambda: render_template(f"{name}.html", page=name, title=title, pages=PAGES)
+
+
+for _endpoint, _path, _title in PAGES:
+    pages.add_url_rule(_path, _endpoint, _page(_endpoint))
+
+
+# -- the snapshot
+def usable(node: dict) -> int:
+    """The memory the planner may fill on this node (as planner.NodeCapacity.usable)."""
+    return int(int(node.get("memory_available") or 0) * USABLE_FRACTION)
+
+
+def catalog_fit(online: list[dict]) -> list[dict]:
+    """Each catalog model, and whether the online nodes can hold its layers between them.
+
+    A layer's size is taken as bytes / layers, which counts the embeddings in too: a little
+    pessimistic, never optimistic."""
+    have = sum(usable(n) for n in online)
+    rows = []
+    for m in CATALOG:
+        per_layer = -(-m.bytes // m.layers)
+        fits_layers = sum(usable(n) // per_layer for n in online)
+        rows.append({**m.to_dict(), "fits": fits_layers >= m.layers, "usable_bytes": have})
+    return rows
+
+
+def model_state(c: Coordinator) -> dict | None:
+    if c.model is None:
+        return None
+    config = c.model.config
+    return {"id": c.model.id, "path": str(c.model.path), "num_layers": config.num_layers,
+            "layer_bytes": config.layer_bytes, "total_bytes": config.total_bytes}
+
+
+def state() -> dict:
+    c = coordinator()
+    events = hub()
+    nodes = events.snapshot_nodes()
+    cluster = c.cluster
+    with cluster.lock:
+        plan = cluster.plan.to_dict() if cluster.plan else None
+        plan_error = cluster.plan_error
+    ready = cluster.ready_plan()
+    return {
+        "cluster": c.config.cluster,
+        "coordinator": c.id,
+        "broker": c.config.broker,
+        "nodes": nodes,
+        "plan": plan,
+        "plan_error": plan_error,
+        "ready": ready is not None,
+        "model": model_state(c),
+        "usable_fraction": USABLE_FRACTION,
+        "catalog": catalog_fit([n for n in nodes if n.get("online")]),
+        "downloads": events.snapshot_downloads(),
+        "requests": c.recent_requests(),
+    }
+
+
+@pages.get("/api/state")
+def api_state():
+    return jsonify(state())

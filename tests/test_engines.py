@@ -1,0 +1,179 @@
+"""Every engine agrees with the numpy reference (issue 5, point 3), batches decode steps of several
+requests into one call, and the onnxruntime engine caches its quantized shard on disk."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("DEV", "CPU")  # tinygrad: clang on the CPU unless a test run asks for a GPU
+
+from appliance.engines import ENGINES, Shard, Step, load_engine, pick_default_engine  # noqa: E402
+from appliance.models.config import ModelConfig  # noqa: E402
+from appliance.models.synth import SHAPES  # noqa: E402
+from appliance.models.tokenizer import Tokenizer  # noqa: E402
+from tests.test_synth import synth_model  # noqa: E402
+
+STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "stories260K" / "hf"
+needs_stories = pytest.mark.skipif(not (STORIES / "config.json").exists(), reason="shared/models/stories260K absent")
+FAST = ["onnxruntime", "tinygrad"]
+TEXT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+        "One day, she saw a big red ball under a tree. She wanted to play with it, so she asked her mom.")
+
+
+def whole(model_dir) -> Shard:
+    layers = ModelConfig.load(model_dir).num_layers
+    return Shard(Path(model_dir), 0, layers, layers)
+
+
+def engine(name: str, shard: Shard, tmp_path, **options):
+    if name == "onnxruntime":
+        options = {"quant": "f32", "cache_dir": tmp_path, **options}
+    return load_engine(name, shard, **options)
+
+
+def greedy(engine, prompt: list[int], new: int) -> list[int]:
+    """Prefill in two chunks, then decode token by token."""
+    half = len(prompt) // 2
+    engine.forward([Step("g", 0, np.array(prompt[:half], np.int32))])
+    logits = engine.forward([Step("g", half, np.array(prompt[half:], np.int32))])[0]
+    tokens = [int(np.argmax(logits))]
+    for i in range(new - 1):
+        logits = engine.forward([Step("g", len(prompt) + i, np.array(tokens[-1:], np.int32))])[0]
+        tokens.append(int(np.argmax(logits)))
+    engine.free("g")
+    return tokens
+
+
+@needs_stories
+@pytest.mark.parametrize("name", FAST)
+def test_greedy_tokens_match_numpy_on_stories260k(name, tmp_path):
+    prompt = Tokenizer(STORIES).encode("Once upon a time, there was a")
+    expected = greedy(load_engine("numpy", whole(STORIES)), prompt, 24)
+    assert greedy(engine(name, whole(STORIES), tmp_path), prompt, 24) == expected
+
+
+@needs_stories
+@pytest.mark.parametrize("name", FAST)
+def test_a_pipeline_of_two_shards_matches_numpy(name, tmp_path):
+    """Activations out of a first shard feed a last shard, as between two nodes."""
+    ids = np.array(Tokenizer(STORIES).encode("The cat sat on the mat."), np.int32)
+    expected = load_engine("numpy", whole(STORIES)).forward([Step("r", 0, ids)])[0]
+    first = engine(name, Shard(STORIES, 0, 2, 5), tmp_path)
+    last = engine(name, Shard(STORIES, 2, 5, 5), tmp_path)
+    hidden = first.forward([Step("r", 0, ids)])[0]
+    assert hidden.shape == (len(ids), 64)
+    np.testing.assert_allclose(last.forward([Step("r", 0, hidden)])[0], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", FAST)
+def test_f32_logits_match_numpy_on_real_configs(name, shape, tmp_path):
+    model_dir = synth_model(shape)
+    prompt = np.array(Tokenizer(model_dir).encode("Once upon a time, a node said"), np.int32)
+    steps = [Step("r", 0, prompt), Step("r", len(prompt), prompt[-1:]), Step("r", len(prompt) + 1, prompt[:1])]
+    reference = load_engine("numpy", whole(model_dir))
+    under_test = engine(name, whole(model_dir), tmp_path)
+    for step in steps:
+        np.testing.assert_allclose(under_test.forward([step])[0], reference.forward([step])[0], atol=1e-3)
+
+
+@needs_stories
+@pytest.mark.parametrize("name", FAST)
+def test_batched_decode_gives_each_request_its_own_logits(name, tmp_path):
+    """Three requests at different lengths decode in one call, and get what each gets alone."""
+    prompts = [np.array(p, np.int32) for p in ([1, 400, 34], [1, 20, 21, 22, 23, 24, 25], [1, 7])]
+    alone = engine(name, whole(STORIES), tmp_path)
+    batched = engine(name, whole(STORIES), tmp_path)
+    for e in (alone, batched):
+        for i, p in enumerate(prompts):
+            e.forward([Step(f"r{i}", 0, p)])
+    for n in range(3):  # several rounds: the second one replays tinygrad's JIT
+        steps = [Step(f"r{i}", len(p) + n, np.array([5 + n + i], np.int32)) for i, p in enumerate(prompts)]
+        together = batched.forward(steps)
+        for step, got in zip(steps, together):
+            np.testing.assert_allclose(got, alone.forward([step])[0], atol=1e-5)
+    assert sorted(batched.requests()) == ["r0", "r1", "r2"]
+    batched.free("r1")
+    assert sorted(batched.requests()) == ["r0", "r2"]
+
+
+def perplexity(engine, ids: list[int]) -> float:
+    """Teacher-forced, one token a step: the engine returns only the last position's logits."""
+    nll = []
+    for i in range(len(ids) - 1):
+        logits = engine.forward([Step("ppl", i, np.array([ids[i]], np.int32))])[0].astype(np.float64)
+        logits -= logits.max()
+        nll.append(np.log(np.exp(logits).sum()) - logits[ids[i + 1]])
+    engine.free("ppl")
+    return float(np.exp(np.mean(nll)))
+
+
+@needs_stories
+def test_quantized_perplexity_stays_close_to_f32(tmp_path):
+    ids = Tokenizer(STORIES).encode(TEXT)
+    f32 = perplexity(engine("onnxruntime", whole(STORIES), tmp_path), ids)
+    delta = {}
+    for quant in ("f16", "q8", "q4"):
+        ppl = perplexity(engine("onnxruntime", whole(STORIES), tmp_path, quant=quant), ids)
+        delta[quant] = ppl / f32 - 1
+        print(f"stories260K perplexity f32 {f32:.4f}  {quant} {ppl:.4f}  ({100 * delta[quant]:+.2f} %)")
+    assert abs(delta["f16"]) < 0.001
+    assert abs(delta["q8"]) < 0.01
+    assert abs(delta["q4"]) < 0.15  # measured +7.6 %: a 260K-parameter model is fragile
+
+
+def test_a_second_construction_reuses_the_quantized_shard(tmp_path):
+    from appliance.engines import onnx_engine
+
+    model_dir = synth_model("smollm2-135m")
+    before = onnx_engine.QUANTIZED_SHARDS
+    first = load_engine("onnxruntime", whole(model_dir), quant="q4", cache_dir=tmp_path)
+    stamp = first.cache_path.stat().st_mtime_ns
+    second = load_engine("onnxruntime", whole(model_dir), quant="q4", cache_dir=tmp_path)
+    assert onnx_engine.QUANTIZED_SHARDS == before + 1
+    assert second.cache_path == first.cache_path and second.cache_path.stat().st_mtime_ns == stamp
+    other = load_engine("onnxruntime", Shard(model_dir, 0, 1, 2), quant="q4", cache_dir=tmp_path)
+    assert other.cache_path != first.cache_path  # keyed by layer range
+    step = Step("r", 0, np.array([1, 2, 3], np.int32))
+    np.testing.assert_array_equal(first.forward([step])[0], second.forward([step])[0])
+
+
+def test_engine_registry_and_default():
+    assert {"numpy", "onnxruntime", "tinygrad"} <= set(ENGINES)
+    assert pick_default_engine() in ("onnxruntime", "tinygrad")
+    with pytest.raises(ValueError, match="quant"):
+        load_engine("onnxruntime", whole(synth_model("smollm2-135m")), quant="q3")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_a_float16_checkpoint_matches_numpy(name, tmp_path):
+    """Half-precision weights are widened once (numpy, onnxruntime f32 via its cache) or on the
+    device (tinygrad): all compute in float32 and agree."""
+    from appliance.models.synth import synthesize
+
+    model_dir = synthesize("smollm2-135m", tmp_path / "model", seed=3, dtype="float16", layers=1)
+    step = Step("r", 0, np.array([1, 5, 9, 200], np.int32))
+    expected = load_engine("numpy", whole(model_dir)).forward([step])[0]
+    np.testing.assert_allclose(engine(name, whole(model_dir), tmp_path / "cache").forward([step])[0], expected, atol=1e-3)
+
+
+@needs_stories
+def test_onnx_kv_pool_grows_and_skips_requests_left_out(tmp_path):
+    """More requests than slots double the pool; a batch that leaves out a request in the middle
+    of the slot range (a dummy row) leaves that request's cache intact."""
+    pooled = engine("onnxruntime", whole(STORIES), tmp_path, slots=1)
+    alone = engine("onnxruntime", whole(STORIES), tmp_path)
+    prompts = {f"r{i}": np.array([1, 30 + i, 40 + i, 50 + i][:2 + i], np.int32) for i in range(3)}
+    for e in (pooled, alone):
+        for rid, p in prompts.items():
+            e.forward([Step(rid, 0, p)])
+    assert pooled.pool.shape[2] == 4
+    for n in range(2):
+        steps = [Step(rid, len(prompts[rid]) + n, np.array([9 + n], np.int32)) for rid in ("r0", "r2")]
+        for step, got in zip(steps, pooled.forward(steps)):
+            np.testing.assert_allclose(got, alone.forward([step])[0], atol=1e-5)
+    step = Step("r1", len(prompts["r1"]), np.array([11], np.int32))
+    np.testing.assert_allclose(pooled.forward([step])[0], alone.forward([step])[0], atol=1e-5)

@@ -1,0 +1,227 @@
+"""The panel's pages, its /api/state snapshot and its /api/events live feed, against a real
+cluster: mosquitto, `exo node` processes and an `exo panel` (gunicorn) process."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+
+from appliance.config import Config
+from appliance.coordinator.coordinator import Coordinator
+from appliance.models.catalog import CATALOG
+from appliance.panel import create_app
+from appliance.panel.pages import catalog_fit
+from appliance.planner import USABLE_FRACTION
+from tests.conftest import STORIES, LocalCluster
+
+PAGES = ["/", "/split", "/models", "/chat", "/requests"]
+ASSETS = ["/static/panel.js", "/static/panel.css", "/static/markdown.js"]
+URL = re.compile(r"""(?:https?:)?//[\w.-]+\.[a-z]{2,}[^\s"'<>)]*""", re.I)
+NOT_FETCHED = {"http://www.w3.org/2000/svg"}   # the SVG namespace: a name, never requested
+
+
+@pytest.fixture(scope="module")
+def cluster(broker, tmp_path_factory):
+    c = LocalCluster(broker, tmp_path_factory.mktemp("panel")).start(2)
+    yield c
+    c.stop()
+
+
+def state(cluster) -> dict:
+    return httpx.get(cluster.url + "/api/state", timeout=5).json()
+
+
+class Events:
+    """Reads /api/events as a browser's EventSource would: `event:` and `data:` lines."""
+
+    def __init__(self, url: str):
+        self.client = httpx.Client(timeout=httpx.Timeout(5, read=15))
+        self.response = self.client.send(self.client.build_request("GET", url + "/api/events"), stream=True)
+        self.lines = self.response.iter_lines()
+
+    def next(self) -> tuple[str, dict]:
+        kind, data = None, None
+        for line in self.lines:
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:"):
+                data = json.loads(line[5:])
+            elif not line and kind:
+                return kind, data
+        raise EOFError("the event stream ended")
+
+    def until(self, predicate, timeout: float, what: str) -> tuple[str, dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            kind, data = self.next()
+            if predicate(kind, data):
+                return kind, data
+        raise TimeoutError(f"no {what} within {timeout} s")
+
+    def close(self):
+        self.response.close()
+        self.client.close()
+
+
+@pytest.fixture
+def events(cluster):
+    e = Events(cluster.url)
+    assert e.next()[0] == "hello"
+    yield e
+    e.close()
+
+
+def test_state_holds_nodes_plan_model_and_catalog(cluster):
+    s = state(cluster)
+    plan = cluster.watcher.plans[-1]
+    assert s["plan"]["plan_id"] == plan["plan_id"] and s["plan"]["shards"] == plan["shards"]
+    assert s["ready"] is True and s["plan_error"] is None
+    assert s["model"]["id"] == str(STORIES) and s["model"]["num_layers"] == plan["num_layers"]
+    assert {n["name"] for n in s["nodes"]} == {"n0", "n1"}
+    assert all(n["online"] and n["device_model"] and n["memory_total"] > 0 for n in s["nodes"])
+    assert {n["id"] for n in s["nodes"]} == {sh["node"] for sh in plan["shards"]}
+    assert s["cluster"] == cluster.cluster and s["broker"] == cluster.broker
+    assert [m["id"] for m in s["catalog"]] == [m.id for m in CATALOG] and len(s["catalog"]) >= 10
+    assert all(isinstance(m["fits"], bool) and m["layers"] > 0 and m["bytes"] > 0 for m in s["catalog"])
+    usable = sum(int(n["memory_available"] * s["usable_fraction"]) for n in s["nodes"])
+    assert all(m["usable_bytes"] == usable for m in s["catalog"])
+    assert s["downloads"] == {} and isinstance(s["requests"], list)
+
+
+def test_catalog_fit_counts_whole_layers_per_node():
+    small = CATALOG[0]                                   # SmolLM2 135M: 269 MB in 30 layers
+    per_layer = -(-small.bytes // small.layers)
+    one_gb = {"memory_available": 10**9}                 # 800 MB usable
+    fits = {m["id"]: m["fits"] for m in catalog_fit([one_gb])}
+    assert fits[small.id] is True and fits["meta-llama/Llama-3.1-8B-Instruct"] is False
+    # Enough memory in sum, but each node holds less than one layer: it does not fit.
+    crumbs = [{"memory_available": int(per_layer / USABLE_FRACTION) - 1000}] * (small.layers * 2)
+    assert next(m for m in catalog_fit(crumbs) if m["id"] == small.id)["fits"] is False
+    assert all(m["fits"] is False for m in catalog_fit([]))
+
+
+def test_state_and_events_carry_heartbeats(cluster, events):
+    kind, data = events.until(lambda k, d: k == "status", 5, "status event")
+    assert data["id"] in {n["id"] for n in state(cluster)["nodes"]}
+    assert 0 <= data["cpu_percent"] <= 100 and data["memory_total"] > data["memory_available"] > 0
+    node = next(n for n in state(cluster)["nodes"] if n["id"] == data["id"])
+    assert node["status"]["memory_total"] == data["memory_total"]
+
+
+def test_requests_show_tokens_ttft_and_nodes(cluster, events):
+    body = {"model": str(STORIES), "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}
+    answer = httpx.post(cluster.url + "/v1/completions", json=body, timeout=30).json()
+    request = state(cluster)["requests"][0]
+    assert request["completion_tokens"] == answer["usage"]["completion_tokens"] == 12
+    assert request["prompt_tokens"] == answer["usage"]["prompt_tokens"]
+    assert request["status"] == "done" and request["ttft_s"] > 0 and request["tokens_per_s"] > 0
+    assert request["nodes"] == [s["node"] for s in cluster.watcher.plans[-1]["shards"]]
+    _, pushed = events.until(lambda k, d: k == "requests" and d and d[0]["id"] == request["id"]
+                             and d[0]["status"] == "done", 5, "requests event for the finished request")
+    assert pushed[0]["completion_tokens"] == 12
+
+
+def test_download_progress_reaches_state_and_events(cluster, events):
+    node_id = cluster.node_id("n0")
+    topic = f"exo/{cluster.cluster}/node/{node_id}/download"
+    progress = {"model": CATALOG[0].id, "state": "downloading", "bytes": 1000, "total": 4000,
+                "speed": 500.0, "eta": 6.0, "error": None}
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    host, port = cluster.broker.rsplit(":", 1)
+    publisher.connect(host, int(port))
+    publisher.loop_start()
+    try:
+        publisher.publish(topic, json.dumps(progress), qos=1, retain=True).wait_for_publish(5)
+        _, data = events.until(lambda k, d: k == "download" and d["node"] == node_id, 5, "download event")
+        assert data == {**progress, "node": node_id}
+        assert state(cluster)["downloads"][node_id]["bytes"] == 1000
+        publisher.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)   # cleared
+        _, data = events.until(lambda k, d: k == "download" and d["node"] == node_id, 5, "download cleared")
+        assert data["state"] is None and node_id not in state(cluster)["downloads"]
+    finally:
+        publisher.loop_stop()
+        publisher.disconnect()
+
+
+def test_events_push_a_new_plan_when_a_node_joins(broker, tmp_path):
+    # Node ids derive from names: this cluster's nodes must not share the module cluster's.
+    c = LocalCluster(broker, tmp_path)
+    c.add_node("first")
+    c.start_panel()
+    c.watcher.wait(lambda w: w.ready(1), 60, "a plan over the first node")
+    e = Events(c.url)
+    try:
+        assert e.next()[0] == "hello"
+        c.add_node("joiner")
+        _, data = e.until(lambda k, d: k == "plan" and d["plan"] and len(d["plan"]["shards"]) == 2, 30,
+                          "a plan over two nodes")
+        assert data["model"] == str(STORIES) and data["plan_error"] is None
+        assert data["plan"]["shards"][0]["start"] == 0 and data["plan"]["shards"][-1]["end"] == data["plan"]["num_layers"]
+        _, node = e.until(lambda k, d: k == "node" and d.get("name") == "joiner", 10, "the joiner's info")
+        assert node["online"] is True
+    finally:
+        e.close()
+        c.stop()
+
+
+def test_pages_are_served_with_no_outside_urls(cluster):
+    for path in PAGES + ASSETS:
+        response = httpx.get(cluster.url + path, timeout=5)
+        assert response.status_code == 200, path
+        assert set(URL.findall(response.text)) <= NOT_FETCHED, path
+    html = httpx.get(cluster.url + "/", timeout=5).text
+    for ref in re.findall(r"""(?:src|href)="([^"]+)\"""", html):
+        assert ref.startswith(("/", "data:")), ref
+        if ref.startswith("/"):
+            assert httpx.get(cluster.url + ref, timeout=5).status_code == 200, ref
+    assert '<meta name="viewport"' in html
+
+
+def test_each_page_names_itself_in_the_nav(cluster):
+    for path in PAGES:
+        html = httpx.get(cluster.url + path, timeout=5).text
+        current = re.search(r'<a href="([^"]+)" aria-current="page">', html)
+        assert current and current.group(1) == path, path
+
+
+def test_bad_requests_get_json_errors(cluster):
+    for method, path, status in [("POST", "/api/state", 405), ("POST", "/api/events", 405),
+                                 ("GET", "/no-such-page", 404), ("GET", "/static/nope.js", 404)]:
+        response = httpx.request(method, cluster.url + path, timeout=5)
+        assert response.status_code == status, path
+        assert response.json()["error"]["message"], path
+
+
+@pytest.fixture
+def app_without_model(broker):
+    """The app in this process, on a coordinator with no model and no nodes."""
+    coordinator = Coordinator(Config(broker=broker, cluster="empty" + str(time.time_ns()))).start()
+    yield create_app(coordinator)
+    coordinator.stop()
+
+
+def test_state_without_model_or_nodes(app_without_model):
+    s = app_without_model.test_client().get("/api/state").get_json()
+    assert s["model"] is None and s["plan"] is None and s["ready"] is False and s["nodes"] == []
+    assert len(s["catalog"]) == len(CATALOG) and not any(m["fits"] for m in s["catalog"])
+
+
+def test_close_all_ends_open_streams(app_without_model):
+    """What a stopping server calls, so an open panel tab does not hold up its shutdown."""
+    response = app_without_model.test_client().get("/api/events", buffered=False)
+    chunks = response.iter_encoded()
+    assert next(chunks).startswith(b"event: hello")
+    hub = app_without_model.extensions["exo_events"]
+    assert len(hub.streams) == 1
+    hub.close_all()
+    rest: list[bytes] = []
+    drain = threading.Thread(target=lambda: rest.extend(chunks), daemon=True)
+    drain.start()
+    drain.join(5)
+    assert not drain.is_alive(), "the stream is still open"
+    assert rest == [] and hub.streams == []

@@ -1,0 +1,253 @@
+"""The panel in a real browser: Debian's headless Chromium driven by Playwright (no browser
+download), against a real 3-node cluster. Screenshots go to test-artifacts/screenshots/.
+
+Skipped only where Chromium is not installed (`apt-get install chromium`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+
+from tests.conftest import REPO, LocalCluster
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if not CHROMIUM:
+    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+from playwright.sync_api import Page, sync_playwright  # noqa: E402  (only once Chromium is known to be there)
+
+SHOTS = REPO / "test-artifacts" / "screenshots"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+WAIT_MS = 15_000
+
+
+@pytest.fixture(scope="module")
+def browser_context(tmp_path_factory):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, args=ARGS,
+            headless=True, viewport={"width": 1200, "height": 900})
+        context.set_default_timeout(WAIT_MS)
+        yield context
+        context.close()
+
+
+class Browser:
+    """Opens pages of one cluster's panel and keeps every console error and page error they raise."""
+
+    def __init__(self, context, url: str):
+        self.context, self.url, self.errors, self.pages = context, url, [], []
+
+    def open(self, path: str, width: int = 1200, height: int = 900) -> Page:
+        page = self.context.new_page()
+        page.set_viewport_size({"width": width, "height": height})
+        page.on("console", lambda m: m.type == "error" and self.errors.append(f"{path}: {m.text}"))
+        page.on("pageerror", lambda e: self.errors.append(f"{path}: {e}"))
+        page.goto(self.url + path)
+        page.wait_for_selector("#live.on")          # the event stream is open and the snapshot asked for
+        self.pages.append(page)
+        return page
+
+    def close(self):
+        for page in self.pages:
+            page.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(broker, tmp_path_factory):
+    c = LocalCluster(broker, tmp_path_factory.mktemp("panel-browser")).start(3)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def browser(browser_context, cluster):
+    b = Browser(browser_context, cluster.url)
+    yield b
+    b.close()
+
+
+@contextlib.contextmanager
+def download_progress(cluster, name: str, progress: dict):
+    """A node's retained download progress on the bus (as a downloading node publishes it), then cleared."""
+    topic = f"exo/{cluster.cluster}/node/{cluster.node_id(name)}/download"
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    host, port = cluster.broker.rsplit(":", 1)
+    client.connect(host, int(port))
+    client.loop_start()
+    try:
+        client.publish(topic, json.dumps(progress), qos=1, retain=True).wait_for_publish(5)
+        yield
+    finally:
+        client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        client.loop_stop()
+        client.disconnect()
+
+
+def shot(page: Page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def plan_of(cluster) -> dict:
+    return httpx.get(cluster.url + "/api/state", timeout=5).json()["plan"]
+
+
+def cards(page: Page) -> dict[str, str]:
+    return page.eval_on_selector_all(".card.node", "els => Object.fromEntries(els.map(e => [e.dataset.nodeId, e.dataset.online]))")
+
+
+def segments(page: Page) -> list[dict]:
+    return page.eval_on_selector_all("#bar .seg[data-node]", """els => els.map(e => ({node: e.dataset.node,
+        start: +e.dataset.start, end: +e.dataset.end, layers: +e.dataset.layers}))""")
+
+
+def test_cluster_page_shows_a_card_per_node_and_the_ring(browser, cluster):
+    page = browser.open("/")
+    page.wait_for_function("document.querySelectorAll('.card.node').length === 3")
+    plan = plan_of(cluster)
+    assert cards(page) == {s["node"]: "true" for s in plan["shards"]}
+    text = page.inner_text("#nodes")
+    assert all(name in text for name in ("n0", "n1", "n2")) and "Memory" in text and "CPU" in text
+    page.wait_for_function("[...document.querySelectorAll('.card.node dd')].some(d => d.textContent.includes('%'))")
+    members = page.eval_on_selector_all(".topology-svg g.member", "els => els.map(e => e.dataset.nodeId)")
+    assert members == ["coordinator", *[s["node"] for s in plan["shards"]]]
+    assert page.locator(".topology-svg path.ring").count() == 4       # coordinator -> 3 nodes -> back
+    shot(page, "cluster")
+    assert browser.errors == []
+
+
+def test_split_bar_matches_the_plan(browser, cluster):
+    page = browser.open("/split")
+    plan = plan_of(cluster)
+    page.wait_for_function(f"document.querySelector('#bar').dataset.planId === '{plan['plan_id']}'")
+    assert segments(page) == [{**s, "layers": s["end"] - s["start"]} for s in plan["shards"]]
+    widths = page.eval_on_selector_all("#bar .seg", "els => els.map(e => e.getBoundingClientRect().width)")
+    per_layer = [w / (s["end"] - s["start"]) for w, s in zip(widths, plan["shards"])]
+    assert max(per_layer) - min(per_layer) < 4, widths                 # widths proportional to layers
+    assert page.locator("#shares tbody tr").count() == 3
+    shot(page, "split")
+    assert browser.errors == []
+
+
+def test_models_page_lists_the_catalog_and_shows_api_errors(browser, cluster):
+    page = browser.open("/models")
+    state = httpx.get(cluster.url + "/api/state", timeout=5).json()
+    page.wait_for_function(f"document.querySelectorAll('#catalog tbody tr').length === {len(state['catalog'])}")
+    assert len(state["catalog"]) >= 10
+    for m in state["catalog"]:
+        row = page.locator(f'#catalog tr[data-model="{m["id"]}"]')
+        assert m["name"] in row.inner_text() and ("fits" in row.inner_text()) == m["fits"]
+    with download_progress(cluster, "n0", {"model": state["catalog"][0]["id"], "state": "downloading",
+                                            "bytes": 3 * 10**8, "total": 10**9, "speed": 2.5e7, "eta": 28.0}):
+        node = cluster.node_id("n0")
+        item = page.locator(f'#catalog tr[data-model="{state["catalog"][0]["id"]}"] li[data-node="{node}"]')
+        item.wait_for()
+        assert item.get_attribute("data-state") == "downloading" and "30 %" in item.inner_text()
+        shot(page, "models")
+
+    page.click("#folder-form button[type=submit]")                    # no folder typed
+    page.wait_for_selector("#flash.error")
+    assert "path of a model folder" in page.inner_text("#flash")
+    folder = "/nonexistent/model-folder"
+    page.fill("#folder", folder)
+    page.click("#folder-form button[type=submit]")                    # no token yet: the page asks for it
+    page.wait_for_function("document.querySelector('#flash').textContent.includes('admin token')")
+
+    page.fill("#token", "not-the-admin-token")
+    page.click("#token-form button[type=submit]")
+    assert page.evaluate("localStorage.getItem('exo.adminToken')") == "not-the-admin-token"
+    page.click("#folder-form button[type=submit]")
+    expected = httpx.post(cluster.url + "/api/models/load", json={"model": folder}, timeout=5,
+                          headers={"Authorization": "Bearer not-the-admin-token"})
+    assert expected.status_code >= 400
+    message = expected.json()["error"]["message"]
+    page.wait_for_function("msg => document.querySelector('#flash').textContent === msg", arg=message)
+    shot(page, "models-error")
+    # The browser logs the refused call itself; that one is expected, nothing else is.
+    assert [e for e in browser.errors if "Failed to load resource" not in e] == []
+
+
+def test_chat_streams_an_answer_with_ttft_and_rate(browser, cluster, capsys):
+    page = browser.open("/chat")
+    page.wait_for_function("!document.querySelector('#send').disabled")
+    page.fill("#max-tokens", "64")
+    page.fill("#prompt", "Tell me a story about a cat.")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("document.querySelector('#figures').dataset.ttft !== undefined")
+    figures = page.eval_on_selector("#figures", "e => ({...e.dataset, text: e.textContent})")
+    answer = page.inner_text(".msg.assistant .body")
+    chunks = int(page.eval_on_selector(".msg.assistant .body", "e => e.dataset.chunks"))
+    assert answer.strip() and chunks > 1                              # it came in pieces, as it streamed
+    assert float(figures["ttft"]) > 0 and float(figures["tokensPerS"]) > 0 and int(figures["tokens"]) > 1
+    assert "time to first token" in figures["text"] and "tokens/s" in figures["text"]
+    shot(page, "chat")
+    html = page.evaluate("renderMarkdown('# Hi\\n**bold** and `code`\\n\\n- one\\n- two\\n\\n<img src=x onerror=alert(1)>')")
+    assert html == ("<h1>Hi</h1>\n<p><strong>bold</strong> and <code>code</code></p>\n<ul><li>one</li><li>two</li></ul>\n"
+                    "<p>&lt;img src=x onerror=alert(1)&gt;</p>")
+    with capsys.disabled():
+        print(f"\nchat: TTFT {float(figures['ttft']) * 1000:.0f} ms, {float(figures['tokensPerS']):.1f} tokens/s, "
+              f"{figures['tokens']} tokens, {chunks} chunks")
+
+    requests = browser.open("/requests")
+    requests.wait_for_selector("#requests tbody tr[data-request-id]")
+    row = requests.inner_text("#requests tbody tr[data-request-id] >> nth=0")
+    assert "done" in row and all(name in row for name in ("n0", "n1", "n2"))
+    shot(requests, "requests")
+    assert browser.errors == []
+
+
+def test_pages_fit_a_phone_screen(browser):
+    for path, name in [("/", "cluster"), ("/split", "split"), ("/models", "models"), ("/chat", "chat"),
+                       ("/requests", "requests")]:
+        page = browser.open(path, width=390, height=844)
+        page.wait_for_function("document.querySelector('main h1') && document.querySelector('#live.on')")
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"{path} is {overflow}px wider than a phone"
+        shot(page, f"phone-{name}")
+    assert browser.errors == []
+
+
+def start_cluster(broker, tmp_path, names: list[str]) -> LocalCluster:
+    """A cluster beside the module's: node ids derive from names, so its nodes need names of their own."""
+    c = LocalCluster(broker, tmp_path)
+    for name in names:
+        c.add_node(name)
+    c.start_panel()
+    c.watcher.wait(lambda w: w.ready(len(names)), 60, f"a plan over {len(names)} loaded nodes")
+    return c
+
+
+def test_live_update_when_a_node_dies(browser_context, broker, tmp_path):
+    c = start_cluster(broker, tmp_path, ["live0", "live1", "live2"])
+    b = Browser(browser_context, c.url)
+    try:
+        cluster_page, split_page = b.open("/"), b.open("/split")
+        cluster_page.wait_for_function("document.querySelectorAll('.card.node[data-online=true]').length === 3")
+        split_page.wait_for_function("document.querySelectorAll('#bar .seg[data-node]').length === 3")
+        victim = c.node_id("live1")
+        started = time.monotonic()
+        c.nodes["live1"].kill()
+        cluster_page.wait_for_selector(f'.card.node[data-node-id="{victim}"][data-online=false]')
+        offline_s = time.monotonic() - started
+        split_page.wait_for_function(f"""(() => {{ const segs = [...document.querySelectorAll('#bar .seg[data-node]')];
+            return segs.length === 2 && !segs.some(s => s.dataset.node === '{victim}'); }})()""")
+        redrawn_s = time.monotonic() - started
+        assert offline_s < 5 and redrawn_s < 5, (offline_s, redrawn_s)
+        plan = plan_of(c)
+        assert segments(split_page) == [{**s, "layers": s["end"] - s["start"]} for s in plan["shards"]]
+        assert cards(cluster_page)[victim] == "false" and list(cards(cluster_page).values()).count("true") == 2
+        shot(cluster_page, "cluster-node-offline")
+        shot(split_page, "split-node-offline")
+        print(f"node offline on the page after {offline_s:.2f} s, split redrawn after {redrawn_s:.2f} s")
+        assert b.errors == []
+    finally:
+        b.close()
+        c.stop()

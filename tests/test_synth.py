@@ -1,0 +1,78 @@
+"""`appliance.models.synth`: real configs, random weights, a working tokenizer."""
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+
+from appliance.models.config import ModelConfig
+from appliance.models.synth import SHAPES, synthesize, tensor_shapes
+from appliance.models.tokenizer import Tokenizer
+from appliance.models.weights import load_tensors, weight_map
+
+_ROOT = tempfile.mkdtemp(prefix="exo-synth-")
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+
+
+@functools.cache
+def synth_model(shape: str, layers: int = 2):
+    """A small synthesized model, made once per test session (test_engines uses it too)."""
+    return synthesize(shape, f"{_ROOT}/{shape}-{layers}", seed=0, layers=layers)
+
+
+# Parameter counts of the real checkpoints, to the precision they are usually quoted.
+FULL_PARAMS = {"tinyllama-1.1b": 1.10e9, "llama-3.2-1b": 1.24e9, "qwen2.5-0.5b": 0.494e9, "smollm2-135m": 0.135e9}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_full_shapes_have_the_real_parameter_count(shape):
+    params = sum(int(np.prod(s)) for s in tensor_shapes(SHAPES[shape]).values())
+    assert params == pytest.approx(FULL_PARAMS[shape], rel=0.01)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_synth_model_loads(shape):
+    model_dir = synth_model(shape)
+    config = ModelConfig.load(model_dir)
+    assert config.num_layers == 2
+    assert config.vocab_size == SHAPES[shape]["vocab_size"]
+    names = list(weight_map(model_dir))
+    tensors = load_tensors(model_dir, names)
+    assert tensors["model.embed_tokens.weight"].shape == (config.vocab_size, config.hidden_size)
+    assert all(np.isfinite(t[:4]).all() for t in tensors.values())
+    assert ("lm_head.weight" in tensors) == (not config.tie_word_embeddings)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_synth_tokenizer_works(shape):
+    model_dir = synth_model(shape)
+    config, tokenizer = ModelConfig.load(model_dir), Tokenizer(model_dir)
+    assert tokenizer.vocab_size == config.vocab_size
+    text = "Once upon a time, a Pi cluster said héllo 🙂 to 42 nodes."
+    ids = tokenizer.encode(text)
+    assert max(ids) < config.vocab_size
+    assert tokenizer.decode(ids) == text
+    assert len(tokenizer.encode(text, add_special_tokens=False)) < len(text.encode())  # BPE merged something
+    assert tokenizer.token_id(tokenizer.eos_token) in config.eos_token_ids
+    if config.bos_token_id is not None and tokenizer.bos_token is not None:
+        assert tokenizer.token_id(tokenizer.bos_token) == config.bos_token_id
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert "assistant" in tokenizer.decode(chat) and max(chat) < config.vocab_size
+
+
+def test_seed_makes_weights_reproducible(tmp_path):
+    a = synthesize("smollm2-135m", tmp_path / "a", seed=1, layers=1)
+    b = synthesize("smollm2-135m", tmp_path / "b", seed=1, layers=1)
+    c = synthesize("smollm2-135m", tmp_path / "c", seed=2, layers=1, dtype="float16")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert ModelConfig.load(c).torch_dtype == "float16"
+    assert (c / "model.safetensors").stat().st_size < (a / "model.safetensors").stat().st_size
+
+
+def test_unknown_shape_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown shape"):
+        synthesize("gpt-5", tmp_path)
