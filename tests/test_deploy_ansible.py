@@ -181,6 +181,28 @@ def test_broker_refuses_anonymous_and_enforces_the_acl(deployed, mosquitto):
 
 @needs_root
 @requires("ansible-playbook", "mosquitto")
+def test_the_installed_node_announces_itself_through_tls_and_the_acl(deployed, mosquitto, tmp_path):
+    """The deployed agent with the deployed config, as exo-node.service runs it (minus the sandbox)."""
+    node = yaml.safe_load(open("/etc/exo/config.yaml"))
+    panel = yaml.safe_load(open("/etc/exo/panel.yaml"))
+    info = f"exo/{deployed['cluster']}/node/{node['broker_username']}/info"
+    watcher = Watcher(mosquitto, [info], panel["broker_username"], panel["broker_password"])
+    agent = subprocess.Popen(["/opt/exo/venv/bin/exo", "node"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL,
+                             env={"EXO_CONFIG": "/etc/exo/config.yaml", "EXO_STATE_DIR": str(tmp_path),
+                                  "PATH": "/usr/bin:/bin"})
+    try:
+        # The id Ansible keyed the broker user and ACL by is the id the agent announces.
+        _, payload = watcher.wait_for(lambda t, p: b'"online": true' in p or b'"online":true' in p, 60,
+                                      f"the agent's info on {info}")
+    finally:
+        agent.terminate()
+        agent.wait(20)
+        watcher.close()
+
+
+@needs_root
+@requires("ansible-playbook", "mosquitto")
 def test_generated_files_are_private(deployed):
     import os
     import stat
