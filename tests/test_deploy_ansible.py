@@ -94,6 +94,7 @@ def remove_deployment():
 
 @needs_root
 @requires("ansible-playbook", "mosquitto")
+@pytest.mark.timeout(1200)  # a cold cache builds a debootstrap root / venv first
 def test_site_is_idempotent(deployed):
     first, second = deployed["runs"]
     assert recap_changed(first.stdout) > 0
@@ -217,6 +218,7 @@ def test_generated_files_are_private(deployed):
 
 @needs_root
 @requires("ansible-playbook", "mosquitto")
+@pytest.mark.timeout(1200)  # a cold cache builds a debootstrap root / venv first
 def test_rotating_a_node_password(deployed, broker_process):
     """docs/deploy.md: delete the credential file, run site.yml again."""
     old = yaml.safe_load(open("/etc/exo/config.yaml"))

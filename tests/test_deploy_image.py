@@ -38,6 +38,7 @@ def stage_arch() -> str:
 
 @needs_root
 @requires("debootstrap", "unshare", "chroot")
+@pytest.mark.timeout(1200)  # a cold cache builds a debootstrap root / venv first
 def test_stage_install_in_a_debootstrap_chroot(tmp_path):
     arch = stage_arch()
     root = fresh_root(arch, tmp_path / "root")

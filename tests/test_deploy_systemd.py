@@ -91,6 +91,7 @@ def info(payload: bytes) -> dict:
 
 @needs_root
 @requires("systemd-nspawn", "debootstrap", "mosquitto", "nsenter", "unshare")
+@pytest.mark.timeout(1200)  # a cold cache builds a debootstrap root / venv first
 def test_nspawn_boot_runs_the_node_and_restarts_it_after_kill_9(tmp_path, test_broker):
     start = time.monotonic()
     root = fresh_root("amd64", tmp_path / "root")
