@@ -204,6 +204,27 @@ def test_the_installed_node_announces_itself_through_tls_and_the_acl(deployed, m
 
 @needs_root
 @requires("ansible-playbook", "mosquitto")
+def test_broker_drops_messages_over_the_size_limit(deployed, mosquitto):
+    panel = yaml.safe_load(open("/etc/exo/panel.yaml"))
+    topic = f"exo/{deployed['cluster']}/ctl/size-test"
+    watcher = Watcher(mosquitto, [topic], panel["broker_username"], panel["broker_password"])
+    big, rc = connect(mosquitto, panel["broker_username"], panel["broker_password"])
+    dropped = threading.Event()
+    big.on_disconnect = lambda *args: dropped.set()
+    big.publish(topic, b"x" * (3 << 20), qos=0)              # over max_packet_size (2 MiB)
+    assert dropped.wait(10), "mosquitto kept a client that sent a 3 MiB packet"
+    big.loop_stop()
+    small, _ = connect(mosquitto, panel["broker_username"], panel["broker_password"])
+    publish(small, topic, b"x" * (1 << 20))                  # a 1 MiB prefill chunk is fine
+    watcher.wait_for(lambda t, p: len(p) == 1 << 20, 10, "the 1 MiB message")
+    assert all(len(p) <= 1 << 20 for _, p in watcher.messages)
+    small.loop_stop()
+    small.disconnect()
+    watcher.close()
+
+
+@needs_root
+@requires("ansible-playbook", "mosquitto")
 def test_generated_files_are_private(deployed):
     import os
     import stat
@@ -213,6 +234,9 @@ def test_generated_files_are_private(deployed):
     creds = deployed["work"] / "credentials"
     assert (creds / "mqtt" / "localhost").read_text().strip() == \
         yaml.safe_load(open("/etc/exo/config.yaml"))["broker_password"]
+    # The panel's first API key is the admin token kept on the controller.
+    assert yaml.safe_load(open("/etc/exo/panel.yaml"))["api_keys"][0] == \
+        (creds / "panel-admin-token").read_text().strip()
     assert "exo/" not in open("/etc/mosquitto/exo.passwd").read()
 
 
