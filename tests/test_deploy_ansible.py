@@ -7,12 +7,15 @@ config and checks authentication and the ACL with real clients.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+import stat
 import subprocess
-from pathlib import Path
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -194,8 +197,9 @@ def test_the_installed_node_announces_itself_through_tls_and_the_acl(deployed, m
                                   "PATH": "/usr/bin:/bin"})
     try:
         # The id Ansible keyed the broker user and ACL by is the id the agent announces.
-        _, payload = watcher.wait_for(lambda t, p: b'"online": true' in p or b'"online":true' in p, 60,
+        _, payload = watcher.wait_for(lambda t, p: json.loads(p).get("online") is True, 60,
                                       f"the agent's info on {info}")
+        assert json.loads(payload)["id"] == node["broker_username"]
     finally:
         agent.terminate()
         agent.wait(20)
@@ -226,8 +230,6 @@ def test_broker_drops_messages_over_the_size_limit(deployed, mosquitto):
 @needs_root
 @requires("ansible-playbook", "mosquitto")
 def test_generated_files_are_private(deployed):
-    import os
-    import stat
     for path, mode in [("/etc/exo/config.yaml", 0o600), ("/etc/exo/panel.yaml", 0o600),
                        ("/etc/mosquitto/exo.passwd", 0o640), ("/etc/mosquitto/exo.acl", 0o640)]:
         assert stat.S_IMODE(os.stat(path).st_mode) == mode, path
