@@ -145,6 +145,19 @@ class LocalCluster:
         import openai
         return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, **kwargs)
 
+    def publish(self, topic: str, payloads: list[bytes], retain: bool = False) -> None:
+        """Publish on this cluster's broker as an outside client would, waiting for each to be sent."""
+        host, port = self.broker.rsplit(":", 1)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        client.connect(host, int(port))
+        client.loop_start()
+        try:
+            for payload in payloads:
+                client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+        finally:
+            client.loop_stop()
+            client.disconnect()
+
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 

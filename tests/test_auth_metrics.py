@@ -67,10 +67,7 @@ def chat_cluster(broker, tmp_path_factory):
     model = make_chat_model(tmp / "chat-model")
     c = LocalCluster(broker, tmp / "cluster", model=model)
     (c.tmp / "none.yaml").write_text(f"api_keys: [{API_KEY}, other-key]\n")
-    c.add_node("chat0")
-    c.start_panel()
-    c.watcher.wait(lambda w: w.ready(1), 60, "the chat model to load")
-    yield c
+    yield c.start(1)
     c.stop()
 
 

@@ -8,7 +8,6 @@ import sys
 import time
 
 import openai
-import paho.mqtt.client as mqtt
 import psutil
 import pytest
 
@@ -114,15 +113,8 @@ def test_malformed_frames_and_json_are_dropped_and_the_node_keeps_serving(local_
         f"{root}/node/fake/status": [b"\x00", b"3"],
         f"{root}/coord/{cluster.watcher.plans[-1]['coordinator']}/out": [b"{", b'{"request_id": 5}'],
     }
-    host, port = cluster.broker.rsplit(":", 1)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    client.connect(host, int(port))
-    client.loop_start()
     for topic, payloads in garbage.items():
-        for payload in payloads:
-            client.publish(topic, payload, qos=1).wait_for_publish(5)
-    client.loop_stop()
-    client.disconnect()
+        cluster.publish(topic, payloads)
     assert complete(cluster, max_tokens=48).choices[0].text.startswith(STORY[:95])
     assert all(p.poll() is None for p in [cluster.panel, *cluster.nodes.values()])
     log = cluster.log("n0")

@@ -8,7 +8,6 @@ import threading
 import time
 
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
 
 from appliance.config import Config
@@ -131,21 +130,13 @@ def test_download_progress_reaches_state_and_events(cluster, events):
     topic = f"exo/{cluster.cluster}/node/{node_id}/download"
     progress = {"model": CATALOG[0].id, "state": "downloading", "bytes": 1000, "total": 4000,
                 "speed": 500.0, "eta": 6.0, "error": None}
-    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    host, port = cluster.broker.rsplit(":", 1)
-    publisher.connect(host, int(port))
-    publisher.loop_start()
-    try:
-        publisher.publish(topic, json.dumps(progress), qos=1, retain=True).wait_for_publish(5)
-        _, data = events.until(lambda k, d: k == "download" and d["node"] == node_id, 5, "download event")
-        assert data == {**progress, "node": node_id}
-        assert state(cluster)["downloads"][node_id]["bytes"] == 1000
-        publisher.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)   # cleared
-        _, data = events.until(lambda k, d: k == "download" and d["node"] == node_id, 5, "download cleared")
-        assert data["state"] is None and node_id not in state(cluster)["downloads"]
-    finally:
-        publisher.loop_stop()
-        publisher.disconnect()
+    cluster.publish(topic, [json.dumps(progress).encode()], retain=True)
+    _, data = events.until(lambda k, d: k == "download" and d["node"] == node_id, 5, "download event")
+    assert data == {**progress, "node": node_id}
+    assert state(cluster)["downloads"][node_id]["bytes"] == 1000
+    cluster.publish(topic, [b""], retain=True)   # cleared
+    _, data = events.until(lambda k, d: k == "download" and d["node"] == node_id, 5, "download cleared")
+    assert data["state"] is None and node_id not in state(cluster)["downloads"]
 
 
 def test_events_push_a_new_plan_when_a_node_joins(broker, tmp_path):

@@ -11,7 +11,6 @@ import shutil
 import time
 
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
 
 from tests.conftest import REPO, LocalCluster
@@ -79,17 +78,11 @@ def browser(browser_context, cluster):
 def download_progress(cluster, name: str, progress: dict):
     """A node's retained download progress on the bus (as a downloading node publishes it), then cleared."""
     topic = f"exo/{cluster.cluster}/node/{cluster.node_id(name)}/download"
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    host, port = cluster.broker.rsplit(":", 1)
-    client.connect(host, int(port))
-    client.loop_start()
+    cluster.publish(topic, [json.dumps(progress).encode()], retain=True)
     try:
-        client.publish(topic, json.dumps(progress), qos=1, retain=True).wait_for_publish(5)
         yield
     finally:
-        client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
-        client.loop_stop()
-        client.disconnect()
+        cluster.publish(topic, [b""], retain=True)
 
 
 def shot(page: Page, name: str) -> None:

@@ -13,10 +13,7 @@ MAX_TOKENS = 4      # each generated request generates a few tokens at most, so 
 
 @pytest.fixture(scope="module")
 def live(broker, tmp_path_factory):
-    c = LocalCluster(broker, tmp_path_factory.mktemp("schema"))
-    c.add_node("schema0")
-    c.start_panel()
-    c.watcher.wait(lambda w: w.ready(1), 60, "a loaded plan")
+    c = LocalCluster(broker, tmp_path_factory.mktemp("schema")).start(1)
     yield c
     c.stop()
 

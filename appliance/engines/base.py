@@ -44,6 +44,7 @@ class Engine:
     def __init__(self, shard: Shard, config: ModelConfig | None = None):
         self.shard = shard
         self.config = config or ModelConfig.load(shard.model_dir)
+        self.caches: dict[str, object] = {}     # request id -> that request's KV cache
 
     def forward(self, steps: list[Step]) -> list[np.ndarray]:
         """One output per step: float32 [T, hidden] activations, or on the last stage float32
@@ -52,7 +53,7 @@ class Engine:
 
     def free(self, request_id: str) -> None:
         """Forget a request's KV cache (finished, cancelled or failed)."""
-        raise NotImplementedError
+        self.caches.pop(request_id, None)
 
     def requests(self) -> list[str]:
-        raise NotImplementedError
+        return list(self.caches)

@@ -85,13 +85,6 @@ class NumpyEngine(Engine):
         if shard.is_last:
             self.head = as_float32(self.embed) if c.tie_word_embeddings else self.w.pop("lm_head.weight")
         self.inv_freq = rope_inv_freq(c)
-        self.caches: dict[str, KVCache] = {}
-
-    def requests(self) -> list[str]:
-        return list(self.caches)
-
-    def free(self, request_id: str) -> None:
-        self.caches.pop(request_id, None)
 
     def forward(self, steps: list[Step]) -> list[np.ndarray]:
         return [self._forward_one(step) for step in steps]

@@ -53,14 +53,7 @@ class TinygradEngine(Engine):
         angles = np.arange(self.capacity)[:, None] * rope_inv_freq(c)[None, :]
         angles = np.concatenate([angles, angles], axis=-1)
         self.cos, self.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-        self.caches: dict[str, list] = {}
         self.jits: dict[int, object] = {}
-
-    def requests(self) -> list[str]:
-        return list(self.caches)
-
-    def free(self, request_id: str) -> None:
-        self.caches.pop(request_id, None)
 
     def forward(self, steps: list[Step]) -> list[np.ndarray]:
         decode = [s for s in steps if len(s.x) == 1]
