@@ -121,8 +121,28 @@ def run_panel(config: Config) -> None:
 
     if not config.broker:
         sys.exit("exo panel: no broker given: pass --broker HOST:PORT or set `broker` in the config")
+    check_port_free(config)
+    check_broker_reachable(config)   # before gunicorn, whose worker would only print a traceback
     print_admin_token(config)
     serve_gunicorn(config)
+
+
+def check_port_free(config: Config) -> None:
+    from appliance.broker import port_is_free
+
+    if not port_is_free(config.host, config.port):
+        raise ConnectionError(f"port {config.port} on {config.host} is already in use: stop what holds it "
+                              "or pass --port")
+
+
+def check_broker_reachable(config: Config) -> None:
+    import socket
+
+    host, port = config.broker_address
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        raise ConnectionError(f"cannot reach the MQTT broker at {host}:{port}: {e}") from e
 
 
 def print_admin_token(config: Config) -> None:
@@ -176,6 +196,7 @@ def run_all(config: Config) -> None:
     from appliance.coordinator.coordinator import Coordinator
     from appliance.panel.server import serve_in_process
 
+    check_port_free(config)
     started: list = []
     try:
         if not config.broker:

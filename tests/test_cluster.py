@@ -178,3 +178,20 @@ def test_a_prompt_sent_in_many_chunks_gives_the_same_tokens(broker, tmp_path, mo
     finally:
         coordinator.stop()
         cluster.stop()
+
+
+def test_a_taken_port_or_an_unreachable_broker_is_one_clear_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args in (["--port", str(port), "--host", "127.0.0.1"],
+                     ["panel", "--broker", "127.0.0.1:1", "--port", str(port), "--host", "127.0.0.1"]):
+            run = subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, timeout=30)
+            assert run.returncode != 0 and f"port {port} on 127.0.0.1 is already in use" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "appliance", "panel", "--broker", "127.0.0.1:1", "--port",
+                          str(free_port())], capture_output=True, text=True, timeout=30)
+    assert run.returncode != 0 and "cannot reach the MQTT broker at 127.0.0.1:1" in run.stderr
+    assert "Traceback" not in run.stderr
