@@ -59,6 +59,9 @@ class OnnxEngine(Engine):
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # Idle threads sleep instead of spinning: several stages may share one machine's cores
+        # (local nodes), and on a Pi spinning only adds heat.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         names = list(self.weights)
         self._initializers = [ort.OrtValue.ortvalue_from_numpy(self.weights[n]) for n in names]
         options.add_external_initializers(names, self._initializers)

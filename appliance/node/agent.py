@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
 MAX_BATCH = 32
+GATHER_S = 0.003         # how long a batch may wait for the other in-flight requests' steps
 TOP_LOGPROBS = 5          # the most likely tokens each reply carries, for the API's top_logprobs
 IDLE_REQUEST_S = 600.0   # a request untouched this long has been abandoned: free its cache
 
@@ -202,18 +203,24 @@ class NodeAgent:
     def take_batch(self, first: frames.Frame) -> list[frames.Frame]:
         """The frame just taken plus, from the queue behind it, the oldest waiting frame of each
         other request: every request moves one step per batch, so a long prompt's chunks do not
-        hold up everyone else's decode steps. The scan stops at a plan or free command, which
-        must not be overtaken."""
+        hold up everyone else's decode steps. While fewer requests than are in flight have a
+        frame here, wait a moment (GATHER_S) for theirs: their replies were sent together and
+        their next steps arrive together, one MQTT message at a time. The scan stops at a plan
+        or free command, which must not be overtaken."""
         batch, seen = [first], {first.request_id}
-        with self.work.mutex:
-            for item in list(self.work.queue):
-                if len(batch) == MAX_BATCH or item[0] != "frame":
-                    break
-                if item[1].request_id not in seen:
-                    batch.append(item[1])
-                    seen.add(item[1].request_id)
-                    self.work.queue.remove(item)
-        return batch
+        deadline = time.monotonic() + GATHER_S
+        while True:
+            with self.work.mutex:
+                for item in list(self.work.queue):
+                    if len(batch) == MAX_BATCH or item[0] != "frame":
+                        return batch
+                    if item[1].request_id not in seen:
+                        batch.append(item[1])
+                        seen.add(item[1].request_id)
+                        self.work.queue.remove(item)
+                if len(batch) >= len(self.last_used) or time.monotonic() >= deadline:
+                    return batch
+                self.work.not_empty.wait(deadline - time.monotonic())
 
     # -- life cycle
     def start(self) -> "NodeAgent":
