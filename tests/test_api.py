@@ -233,6 +233,8 @@ def test_metrics_report_requests_latency_and_nodes(cluster, client):
     assert metric(url, "exo_requests_total", status="done") >= 1
     assert metric(url, "exo_time_to_first_token_seconds_count") >= 1
     assert metric(url, "exo_step_seconds_count") >= 4
+    assert metric(url, "exo_hop_seconds_count") == metric(url, "exo_step_seconds_count")
+    assert 0 < metric(url, "exo_hop_seconds_sum") < metric(url, "exo_step_seconds_sum") / 3   # 2 nodes: 3 hops
     assert metric(url, "exo_prompt_tokens_total") >= 1
     nodes = [s["node"] for s in cluster.health()["plan"]["shards"]]
     for node in nodes:

@@ -68,10 +68,10 @@ def test_too_little_memory_is_a_clear_error():
 def test_frame_round_trip_keeps_every_field():
     tensor = np.arange(12, dtype=np.float32).reshape(3, 4)
     f = frames.Frame(frames.new_id(), frames.new_id(), 7, 3, 42, tensor, frames.SAMPLE,
-                     frames.Sampling(0.7, 0.9, 40, 1234))
+                     frames.Sampling(0.7, 0.9, 40, 1234), compute_us=5150)
     g = frames.decode(frames.encode(f))
-    assert (g.request_id, g.coordinator_id, g.plan_id, g.step, g.pos, g.flags) == \
-           (f.request_id, f.coordinator_id, 7, 3, 42, frames.SAMPLE)
+    assert (g.request_id, g.coordinator_id, g.plan_id, g.step, g.pos, g.flags, g.compute_us) == \
+           (f.request_id, f.coordinator_id, 7, 3, 42, frames.SAMPLE, 5150)
     assert g.sampling == frames.Sampling(pytest.approx(0.7), pytest.approx(0.9), 40, 1234)
     np.testing.assert_array_equal(g.tensor, tensor)
 

@@ -4,6 +4,7 @@
     request id 16 bytes | coordinator id 16 bytes
     plan_id u32 | step u32 | pos u32
     temperature f32 | top_p f32 | top_k i32 | seed i64 (-1: none)
+    compute_us u32: the stages' compute time so far, so the coordinator can tell hops from work
     shape: ndim x u32
     tensor bytes (C order)
 
@@ -18,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MAGIC, VERSION = b"EXOF", 1
-HEADER = struct.Struct("<4sBBBB16s16sIIIffiq")
+MAGIC, VERSION = b"EXOF", 2
+HEADER = struct.Struct("<4sBBBB16s16sIIIffiqI")
 DTYPES = {0: np.dtype("<i4"), 1: np.dtype("<f4"), 2: np.dtype("<f2")}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 MAX_NDIM = 4
@@ -49,6 +50,7 @@ class Frame:
     tensor: np.ndarray
     flags: int = 0
     sampling: Sampling = field(default_factory=Sampling)
+    compute_us: int = 0
 
 
 def new_id() -> str:
@@ -64,7 +66,8 @@ def encode(frame: Frame) -> bytes:
     header = HEADER.pack(MAGIC, VERSION, code, frame.flags, tensor.ndim,
                          bytes.fromhex(frame.request_id), bytes.fromhex(frame.coordinator_id),
                          frame.plan_id, frame.step, frame.pos,
-                         s.temperature, s.top_p, s.top_k, -1 if s.seed is None else s.seed)
+                         s.temperature, s.top_p, s.top_k, -1 if s.seed is None else s.seed,
+                         min(frame.compute_us, 2**32 - 1))
     return b"".join([header, struct.pack(f"<{tensor.ndim}I", *tensor.shape), tensor.astype(DTYPES[code], copy=False).data])
 
 
@@ -72,7 +75,7 @@ def decode(payload: bytes) -> Frame:
     if len(payload) < HEADER.size:
         raise FrameError(f"frame of {len(payload)} bytes is shorter than the header")
     (magic, version, code, flags, ndim, request_id, coordinator_id,
-     plan_id, step, pos, temperature, top_p, top_k, seed) = HEADER.unpack_from(payload)
+     plan_id, step, pos, temperature, top_p, top_k, seed, compute_us) = HEADER.unpack_from(payload)
     if magic != MAGIC or version != VERSION:
         raise FrameError(f"not an activation frame (magic {magic!r}, version {version})")
     if code not in DTYPES or ndim > MAX_NDIM:
@@ -87,4 +90,4 @@ def decode(payload: bytes) -> Frame:
         raise FrameError(f"payload is {len(payload) - shape_end} bytes, shape {shape} needs {expected}")
     tensor = np.frombuffer(payload, dtype=dtype, offset=shape_end).reshape(shape)
     return Frame(request_id.hex(), coordinator_id.hex(), plan_id, step, pos, tensor, flags,
-                 Sampling(temperature, top_p, top_k, None if seed < 0 else seed))
+                 Sampling(temperature, top_p, top_k, None if seed < 0 else seed), compute_us)

@@ -47,6 +47,7 @@ class Token:
     id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)   # the most likely ids and their logprobs
+    compute_s: float = 0.0      # the nodes' compute time for this step; the rest of its round trip is hops
 
 
 @dataclass
@@ -88,6 +89,9 @@ class Observer:
     """Where the coordinator reports what it measures; the panel's /metrics installs a real one."""
 
     def step_done(self, seconds: float) -> None:
+        pass
+
+    def hop_done(self, seconds: float) -> None:
         pass
 
     def finished(self, record: RequestRecord) -> None:
@@ -197,7 +201,10 @@ class Coordinator:
             for step in range(max_tokens):
                 token = self._await_token(request, step)
                 if step:
-                    self.observer.step_done(time.monotonic() - sent_at)
+                    round_trip = time.monotonic() - sent_at
+                    self.observer.step_done(round_trip)
+                    # coordinator -> first node -> ... -> last node -> coordinator
+                    self.observer.hop_done(max(0.0, round_trip - token.compute_s) / (len(plan.nodes) + 1))
                 record.completion_tokens += 1
                 elapsed = time.monotonic() - started
                 if record.ttft_s is None:
@@ -237,5 +244,6 @@ class Coordinator:
                 raise error(reply["error"])
             if reply.get("step") == step:
                 top = [(int(i), float(lp)) for i, lp in reply.get("top") or []]
-                return Token(int(reply["token"]), float(reply.get("logprob", 0.0)), top)
+                return Token(int(reply["token"]), float(reply.get("logprob", 0.0)), top,
+                             float(reply.get("compute_s", 0.0)))
             log.debug("dropped a reply for step %s while waiting for step %d", reply.get("step"), step)

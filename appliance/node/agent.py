@@ -150,10 +150,12 @@ class NodeAgent:
                 self.reply_error(f, f"node {self.id}: {e}")
             return
         now = time.monotonic()
+        batch_us = int((now - started) * 1e6)   # every frame of the batch waited for all of it
         for f, out in zip(batch, outputs):
             self.last_used[f.request_id] = now
+            f = replace(f, tensor=out, compute_us=f.compute_us + batch_us)
             if loaded.next_node is not None:
-                self.bus.publish(self.topics.node_inbox(loaded.next_node), frames.encode(replace(f, tensor=out)))
+                self.bus.publish(self.topics.node_inbox(loaded.next_node), frames.encode(f))
             elif f.flags & frames.SAMPLE:
                 self.reply_token(f, out)
         self.frames_run += len(batch)
@@ -169,7 +171,7 @@ class NodeAgent:
         top = top[np.argsort(-logprobs[top])]
         self.bus.publish_json(self.topics.coord_out(f.coordinator_id), {
             "request_id": f.request_id, "step": f.step, "token": token, "logprob": float(logprobs[token]),
-            "top": [[int(i), round(float(logprobs[i]), 6)] for i in top]})
+            "top": [[int(i), round(float(logprobs[i]), 6)] for i in top], "compute_s": f.compute_us / 1e6})
 
     def reply_error(self, f: frames.Frame, message: str) -> None:
         self.bus.publish_json(self.topics.coord_out(f.coordinator_id),

@@ -5,6 +5,8 @@ What each latency is:
   exo_time_to_first_token_seconds  request start (plan ready) to the first token back (prefill)
   exo_step_seconds                 one decode step's round trip: the coordinator sends the step to
                                    the first node and waits for the last node's token
+  exo_hop_seconds                  per hop of that step: (round trip - the nodes' compute, which the
+                                   frames carry) / (nodes + 1); broker, network and queue time
   exo_node_frame_seconds_total     each node's own time from starting a batch of frames to having
                                    published its results (compute + publish, queue wait excluded)
 """
@@ -19,6 +21,7 @@ from appliance.coordinator.coordinator import Coordinator, RequestRecord
 metrics = Blueprint("metrics", __name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+HOP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 # heartbeat field -> (metric name, help)
 NODE_GAUGES = {
@@ -47,8 +50,14 @@ class PrometheusObserver:
         self.step = Histogram("exo_step_seconds", "Round trip of one decode step through all nodes",
                               buckets=LATENCY_BUCKETS, registry=registry)
 
+        self.hop = Histogram("exo_hop_seconds", "Per-hop latency of a decode step (broker, network, queues)",
+                             buckets=HOP_BUCKETS, registry=registry)
+
     def step_done(self, seconds: float) -> None:
         self.step.observe(seconds)
+
+    def hop_done(self, seconds: float) -> None:
+        self.hop.observe(seconds)
 
     def finished(self, record: RequestRecord) -> None:
         self.requests.labels(record.status).inc()
