@@ -114,28 +114,32 @@ class BenchCluster:
 
 
 def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, gen_tokens: int, vocab: int):
-    """Run `concurrency` streams at once; return (ttfts, per-stream decode tok/s, total decode tok/s)."""
+    """Run `concurrency` streams at once; return (ttfts, per-stream decode tok/s, total decode tok/s).
+    The total counts the tokens made while every stream was decoding (after the last prefill,
+    before the first stream ended), so prefills queued behind each other do not count as decode."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, vocab, prompt_tokens).tolist() for _ in range(concurrency)]
-    results: list[tuple[float, float, int]] = [None] * concurrency
+    started_at: list[float] = [0.0] * concurrency
+    stamps: list[list[float]] = [[] for _ in range(concurrency)]
     barrier = threading.Barrier(concurrency)
 
     def stream(i: int) -> None:
         barrier.wait()
-        started = time.perf_counter()
-        stamps = [time.perf_counter() for _ in coordinator.generate(prompts[i], gen_tokens, Sampling(1.0, seed=i))]
-        results[i] = (stamps[0] - started, stamps[0], stamps[-1], len(stamps))
+        started_at[i] = time.perf_counter()
+        stamps[i] = [time.perf_counter() for _ in coordinator.generate(prompts[i], gen_tokens, Sampling(1.0, seed=i))]
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    ttfts = [r[0] for r in results]
-    per_stream = [(n - 1) / (last - first) for _, first, last, n in results if n > 1 and last > first]
-    decode_start, decode_end = min(r[1] for r in results), max(r[2] for r in results)
-    total = sum(r[3] - 1 for r in results) / max(decode_end - decode_start, 1e-9)
-    return ttfts, per_stream, total
+    ttfts = [s[0] - t for s, t in zip(stamps, started_at)]
+    per_stream = [(len(s) - 1) / (s[-1] - s[0]) for s in stamps if len(s) > 1 and s[-1] > s[0]]
+    window_start, window_end = max(s[0] for s in stamps), min(s[-1] for s in stamps)
+    if window_end <= window_start:   # too few tokens for the streams to overlap: the whole span
+        window_start, window_end = min(s[0] for s in stamps), max(s[-1] for s in stamps)
+    made = sum(window_start < t <= window_end for s in stamps for t in s)
+    return ttfts, per_stream, made / max(window_end - window_start, 1e-9)
 
 
 def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: list[int],

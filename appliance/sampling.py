@@ -16,6 +16,9 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
     if s.temperature <= 0:
         return int(np.argmax(logits))
     scaled = logits.astype(np.float64) / s.temperature
+    if s.top_k <= 0 and s.top_p >= 1.0:   # no cut: no need to sort the vocabulary
+        probs = np.exp(scaled - scaled.max())
+        return int(rng.choice(len(probs), p=probs / probs.sum()))
     order = np.argsort(-scaled, kind="stable")
     if s.top_k > 0:
         order = order[:s.top_k]

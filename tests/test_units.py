@@ -146,3 +146,9 @@ def test_a_batch_takes_one_step_of_each_request_and_stops_at_commands(tmp_path):
         agent.work.put(item)
     assert agent.take_batch(a[0]) == [a[0], b, c]
     assert [item for _, item in agent.work.queue] == [a[1], a[2], "x", d]
+
+
+def test_uncut_sampling_follows_the_distribution():
+    rng = np.random.default_rng(1)
+    draws = [sample(np.array([0.0, np.log(3.0)]), frames.Sampling(1.0), rng) for _ in range(4000)]
+    assert 0.72 < np.mean(draws) < 0.78   # p(1) = 3/4
