@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 from appliance.engines.base import Engine, Shard, Step
-from appliance.engines.numpy_engine import rope_inv_freq
 from appliance.engines.onnx_graph import QUANTS, build_graph, convert_weights, padded_head_dim
 from appliance.models.config import ModelConfig
 from appliance.models.weights import load_tensors, shard_tensor_names, weight_map
@@ -76,9 +75,6 @@ class OnnxEngine(Engine):
         self.pool = self._new_pool(slots)
         self.slot: dict[str, int] = {}
         self.length: dict[str, int] = {}
-        angles = np.arange(self.capacity)[:, None] * rope_inv_freq(c)[None, :]
-        angles = np.concatenate([angles, angles], axis=-1)[:, None, :]
-        self.cos, self.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
     def requests(self) -> list[str]:
         return list(self.slot)
@@ -110,13 +106,11 @@ class OnnxEngine(Engine):
             self._assign_slot(step.request_id)
         slots = [self.slot[s.request_id] for s in steps]
         lo, hi = min(slots), max(slots) + 1
-        x, positions, seqlens = self._rows(dict(zip(slots, steps)), lo, hi, T)
+        x, seqlens = self._rows(dict(zip(slots, steps)), lo, hi, T)
 
         io = self.session.io_binding()
         io.bind_output("logits" if self.shard.is_last else "hidden_out")
         io.bind_cpu_input("input_ids" if self.shard.is_first else "hidden", x)
-        io.bind_cpu_input("cos", np.ascontiguousarray(self.cos[positions]))
-        io.bind_cpu_input("sin", np.ascontiguousarray(self.sin[positions]))
         io.bind_cpu_input("seqlens_k", seqlens)
         io.bind_cpu_input("total_sequence_length", np.array(seqlens.max() + 1, np.int32))
         if self.shard.is_last:
@@ -136,9 +130,9 @@ class OnnxEngine(Engine):
         return [result[(slot - lo) * T:(slot - lo + 1) * T] for slot in slots]
 
     def _rows(self, by_slot: dict[int, Step], lo: int, hi: int, T: int):
-        """Inputs, positions and seqlens_k of the rows for slots lo..hi-1, dummies included."""
+        """Inputs and seqlens_k (last position) of the rows for slots lo..hi-1, dummies included."""
         owner = {slot: rid for rid, slot in self.slot.items()}
-        rows, positions = [], []
+        rows, last_positions = [], []
         for slot in range(lo, hi):
             step = by_slot.get(slot)
             if step is not None:
@@ -147,10 +141,9 @@ class OnnxEngine(Engine):
             else:  # a dummy row: writes one junk entry where the slot's next real step will write
                 rows.append(np.zeros((T,) if self.shard.is_first else (T, self.config.hidden_size)))
                 start = min(self.length.get(owner.get(slot), 0), self.capacity - T)
-            positions.append(np.arange(start, start + T))
+            last_positions.append(start + T - 1)
         x = np.concatenate(rows).astype(np.int64 if self.shard.is_first else np.float32)
-        seqlens = np.array([p[-1] for p in positions], np.int32)
-        return x, np.concatenate(positions), seqlens
+        return x, np.array(last_positions, np.int32)
 
     def _assign_slot(self, request_id: str) -> None:
         if request_id in self.slot:

@@ -4,14 +4,17 @@ The graph works on a batch of B rows of T tokens each, flattened to N = B*T rows
 layers; attention is onnxruntime's GroupQueryAttention (com.microsoft), whose KV cache is a
 fixed-capacity buffer that the kernel updates in place (see onnx_engine for how it is bound).
 
-Inputs:  input_ids int64 [N] (first stage) or hidden float [N, H]; cos, sin float [N, 1, D]
-         (rotary angles of each row's position); seqlens_k int32 [B] (each row's total length
-         minus one); total_sequence_length int32 []; last_rows int64 [B] (last stage: which of the
-         N rows to take logits of); past_key_<i>, past_value_<i> float [B, kv_heads, capacity, Dp].
+Inputs:  input_ids int64 [N] (first stage) or hidden float [N, H]; seqlens_k int32 [B] (each
+         row's total length minus one); total_sequence_length int32 []; last_rows int64 [B]
+         (last stage: which of the N rows to take logits of); past_key_<i>, past_value_<i> float
+         [B, kv_heads, capacity, Dp].
 Outputs: hidden_out [N, H] or logits [B, vocab]; present_key_<i>, present_value_<i>.
 
-GroupQueryAttention wants a head size that is a multiple of 16: smaller heads are zero-padded to
-Dp (zeros change no dot product) after the rotary embedding, which is done here, not in the kernel.
+GroupQueryAttention also applies the rotary embedding (do_rotary), from cos/sin tables baked into
+the graph and each row's position, which it derives from seqlens_k. It wants a head size that is
+a multiple of 16: a smaller head [x1 | x2] (two halves of D/2) is zero-padded to
+[x1 0 | x2 0] (two halves of Dp/2), so the rotation still pairs x1[i] with x2[i] and the zeros
+change no dot product.
 Weights are not stored in the graph: every initializer is marked external and handed to the
 session as an OrtValue over a memory map (`SessionOptions.add_external_initializers`).
 """
@@ -24,6 +27,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from appliance.engines.base import Shard
+from appliance.engines.numpy_engine import rope_inv_freq
 from appliance.models.config import ModelConfig
 from appliance.models.weights import as_float32
 
@@ -120,19 +124,25 @@ class GraphBuilder:
     def rms_norm(self, x: str, weight: str, eps: float) -> str:
         return self.op("RMSNormalization", x, weight, epsilon=eps, axis=-1)
 
-    def rotary(self, x: str, heads: int, head_dim: int) -> str:
-        """HF rotary embedding on x [N, heads*D]: x*cos + rotate_half(x)*sin."""
-        x = self.op("Reshape", x, self.const([0, heads, head_dim]))
-        first, second = f"halves_{self.count}_a", f"halves_{self.count}_b"
-        self.op("Split", x, self.const([head_dim // 2] * 2), axis=-1, outputs=[first, second])
-        rotated = self.op("Concat", self.op("Neg", second), first, axis=-1)
-        return self.op("Add", self.op("Mul", x, "cos"), self.op("Mul", rotated, "sin"))  # [N, heads, D]
-
     def to_attention(self, x: str, heads: int, head_dim: int, padded: int, batch_shape: str) -> str:
-        """[N, heads, D] -> [B, T, heads*Dp], zero-padding each head to Dp."""
+        """[N, heads*D] -> [B, T, heads*Dp], each half of each head zero-padded to Dp/2."""
         if padded != head_dim:
-            x = self.op("Pad", x, self.const([0, 0, 0, 0, 0, padded - head_dim]))
+            x = self.op("Reshape", x, self.const([0, heads, 2, head_dim // 2]))
+            x = self.op("Pad", x, self.const([0, 0, 0, 0, 0, 0, 0, (padded - head_dim) // 2]))
         return self.op("Reshape", x, batch_shape)
+
+    def from_attention(self, x: str, heads: int, head_dim: int, padded: int) -> str:
+        """[B, T, heads*Dp] -> [N, heads*D], dropping the padding again."""
+        if padded != head_dim:
+            x = self.op("Reshape", x, self.const([-1, heads, 2, padded // 2]))
+            x = self.op("Slice", x, self.const([0]), self.const([head_dim // 2]), self.const([3]))
+        return self.op("Reshape", x, self.const([-1, heads * head_dim]))
+
+    def rotary_tables(self, inv_freq: np.ndarray, capacity: int, padded: int) -> tuple[str, str]:
+        """cos and sin [capacity, Dp/2] of every position; the padding's angles are 0."""
+        angles = np.zeros((capacity, padded // 2))
+        angles[:, :len(inv_freq)] = np.arange(capacity)[:, None] * inv_freq[None, :]
+        return self.const(np.cos(angles), np.float32), self.const(np.sin(angles), np.float32)
 
 
 def build_graph(config: ModelConfig, shard: Shard, shapes: dict, quant: str, capacity: int) -> onnx.ModelProto:
@@ -140,8 +150,7 @@ def build_graph(config: ModelConfig, shard: Shard, shapes: dict, quant: str, cap
     D, Dp = c.head_dim, padded_head_dim(c.head_dim)
     g = GraphBuilder(shapes, quant)
     f = TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info("cos", f, ["N", 1, D]), helper.make_tensor_value_info("sin", f, ["N", 1, D]),
-              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
+    inputs = [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
     outputs = []
     if shard.is_first:
@@ -156,6 +165,7 @@ def build_graph(config: ModelConfig, shard: Shard, shapes: dict, quant: str, cap
     batch = g.op("Shape", "seqlens_k")
     q_shape = g.op("Concat", batch, g.const([-1, c.num_heads * Dp]), axis=0)
     kv_shape = g.op("Concat", batch, g.const([-1, c.num_kv_heads * Dp]), axis=0)
+    cos, sin = g.rotary_tables(rope_inv_freq(c), capacity, Dp)
 
     for i, layer in enumerate(range(shard.start, shard.end)):
         p = f"model.layers.{layer}."
@@ -164,19 +174,14 @@ def build_graph(config: ModelConfig, shard: Shard, shapes: dict, quant: str, cap
             inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f, cache_shape))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", f, cache_shape))
         h = g.rms_norm(x, p + "input_layernorm.weight", c.rms_norm_eps)
-        q = g.rotary(g.linear(h, p + "self_attn.q_proj", c.hidden_size), c.num_heads, D)
-        k = g.rotary(g.linear(h, p + "self_attn.k_proj", c.hidden_size), c.num_kv_heads, D)
-        v = g.op("Reshape", g.linear(h, p + "self_attn.v_proj", c.hidden_size), g.const([0, c.num_kv_heads, D]))
-        attention = g.op("GroupQueryAttention",
-                         g.to_attention(q, c.num_heads, D, Dp, q_shape), g.to_attention(k, c.num_kv_heads, D, Dp, kv_shape),
-                         g.to_attention(v, c.num_kv_heads, D, Dp, kv_shape), f"past_key_{i}", f"past_value_{i}",
-                         "seqlens_k", "total_sequence_length",
+        q = g.to_attention(g.linear(h, p + "self_attn.q_proj", c.hidden_size), c.num_heads, D, Dp, q_shape)
+        k = g.to_attention(g.linear(h, p + "self_attn.k_proj", c.hidden_size), c.num_kv_heads, D, Dp, kv_shape)
+        v = g.to_attention(g.linear(h, p + "self_attn.v_proj", c.hidden_size), c.num_kv_heads, D, Dp, kv_shape)
+        attention = g.op("GroupQueryAttention", q, k, v, f"past_key_{i}", f"past_value_{i}",
+                         "seqlens_k", "total_sequence_length", cos, sin,
                          outputs=[f"attention_{i}", f"present_key_{i}", f"present_value_{i}"], domain="com.microsoft",
-                         num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, scale=1 / math.sqrt(D))
-        attention = g.op("Reshape", attention, g.const([-1, c.num_heads, Dp]))
-        if Dp != D:
-            attention = g.op("Slice", attention, g.const([0]), g.const([D]), g.const([2]))
-        attention = g.op("Reshape", attention, g.const([-1, c.num_heads * D]))
+                         num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, scale=1 / math.sqrt(D), do_rotary=1)
+        attention = g.from_attention(attention, c.num_heads, D, Dp)
         x = g.op("Add", x, g.linear(attention, p + "self_attn.o_proj", c.num_heads * D))
         h = g.rms_norm(x, p + "post_attention_layernorm.weight", c.rms_norm_eps)
         gate = g.linear(h, p + "mlp.gate_proj", c.hidden_size)
