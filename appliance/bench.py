@@ -4,7 +4,8 @@ For each combination of engine, quant, node count and concurrency it starts that
 processes on a broker, plans the model over them, and drives the coordinator directly (no HTTP)
 with `concurrency` streams at once. Reported per case: prefill tok/s, decode tok/s (per stream
 and in aggregate), time to first token, the MQTT hop latency for a decode-sized message, and
-the peak RSS of each node process.
+the peak RSS of each node process. With `repeat` > 1 every case runs that many times and each
+figure is the median: a shared machine's neighbours move single runs by a fifth or more.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class CaseResult:
     decode_tok_s_total: float
     hop_ms: float
     peak_rss_mb: list[float]
+    repeats: int = 1
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -144,7 +146,7 @@ def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, 
 
 def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: list[int],
           concurrencies: list[int], prompt_tokens: int, gen_tokens: int, broker: str = "",
-          report=print) -> list[CaseResult]:
+          report=print, repeat: int = 1) -> list[CaseResult]:
     from appliance.models.config import ModelConfig
 
     config = ModelConfig.load(model_dir)
@@ -161,13 +163,15 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
                 cluster.wait_ready(nodes)
                 run_streams(cluster.coordinator, 1, 8, 4, config.vocab_size)   # warm-up: JIT, caches, pages
                 for concurrency in concurrencies:
-                    ttfts, per_stream, total = run_streams(cluster.coordinator, concurrency, prompt_tokens,
-                                                           gen_tokens, config.vocab_size)
-                    ttft = statistics.median(ttfts)
+                    runs = [run_streams(cluster.coordinator, concurrency, prompt_tokens, gen_tokens, config.vocab_size)
+                            for _ in range(repeat)]
+                    ttft = statistics.median(statistics.median(ttfts) for ttfts, _, _ in runs)
+                    per_stream = statistics.median(statistics.median(rates) for _, rates, _ in runs)
+                    total = statistics.median(total for _, _, total in runs)
                     result = CaseResult(engine, quant, nodes, concurrency, prompt_tokens, gen_tokens,
                                         round(ttft, 4), round(prompt_tokens / ttft, 1),
-                                        round(statistics.median(per_stream), 2), round(total, 2), round(hop, 3),
-                                        [round(peak_rss_mb(p.pid), 1) for p in cluster.processes])
+                                        round(per_stream, 2), round(total, 2), round(hop, 3),
+                                        [round(peak_rss_mb(p.pid), 1) for p in cluster.processes], repeat)
                     results.append(result)
                     report(result)
             finally:
@@ -197,7 +201,7 @@ def main(args) -> None:
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
     results = bench(model_dir, split(args.engines), split(args.quants), [int(n) for n in split(args.nodes)],
                     [int(c) for c in split(args.concurrency)], args.prompt_tokens, args.gen_tokens, args.broker or "",
-                    report=(lambda r: None) if args.json else (lambda r: print(f"  {r.engine} {r.quant} "
+                    repeat=args.repeat, report=(lambda r: None) if args.json else (lambda r: print(f"  {r.engine} {r.quant} "
                                                                                  f"nodes={r.nodes} streams={r.concurrency}: "
                                                                                  f"{r.decode_tok_s_total} tok/s", flush=True)))
     print(json.dumps([asdict(r) for r in results], indent=2) if args.json else table(results))

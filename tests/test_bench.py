@@ -10,10 +10,10 @@ from tests.conftest import STORIES
 
 def test_bench_reports_each_case_as_json():
     out = subprocess.run([sys.executable, "-m", "appliance", "bench", "--model", str(STORIES), "--nodes", "1,2",
-                          "--concurrency", "1,3", "--prompt-tokens", "8", "--gen-tokens", "6", "--json"],
+                          "--concurrency", "1,3", "--prompt-tokens", "8", "--gen-tokens", "6", "--repeat", "2", "--json"],
                          capture_output=True, text=True, timeout=240, check=True).stdout
     results = json.loads(out)
     assert [(r["nodes"], r["concurrency"]) for r in results] == [(1, 1), (1, 3), (2, 1), (2, 3)]
     for r in results:
-        assert r["decode_tok_s_total"] > 0 and r["ttft_s"] > 0 and r["hop_ms"] > 0
+        assert r["decode_tok_s_total"] > 0 and r["ttft_s"] > 0 and r["hop_ms"] > 0 and r["repeats"] == 2
         assert len(r["peak_rss_mb"]) == r["nodes"] and all(m > 10 for m in r["peak_rss_mb"])

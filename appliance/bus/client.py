@@ -75,6 +75,9 @@ class Bus:
         return self
 
     def stop(self) -> None:
+        # paho 2.2's network thread may run one more loop on the closed socket and log it as an
+        # error; a disconnect we asked for is not one.
+        self.client.disable_logger()
         self.client.disconnect()
         self.client.loop_stop()
 
