@@ -43,7 +43,8 @@ class OnnxEngine(Engine):
     name = "onnxruntime"
 
     def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = "q8",
-                 cache_dir: str | Path | None = None, max_seq: int = 2048, slots: int = 8, threads: int = 0):
+                 cache_dir: str | Path | None = None, max_seq: int = 2048, slots: int = 8, threads: int = 0,
+                 profile_prefix: str | None = None):
         import onnxruntime as ort
 
         super().__init__(shard, config)
@@ -61,6 +62,8 @@ class OnnxEngine(Engine):
         # Idle threads sleep instead of spinning: several stages may share one machine's cores
         # (local nodes), and on a Pi spinning only adds heat.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if profile_prefix:   # onnxruntime's own per-operator trace (see engines/profile.py)
+            options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         names = list(self.weights)
         self._initializers = [ort.OrtValue.ortvalue_from_numpy(self.weights[n]) for n in names]
         options.add_external_initializers(names, self._initializers)
