@@ -167,7 +167,7 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
                             for _ in range(repeat)]
                     ttft = statistics.median(statistics.median(ttfts) for ttfts, _, _ in runs)
                     per_stream = statistics.median(statistics.median(rates) for _, rates, _ in runs)
-                    total = statistics.median(total for _, _, total in runs)
+                    total = statistics.median(run_total for _, _, run_total in runs)
                     result = CaseResult(engine, quant, nodes, concurrency, prompt_tokens, gen_tokens,
                                         round(ttft, 4), round(prompt_tokens / ttft, 1),
                                         round(per_stream, 2), round(total, 2), round(hop, 3),
