@@ -81,12 +81,14 @@ def test_f32_logits_match_numpy_on_real_configs(name, shape, tmp_path):
 
 
 @needs_stories
-@pytest.mark.parametrize("name", FAST)
-def test_batched_decode_gives_each_request_its_own_logits(name, tmp_path):
-    """Three requests at different lengths decode in one call, and get what each gets alone."""
+@pytest.mark.parametrize("name,options", [pytest.param(name, {}, id=name) for name in FAST] +
+                         [pytest.param("onnxruntime", {"quant": q}, id=f"onnxruntime-{q}") for q in ("q8", "q4")])
+def test_batched_decode_gives_each_request_its_own_logits(name, options, tmp_path):
+    """Three requests at different lengths decode in one call, and get what each gets alone.
+    Quantized: each row's activations are quantized with a scale of their own, never the batch's."""
     prompts = [np.array(p, np.int32) for p in ([1, 400, 34], [1, 20, 21, 22, 23, 24, 25], [1, 7])]
-    alone = engine(name, whole(STORIES), tmp_path)
-    batched = engine(name, whole(STORIES), tmp_path)
+    alone = engine(name, whole(STORIES), tmp_path, **options)
+    batched = engine(name, whole(STORIES), tmp_path, **options)
     for e in (alone, batched):
         for i, p in enumerate(prompts):
             e.forward([Step(f"r{i}", 0, p)])

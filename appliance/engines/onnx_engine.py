@@ -1,5 +1,6 @@
 """onnxruntime engine: the default on CPUs. A shard becomes one ONNX graph (onnx_graph.py) with
-weights quantized to 4 or 8 bits (MatMulNBits, block 32) or kept as float16/float32.
+weights quantized to 4 bits (MatMulNBits, block 32) or 8 bits (int8 per output channel, run by
+MatMulInteger on activations quantized per row) or kept as float16/float32.
 
 Weights. The graph holds no weight bytes: each initializer is handed to the session as an OrtValue
 over a memory map. float32 shards map the model's safetensors directly; quantized (q4, q8) and
@@ -34,7 +35,7 @@ from appliance.engines.onnx_graph import QUANTS, build_graph, convert_weights, p
 from appliance.models.config import ModelConfig
 from appliance.models.weights import load_tensors, shard_tensor_names, weight_map
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DEFAULT_CACHE_DIR = Path("~/.cache/exo/onnx")
 QUANTIZED_SHARDS = 0  # how many shards this process converted (tests check the cache is reused)
 

@@ -15,6 +15,9 @@ the graph and each row's position, which it derives from seqlens_k. It wants a h
 a multiple of 16: a smaller head [x1 | x2] (two halves of D/2) is zero-padded to
 [x1 0 | x2 0] (two halves of Dp/2), so the rotation still pairs x1[i] with x2[i] and the zeros
 change no dot product.
+q8 multiplies int8 weights (one scale per output channel) by int8 activations (one scale per
+row): onnxruntime's integer GEMM reads each weight once for all the rows of a batch, so 8 rows
+cost 1.1x one row, where 8-bit MatMulNBits costs 1.9x (docs/performance.md).
 Weights are not stored in the graph: every initializer is marked external and handed to the
 session as an OrtValue over a memory map (`SessionOptions.add_external_initializers`).
 """
@@ -34,7 +37,7 @@ from appliance.models.weights import as_float32
 QUANTS = ("q4", "q8", "f16", "f32")
 BLOCK = 32  # MatMulNBits block size
 ONNX_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-               np.dtype(np.uint8): TensorProto.UINT8}
+               np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int8): TensorProto.INT8}
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -43,20 +46,28 @@ def padded_head_dim(head_dim: int) -> int:
 
 # ---- weights: HF tensors -> what the graph's initializers hold, per quant --------------------
 
-def quantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """HF [out, in] float weight -> MatMulNBits (packed uint8 [out, in/32, 32*bits/8], scales [out*in/32]),
+def quantize_4bit(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HF [out, in] float weight -> MatMulNBits (packed uint8 [out, in/32, 16], scales [out*in/32]),
     symmetric, block 32, with onnxruntime's own C++ quantizer."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
     n, k = w.shape
     blocks = -(-k // BLOCK)
     w = np.pad(np.asarray(w, np.float32), ((0, 0), (0, blocks * BLOCK - k)))  # a last partial block
-    packed = np.zeros((n, blocks, BLOCK * bits // 8), np.uint8)
+    packed = np.zeros((n, blocks, BLOCK // 2), np.uint8)
     scales = np.zeros((n, blocks), np.float32)
     zero_points = np.zeros((n, blocks), np.uint8)  # unused: symmetric
-    kernel = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    kernel(packed, np.ascontiguousarray(w.T, dtype=np.float32), scales, zero_points, BLOCK, n, k, True)
+    quantize_matmul_4bits(packed, np.ascontiguousarray(w.T, dtype=np.float32), scales, zero_points, BLOCK, n, k, True)
     return packed, scales.reshape(-1)
+
+
+def quantize_8bit(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HF [out, in] float weight -> int8 [in, out] (MatMulInteger's B) and one scale per output
+    channel, symmetric."""
+    w = np.asarray(w, np.float32)
+    scales = np.abs(w).max(axis=1) / 127
+    scales[scales == 0] = 1
+    return np.round(w.T / scales).astype(np.int8), scales.astype(np.float32)
 
 
 def convert_weights(tensors: dict[str, np.ndarray], quant: str, first: bool, last: bool):
@@ -79,7 +90,7 @@ def convert_weights(tensors: dict[str, np.ndarray], quant: str, first: bool, las
 
 
 def _quantized(name: str, t: np.ndarray, quant: str):
-    packed, scales = quantize(t, 4 if quant == "q4" else 8)
+    packed, scales = quantize_4bit(t) if quant == "q4" else quantize_8bit(t)
     yield name + ".q", packed
     yield name + ".scales", scales
 
@@ -93,6 +104,7 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.shapes, self.quant, self.count = shapes, quant, 0
         self.constants: list[onnx.TensorProto] = []
+        self.row_quantized: dict[str, tuple[str, str]] = {}
 
     def op(self, op_type: str, *inputs: str, outputs: list[str] | None = None, domain: str = "", **attrs) -> str:
         self.count += 1
@@ -106,12 +118,18 @@ class GraphBuilder:
         return name
 
     def linear(self, x: str, name: str, in_features: int) -> str:
-        """x [N, in] @ W.T (+ bias): MatMulNBits for q4/q8, Gemm(transB) for float weights."""
-        if name + ".weight.q" in self.shapes:
+        """x [N, in] @ W.T (+ bias): MatMulNBits for q4, int8 MatMulInteger for q8, Gemm(transB) for
+        float weights."""
+        if name + ".weight.q" in self.shapes and self.quant == "q4":
             n = self.shapes[name + ".weight.q"][0][0]
             y = self.op("MatMulNBits", x, name + ".weight.q", name + ".weight.scales", domain="com.microsoft",
-                        K=in_features, N=n, bits=4 if self.quant == "q4" else 8, block_size=BLOCK,
+                        K=in_features, N=n, bits=4, block_size=BLOCK,
                         accuracy_level=4)  # int8 dot products: the fast path on ARM and x86
+        elif name + ".weight.q" in self.shapes:
+            q, row_max = self.quantize_rows(x)
+            y = self.op("MatMulIntegerToFloat", q, name + ".weight.q", self.const(1 / 127, np.float32),
+                        name + ".weight.scales", self.const(128, np.uint8), domain="com.microsoft")
+            y = self.op("Mul", y, row_max)
         else:
             w = name + ".weight"
             if self.shapes[w][1] == np.float16:
@@ -120,6 +138,18 @@ class GraphBuilder:
         if name + ".bias" in self.shapes:
             y = self.op("Add", y, name + ".bias")
         return y
+
+    def quantize_rows(self, x: str) -> tuple[str, str]:
+        """x [N, in] -> uint8 (zero point 128) with one scale per row, and that row's largest |x|.
+        A row's scale depends on that row alone, so a request's result never depends on which other
+        requests share its batch. Done once per input, however many matrices read it (q, k, v)."""
+        if x not in self.row_quantized:
+            row_max = self.op("Max", self.op("ReduceMax", self.op("Abs", x), self.const([1]), keepdims=1),
+                              self.const(1e-30, np.float32))  # an all-zero row stays zero
+            q = self.op("QuantizeLinear", self.op("Div", x, row_max), self.const(1 / 127, np.float32),
+                        self.const(128, np.uint8))
+            self.row_quantized[x] = q, row_max
+        return self.row_quantized[x]
 
     def rms_norm(self, x: str, weight: str, eps: float) -> str:
         return self.op("RMSNormalization", x, weight, epsilon=eps, axis=-1)
