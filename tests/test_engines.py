@@ -3,6 +3,9 @@ requests into one call, and the onnxruntime engine caches its quantized shard on
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -145,9 +148,32 @@ def test_a_second_construction_reuses_the_quantized_shard(tmp_path):
 
 def test_engine_registry_and_default():
     assert {"numpy", "onnxruntime", "tinygrad"} <= set(ENGINES)
-    assert pick_default_engine() in ("onnxruntime", "tinygrad")
+    gpu = sys.platform == "darwin" or any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd"))
+    if not gpu:
+        assert pick_default_engine() == "onnxruntime"
     with pytest.raises(ValueError, match="quant"):
         load_engine("onnxruntime", whole(synth_model("smollm2-135m")), quant="q3")
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root on Linux for a private mount namespace")
+@pytest.mark.parametrize("device,library", [("nvidiactl", "cuda"), ("kfd", "amdhip64")])
+def test_the_default_engine_is_tinygrad_where_a_gpu_driver_is_present(device, library, tmp_path):
+    """In a private mount namespace that has the driver's device node (on a tmpfs over /dev) and
+    its library (a stub built here), the real probe finds a GPU and picks tinygrad."""
+    subprocess.run(["cc", "-shared", "-fPIC", f"-Wl,-soname,lib{library}.so.1", "-o", tmp_path / f"lib{library}.so",
+                    "-x", "c", "-"], input=b"void stub(void) {}\n", check=True)
+    (tmp_path / "dev").mkdir()
+    inside = f"""set -e
+        mount --bind /dev {tmp_path}/dev
+        mount -t tmpfs tmpfs /dev
+        for node in null zero random urandom; do touch /dev/$node; mount --bind {tmp_path}/dev/$node /dev/$node; done
+        touch /dev/{device}
+        exec "$0" -c 'from appliance.engines import pick_default_engine; print(pick_default_engine())'"""
+    env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path), "LIBRARY_PATH": str(tmp_path)}
+    picked = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", inside, sys.executable],
+                            env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert picked == "tinygrad"
 
 
 @pytest.mark.parametrize("name", FAST)
