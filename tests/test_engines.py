@@ -13,7 +13,7 @@ import pytest
 
 os.environ.setdefault("DEV", "CPU")  # tinygrad: clang on the CPU unless a test run asks for a GPU
 
-from appliance.engines import ENGINES, Shard, Step, load_engine, pick_default_engine  # noqa: E402
+from appliance.engines import ENGINES, GPU_DEVICE_NODES, Shard, Step, load_engine, pick_default_engine  # noqa: E402
 from appliance.models.config import ModelConfig  # noqa: E402
 from appliance.models.synth import SHAPES  # noqa: E402
 from appliance.models.tokenizer import Tokenizer  # noqa: E402
@@ -148,7 +148,7 @@ def test_a_second_construction_reuses_the_quantized_shard(tmp_path):
 
 def test_engine_registry_and_default():
     assert {"numpy", "onnxruntime", "tinygrad"} <= set(ENGINES)
-    gpu = sys.platform == "darwin" or any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd"))
+    gpu = sys.platform == "darwin" or any(os.path.exists(d) for d in GPU_DEVICE_NODES)
     if not gpu:
         assert pick_default_engine() == "onnxruntime"
     with pytest.raises(ValueError, match="quant"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from appliance.engines.base import Engine, Shard, Step
 
-__all__ = ["Engine", "Shard", "Step", "ENGINES", "load_engine", "pick_default_engine"]
+__all__ = ["Engine", "Shard", "Step", "ENGINES", "GPU_DEVICE_NODES", "load_engine", "pick_default_engine"]
 
 # name -> "module:Class", imported only when chosen so a node pulls in just its own backend.
 ENGINES = {
@@ -21,6 +21,9 @@ def load_engine(name: str, shard: Shard, **options) -> Engine:
     return getattr(module, class_name)(shard, **options)
 
 
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd")  # NVIDIA's driver, AMD's compute driver
+
+
 def pick_default_engine() -> str:
     """"tinygrad" where a GPU backend is present (Metal on a Mac, CUDA, AMD), else "onnxruntime".
     Cheap: looks for the drivers' libraries and devices, imports neither engine."""
@@ -30,7 +33,7 @@ def pick_default_engine() -> str:
 
     if sys.platform == "darwin":  # Metal
         return "tinygrad"
-    if any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd")) and \
+    if any(os.path.exists(p) for p in GPU_DEVICE_NODES) and \
             any(ctypes.util.find_library(lib) for lib in ("cuda", "amdhip64", "hsa-runtime64")):
         return "tinygrad"
     return "onnxruntime"

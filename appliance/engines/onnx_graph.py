@@ -126,9 +126,9 @@ class GraphBuilder:
                         K=in_features, N=n, bits=4, block_size=BLOCK,
                         accuracy_level=4)  # int8 dot products: the fast path on ARM and x86
         elif name + ".weight.q" in self.shapes:
-            q, row_max = self.quantize_rows(x)
-            y = self.op("MatMulIntegerToFloat", q, name + ".weight.q", self.const(1 / 127, np.float32),
-                        name + ".weight.scales", self.const(128, np.uint8), domain="com.microsoft")
+            q, scale, zero_point, row_max = self.quantize_rows(x)
+            y = self.op("MatMulIntegerToFloat", q, name + ".weight.q", scale, name + ".weight.scales", zero_point,
+                        domain="com.microsoft")
             y = self.op("Mul", y, row_max)
         else:
             w = name + ".weight"
@@ -139,16 +139,17 @@ class GraphBuilder:
             y = self.op("Add", y, name + ".bias")
         return y
 
-    def quantize_rows(self, x: str) -> tuple[str, str]:
-        """x [N, in] -> uint8 (zero point 128) with one scale per row, and that row's largest |x|.
-        A row's scale depends on that row alone, so a request's result never depends on which other
-        requests share its batch. Done once per input, however many matrices read it (q, k, v)."""
+    def quantize_rows(self, x: str) -> tuple[str, str, str, str]:
+        """x [N, in] -> (uint8 rows, their scale and zero point, each row's largest |x|): every row is
+        divided by its own largest |x| and then quantized alike. A row's scale depends on that row
+        alone, so a request's result never depends on which other requests share its batch. Done
+        once per input, however many matrices read it (q, k, v)."""
         if x not in self.row_quantized:
             row_max = self.op("Max", self.op("ReduceMax", self.op("Abs", x), self.const([1]), keepdims=1),
                               self.const(1e-30, np.float32))  # an all-zero row stays zero
-            q = self.op("QuantizeLinear", self.op("Div", x, row_max), self.const(1 / 127, np.float32),
-                        self.const(128, np.uint8))
-            self.row_quantized[x] = q, row_max
+            scale, zero_point = self.const(1 / 127, np.float32), self.const(128, np.uint8)
+            q = self.op("QuantizeLinear", self.op("Div", x, row_max), scale, zero_point)
+            self.row_quantized[x] = q, scale, zero_point, row_max
         return self.row_quantized[x]
 
     def rms_norm(self, x: str, weight: str, eps: float) -> str:
