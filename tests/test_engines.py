@@ -22,6 +22,10 @@ from tests.test_synth import synth_model  # noqa: E402
 STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "stories260K" / "hf"
 needs_stories = pytest.mark.skipif(not (STORIES / "config.json").exists(), reason="shared/models/stories260K absent")
 FAST = ["onnxruntime", "tinygrad"]
+# tinygrad on OpenCL (pocl in CI): a GPU-style backend, whose buffers live apart from host memory
+needs_opencl = pytest.mark.skipif(not any(Path("/etc/OpenCL/vendors").glob("*.icd")),
+                                  reason="no OpenCL driver (apt install pocl-opencl-icd)")
+ON_A_DEVICE = FAST + [pytest.param("tinygrad-cl", marks=needs_opencl)]
 TEXT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
         "One day, she saw a big red ball under a tree. She wanted to play with it, so she asked her mom.")
 
@@ -34,6 +38,8 @@ def whole(model_dir) -> Shard:
 def engine(name: str, shard: Shard, tmp_path, **options):
     if name == "onnxruntime":
         options = {"quant": "f32", "cache_dir": tmp_path, **options}
+    if name == "tinygrad-cl":
+        name, options = "tinygrad", {"device": "CL", **options}
     return load_engine(name, shard, **options)
 
 
@@ -51,7 +57,7 @@ def greedy(engine, prompt: list[int], new: int) -> list[int]:
 
 
 @needs_stories
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name", ON_A_DEVICE)
 def test_greedy_tokens_match_numpy_on_stories260k(name, tmp_path):
     prompt = Tokenizer(STORIES).encode("Once upon a time, there was a")
     expected = greedy(load_engine("numpy", whole(STORIES)), prompt, 24)
@@ -59,7 +65,7 @@ def test_greedy_tokens_match_numpy_on_stories260k(name, tmp_path):
 
 
 @needs_stories
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name", ON_A_DEVICE)
 def test_a_pipeline_of_two_shards_matches_numpy(name, tmp_path):
     """Activations out of a first shard feed a last shard, as between two nodes."""
     ids = np.array(Tokenizer(STORIES).encode("The cat sat on the mat."), np.int32)
@@ -85,6 +91,7 @@ def test_f32_logits_match_numpy_on_real_configs(name, shape, tmp_path):
 
 @needs_stories
 @pytest.mark.parametrize("name,options", [pytest.param(name, {}, id=name) for name in FAST] +
+                         [pytest.param("tinygrad-cl", {}, id="tinygrad-cl", marks=needs_opencl)] +
                          [pytest.param("onnxruntime", {"quant": q}, id=f"onnxruntime-{q}") for q in ("q8", "q4")])
 def test_batched_decode_gives_each_request_its_own_logits(name, options, tmp_path):
     """Three requests at different lengths decode in one call, and get what each gets alone.
@@ -176,13 +183,14 @@ def test_the_default_engine_is_tinygrad_where_a_gpu_driver_is_present(device, li
     assert picked == "tinygrad"
 
 
-@pytest.mark.parametrize("name", FAST)
-def test_a_float16_checkpoint_matches_numpy(name, tmp_path):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ON_A_DEVICE)
+def test_a_half_precision_checkpoint_matches_numpy(name, dtype, tmp_path):
     """Half-precision weights are widened once (numpy, onnxruntime f32 via its cache) or on the
-    device (tinygrad): all compute in float32 and agree."""
+    device (tinygrad, bfloat16 from its bits): all compute in float32 and agree."""
     from appliance.models.synth import synthesize
 
-    model_dir = synthesize("smollm2-135m", tmp_path / "model", seed=3, dtype="float16", layers=1)
+    model_dir = synthesize("smollm2-135m", tmp_path / "model", seed=3, dtype=dtype, layers=1)
     step = Step("r", 0, np.array([1, 5, 9, 200], np.int32))
     expected = load_engine("numpy", whole(model_dir)).forward([step])[0]
     np.testing.assert_allclose(engine(name, whole(model_dir), tmp_path / "cache").forward([step])[0], expected, atol=1e-3)

@@ -73,6 +73,20 @@ def test_seed_makes_weights_reproducible(tmp_path):
     assert (c / "model.safetensors").stat().st_size < (a / "model.safetensors").stat().st_size
 
 
+def test_bfloat16_weights_are_what_torch_writes(tmp_path):
+    """A bfloat16 checkpoint, as most on the Hub are: the bits torch rounds to, read back by the loader."""
+    torch = pytest.importorskip("torch")
+    from appliance.models.weights import as_float32, load_tensors
+
+    model = synthesize("smollm2-135m", tmp_path, seed=4, layers=1, dtype="bfloat16")
+    f32 = synthesize("smollm2-135m", tmp_path / "f32", seed=4, layers=1)
+    name = "model.layers.0.mlp.up_proj.weight"
+    exact = load_tensors(f32, [name])[name]
+    expected = torch.from_numpy(np.array(exact)).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(as_float32(load_tensors(model, [name])[name]), expected)
+    assert ModelConfig.load(model).torch_dtype == "bfloat16"
+
+
 def test_unknown_shape_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown shape"):
         synthesize("gpt-5", tmp_path)

@@ -1,8 +1,9 @@
 """tinygrad engine: for Macs (METAL) and GPUs (CUDA, AMD); on CPU (clang) so CI can test it.
 
-The device is tinygrad's default (env DEV=CPU|CUDA|METAL|AMD) or the `device=` option. Weights
-live on the device as float32 or float16 (`quant="f32"|"f16"`); the embedding stays a memory map
-on the host and only the looked-up rows go to the device.
+The device is tinygrad's default (env DEV=CPU|CUDA|METAL|AMD|CL) or the `device=` option. Weights
+go from their memory-mapped safetensors file straight to the device, as float32 or float16
+(`quant="f32"|"f16"`); the embedding stays a memory map on the host and only the looked-up rows
+go to the device.
 
 KV cache: one realized device buffer per request and local layer, [2, kv_heads, capacity, D]; a
 step writes its new positions with `assign` into a slice, so nothing is copied.
@@ -16,6 +17,7 @@ Prefill chunks (several tokens) run eagerly, one request at a time.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -30,7 +32,8 @@ class TinygradEngine(Engine):
 
     def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = "f32",
                  cache_dir=None, max_seq: int = 2048, device: str | None = None, jit: bool = True):
-        from tinygrad import Device, Tensor, dtypes
+        from tinygrad import Device, dtypes
+        from tinygrad.nn.state import safe_load
 
         super().__init__(shard, config)
         if quant not in ("f32", "f16"):
@@ -40,16 +43,17 @@ class TinygradEngine(Engine):
         self.dtype = dtypes.float32 if quant == "f32" else dtypes.float16
         self.capacity = min(max_seq, c.max_position_embeddings)
         self.use_jit = jit
-        names = shard_tensor_names(weight_map(shard.model_dir), shard.start, shard.end,
-                                   shard.is_first, shard.is_last, c.tie_word_embeddings)
-        host = load_tensors(shard.model_dir, names)
-        self.embed = as_float32(host["model.embed_tokens.weight"]) if shard.is_first else None
+        files = weight_map(shard.model_dir)
+        names = shard_tensor_names(files, shard.start, shard.end, shard.is_first, shard.is_last,
+                                   c.tie_word_embeddings)
+        embed = "model.embed_tokens.weight"
+        self.embed = as_float32(load_tensors(shard.model_dir, [embed])[embed]) if shard.is_first else None
+        on_device = [n for n in names if n != embed or (shard.is_last and c.tie_word_embeddings)]
         self.w = {}
-        for name, t in host.items():
-            if name == "model.embed_tokens.weight" and not (shard.is_last and c.tie_word_embeddings):
-                continue
-            dtype = self.dtype if t.ndim == 2 else dtypes.float32  # norms and biases stay float32
-            self.w[name] = Tensor(as_float32(t), device=self.device).cast(dtype).contiguous().realize()
+        for file in sorted({files[n] for n in on_device}):
+            on_disk = safe_load(str(Path(shard.model_dir) / file))
+            for name in (n for n in on_device if files[n] == file):
+                self.w[name] = to_device(on_disk[name], self.device, self.dtype)
         angles = np.arange(self.capacity)[:, None] * rope_inv_freq(c)[None, :]
         angles = np.concatenate([angles, angles], axis=-1)
         self.cos, self.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
@@ -132,7 +136,7 @@ class TinygradEngine(Engine):
             scores = qb @ keys.transpose(1, 2) / math.sqrt(D)                         # [kv, group*T, L]
             if T > 1:  # prefill: row t may see positions up to pos + t
                 from tinygrad import Tensor
-                mask = Tensor.ones(T, pos + T).triu(pos + 1).bool().reshape(1, 1, T, pos + T).expand(
+                mask = Tensor.ones(T, pos + T, device=x.device).triu(pos + 1).bool().reshape(1, 1, T, pos + T).expand(
                     1, group, T, pos + T).reshape(1, group * T, pos + T)
                 scores = mask.where(-math.inf, scores)
             attention = scores.softmax(-1) @ values                                    # [kv, group*T, D]
@@ -142,6 +146,17 @@ class TinygradEngine(Engine):
         h = self._norm(x, p + "post_attention_layernorm.weight")
         return x + self._linear(self._linear(h, p + "mlp.gate_proj").silu() * self._linear(h, p + "mlp.up_proj"),
                                 p + "mlp.down_proj")
+
+
+def to_device(t, device: str, dtype):
+    """A tensor mapped from disk (tinygrad's DISK device) copied straight onto the device, matrices
+    as `dtype`, norms and biases as float32. bfloat16 is widened from its bits, because not every
+    backend's compiler has the type (clang on x86 does not)."""
+    from tinygrad import dtypes
+
+    if t.dtype == dtypes.bfloat16:
+        t = (t.bitcast(dtypes.uint16).to(device).cast(dtypes.uint32) << 16).bitcast(dtypes.float32)
+    return t.to(device).cast(dtype if t.ndim == 2 else dtypes.float32).contiguous().realize()
 
 
 def rotate(x, cos, sin):

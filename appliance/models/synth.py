@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.models.weights import f32_to_bf16
+
 # The configs of the real checkpoints (their config.json, trimmed to what matters here).
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
           "attention_bias": False, "mlp_bias": False}
@@ -67,13 +69,17 @@ Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000, punctuation . , ; : ! ? ' " ( ) [ ] { }
 """
 
 
+# torch_dtype -> (safetensors dtype, numpy storage); Hub checkpoints are mostly bfloat16
+STORED = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", np.uint16)}
+
+
 def synthesize(shape: str, out_dir: str | Path, *, seed: int = 0, dtype: str = "float32",
                layers: int | None = None) -> Path:
     """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json to out_dir."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
-    if dtype not in ("float32", "float16"):
-        raise ValueError("dtype must be float32 or float16")
+    if dtype not in STORED:
+        raise ValueError(f"dtype must be one of {', '.join(STORED)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(SHAPES[shape], torch_dtype=dtype)
@@ -108,13 +114,12 @@ def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
 
 def write_random_weights(config: dict, path: Path, *, seed: int, dtype: str) -> None:
     """Stream a safetensors file tensor by tensor, so a full-size model never sits in memory."""
-    np_dtype = np.dtype(dtype)
+    stored, storage = STORED[dtype]
     shapes = tensor_shapes(config)
     header, offset = {}, 0
     for name, shape in shapes.items():
-        size = int(np.prod(shape)) * np_dtype.itemsize
-        header[name] = {"dtype": "F32" if dtype == "float32" else "F16", "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
+        size = int(np.prod(shape)) * np.dtype(storage).itemsize
+        header[name] = {"dtype": stored, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)  # keep the tensor data 8-byte aligned
@@ -126,7 +131,7 @@ def write_random_weights(config: dict, path: Path, *, seed: int, dtype: str) -> 
                 t = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
             else:
                 t = 0.02 * rng.standard_normal(shape, dtype=np.float32)
-            f.write(t.astype(np_dtype).tobytes())
+            f.write((f32_to_bf16(t) if dtype == "bfloat16" else t.astype(storage)).tobytes())
 
 
 def write_tokenizer(shape: str, vocab_size: int, out: Path) -> None:

@@ -52,6 +52,12 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """The bfloat16 bits of float32 values, rounded to nearest even as torch does."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
 def load_tensors(model_dir: str | Path, names: list[str]) -> dict[str, np.ndarray]:
     """Map the named tensors read-only. bfloat16 tensors come back as their raw uint16 bits;
     call `as_float32` to compute with them."""
