@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--shape", help="synth: tinyllama-1.1b, llama-3.2-1b, qwen2.5-0.5b or smollm2-135m")
     models.add_argument("--out", help="synth: the folder to write")
     models.add_argument("--layers", type=int, help="synth: fewer layers than the real model")
+    models.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="synth: how the weights are stored (Hub checkpoints are mostly bfloat16)")
     _common(models)
     bench = sub.add_parser("bench", help="measure engines, quants, node counts and concurrency on this machine")
     what = bench.add_mutually_exclusive_group(required=True)
@@ -164,8 +166,8 @@ def run_models(config: Config, args: argparse.Namespace) -> None:
         from appliance.models.synth import SHAPES, synthesize
         if args.shape not in SHAPES or not args.out:
             sys.exit(f"exo models synth: give --shape ({', '.join(SHAPES)}) and --out DIR")
-        synthesize(args.shape, args.out, layers=args.layers)
-        print(f"wrote a random-weight {args.shape} to {args.out}", flush=True)
+        synthesize(args.shape, args.out, layers=args.layers, dtype=args.dtype)
+        print(f"wrote a random-weight {args.shape} ({args.dtype}) to {args.out}", flush=True)
         return
     cache = models_dir(config.models_dir)
     if args.action == "list":

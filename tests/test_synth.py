@@ -102,8 +102,8 @@ def test_exo_models_synth_writes_a_model_the_cluster_can_load(tmp_path):
 
     out = tmp_path / "smol"
     subprocess.run([sys.executable, "-m", "appliance", "models", "synth", "--shape", "smollm2-135m", "--out", str(out),
-                    "--layers", "2"], check=True, capture_output=True, timeout=120)
+                    "--layers", "2", "--dtype", "bfloat16"], check=True, capture_output=True, timeout=120)
     config = ModelConfig.load(out)
-    assert (config.num_layers, config.hidden_size) == (2, 576)
+    assert (config.num_layers, config.hidden_size, config.torch_dtype) == (2, 576, "bfloat16")
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
     assert Tokenizer(out).encode("hello world")
