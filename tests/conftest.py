@@ -95,8 +95,10 @@ class Watcher:
 class LocalCluster:
     """`exo node` processes and one `exo panel` process on a cluster name of their own."""
 
-    def __init__(self, broker: str, tmp: Path, model: Path = STORIES, engine: str = "numpy"):
-        self.broker, self.tmp, self.model, self.engine = broker, tmp, model, engine
+    def __init__(self, broker: str, tmp: Path, model: Path = STORIES, engines: tuple[str, ...] = ("numpy",),
+                 quant: str | None = None):
+        """Node i runs engines[i % len(engines)]."""
+        self.broker, self.tmp, self.model, self.engines, self.quant = broker, tmp, model, engines, quant
         self.cluster = "t" + uuid.uuid4().hex[:10]
         self.port = free_port()
         self.nodes: dict[str, subprocess.Popen] = {}
@@ -112,7 +114,9 @@ class LocalCluster:
                                  "--cluster", self.cluster], stdout=log, stderr=subprocess.STDOUT, env=self.env)
 
     def add_node(self, name: str) -> subprocess.Popen:
-        self.nodes[name] = self._spawn(name, ["node", "--name", name, "--engine", self.engine])
+        engine = self.engines[len(self.nodes) % len(self.engines)]
+        quant = ["--quant", self.quant] if self.quant else []
+        self.nodes[name] = self._spawn(name, ["node", "--name", name, "--engine", engine, *quant])
         return self.nodes[name]
 
     def start_panel(self, model: Path | None = None) -> None:

@@ -73,6 +73,14 @@ def test_greedy_tokens_are_the_same_for_1_3_and_5_nodes(local_cluster):
     assert all(results[1])
 
 
+def test_each_node_may_run_a_different_engine(local_cluster):
+    """numpy, onnxruntime and tinygrad nodes in one pipeline pass activations between them."""
+    cluster = local_cluster(3, engines=("numpy", "onnxruntime", "tinygrad"), quant="f32")
+    assert complete(cluster, max_tokens=48).choices[0].text.startswith(STORY[:95])
+    shards = [info["shard"] for info in cluster.watcher.nodes.values() if info.get("shard")]
+    assert sorted(s["engine"] for s in shards) == ["numpy", "onnxruntime", "tinygrad"]
+
+
 def test_a_node_killed_while_idle_is_planned_out(local_cluster):
     cluster = local_cluster(3)
     victim = cluster.node_id("n1")
