@@ -183,6 +183,32 @@ def test_the_default_engine_is_tinygrad_where_a_gpu_driver_is_present(device, li
     assert picked == "tinygrad"
 
 
+@needs_stories
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root on Linux for a private mount namespace")
+@pytest.mark.parametrize("name", ["numpy", *ON_A_DEVICE])
+def test_an_engine_loads_a_model_from_a_read_only_folder(name, tmp_path):
+    """A node may only read its model store (an image's read-only filesystem, another user's
+    files): in a private mount namespace the model folder is a read-only bind mount."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    prompt = [1, 400, 34]
+    code = (f"import numpy as np; from pathlib import Path; from appliance.engines import Step; "
+            f"from tests.test_engines import engine, whole; "
+            f"e = engine({name!r}, whole(Path({str(ro)!r})), Path({str(tmp_path / 'cache')!r})); "
+            f"print(int(np.argmax(e.forward([Step('r', 0, np.array({prompt}, np.int32))])[0])))")
+    inside = f"""set -e
+        mount --bind {STORIES.resolve()} {ro}
+        mount -o remount,bind,ro {ro}
+        if touch {ro}/probe 2>/dev/null; then echo "the bind mount is writable"; exit 1; fi
+        exec "$0" -c "$1" """
+    run = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", inside, sys.executable, code],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    expected = load_engine("numpy", whole(STORIES)).forward([Step("r", 0, np.array(prompt, np.int32))])[0]
+    assert int(run.stdout.split()[-1]) == int(np.argmax(expected))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("name", ON_A_DEVICE)
 def test_a_half_precision_checkpoint_matches_numpy(name, dtype, tmp_path):

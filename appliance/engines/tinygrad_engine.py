@@ -1,7 +1,7 @@
 """tinygrad engine: for Macs (METAL) and GPUs (CUDA, AMD); on CPU (clang) so CI can test it.
 
 The device is tinygrad's default (env DEV=CPU|CUDA|METAL|AMD|CL) or the `device=` option. Weights
-go from their memory-mapped safetensors file straight to the device, as float32 or float16
+go from their memory-mapped safetensors file to the device, as float32 or float16
 (`quant="f32"|"f16"`); the embedding stays a memory map on the host and only the looked-up rows
 go to the device.
 
@@ -17,7 +17,6 @@ Prefill chunks (several tokens) run eagerly, one request at a time.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -33,7 +32,6 @@ class TinygradEngine(Engine):
     def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = "f32",
                  cache_dir=None, max_seq: int = 2048, device: str | None = None, jit: bool = True):
         from tinygrad import Device, dtypes
-        from tinygrad.nn.state import safe_load
 
         super().__init__(shard, config)
         if quant not in ("f32", "f16"):
@@ -43,17 +41,13 @@ class TinygradEngine(Engine):
         self.dtype = dtypes.float32 if quant == "f32" else dtypes.float16
         self.capacity = min(max_seq, c.max_position_embeddings)
         self.use_jit = jit
-        files = weight_map(shard.model_dir)
-        names = shard_tensor_names(files, shard.start, shard.end, shard.is_first, shard.is_last,
-                                   c.tie_word_embeddings)
+        names = shard_tensor_names(weight_map(shard.model_dir), shard.start, shard.end,
+                                   shard.is_first, shard.is_last, c.tie_word_embeddings)
+        host = load_tensors(shard.model_dir, names, copy_on_write=True)
         embed = "model.embed_tokens.weight"
-        self.embed = as_float32(load_tensors(shard.model_dir, [embed])[embed]) if shard.is_first else None
-        on_device = [n for n in names if n != embed or (shard.is_last and c.tie_word_embeddings)]
-        self.w = {}
-        for file in sorted({files[n] for n in on_device}):
-            on_disk = safe_load(str(Path(shard.model_dir) / file))
-            for name in (n for n in on_device if files[n] == file):
-                self.w[name] = to_device(on_disk[name], self.device, self.dtype)
+        self.embed = as_float32(host[embed]) if shard.is_first else None
+        self.w = {name: to_device(t, self.device, self.dtype) for name, t in host.items()
+                  if name != embed or (shard.is_last and c.tie_word_embeddings)}
         angles = np.arange(self.capacity)[:, None] * rope_inv_freq(c)[None, :]
         angles = np.concatenate([angles, angles], axis=-1)
         self.cos, self.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
@@ -148,15 +142,16 @@ class TinygradEngine(Engine):
                                 p + "mlp.down_proj")
 
 
-def to_device(t, device: str, dtype):
-    """A tensor mapped from disk (tinygrad's DISK device) copied straight onto the device, matrices
-    as `dtype`, norms and biases as float32. bfloat16 is widened from its bits, because not every
-    backend's compiler has the type (clang on x86 does not)."""
-    from tinygrad import dtypes
+def to_device(t: np.ndarray, device: str, dtype):
+    """A memory-mapped tensor copied onto the device, matrices as `dtype`, norms and biases as
+    float32. bfloat16 (uint16 bits from `load_tensors`) is widened on the device from its bits,
+    because not every backend's compiler has the type (clang on x86 does not)."""
+    from tinygrad import Tensor, dtypes
 
-    if t.dtype == dtypes.bfloat16:
-        t = (t.bitcast(dtypes.uint16).to(device).cast(dtypes.uint32) << 16).bitcast(dtypes.float32)
-    return t.to(device).cast(dtype if t.ndim == 2 else dtypes.float32).contiguous().realize()
+    x = Tensor(np.asarray(t), device=device)
+    if t.dtype == np.uint16:
+        x = (x.cast(dtypes.uint32) << 16).bitcast(dtypes.float32)
+    return x.cast(dtype if t.ndim == 2 else dtypes.float32).contiguous().realize()
 
 
 def rotate(x, cos, sin):

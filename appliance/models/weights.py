@@ -58,9 +58,11 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def load_tensors(model_dir: str | Path, names: list[str]) -> dict[str, np.ndarray]:
+def load_tensors(model_dir: str | Path, names: list[str], copy_on_write: bool = False) -> dict[str, np.ndarray]:
     """Map the named tensors read-only. bfloat16 tensors come back as their raw uint16 bits;
-    call `as_float32` to compute with them."""
+    call `as_float32` to compute with them. `copy_on_write` maps the file privately instead: the
+    arrays are writable, for libraries that insist on a writable buffer (tinygrad's copies to a
+    device), yet the file is opened read-only and a page is copied only if written."""
     model_dir = Path(model_dir)
     files = weight_map(model_dir)
     by_file: dict[str, list[str]] = {}
@@ -69,13 +71,13 @@ def load_tensors(model_dir: str | Path, names: list[str]) -> dict[str, np.ndarra
     out = {}
     for file, file_names in by_file.items():
         header, data_start = _header(model_dir / file)
-        mapped = np.memmap(model_dir / file, dtype=np.uint8, mode="r")
+        mapped = np.memmap(model_dir / file, dtype=np.uint8, mode="c" if copy_on_write else "r")
         for name in file_names:
             info = header[name]
             lo, hi = info["data_offsets"]
             dtype = DTYPES[info["dtype"]]
             out[name] = mapped[data_start + lo:data_start + hi].view(dtype).reshape(info["shape"])
-            out[name].flags.writeable = False
+            out[name].flags.writeable = copy_on_write
             if info["dtype"] == "BF16":
                 out[name] = _BF16(out[name])
     return out
