@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -25,7 +26,7 @@ import psutil
 from appliance.broker import EmbeddedBroker
 from appliance.bus.frames import Sampling
 from appliance.config import Config
-from appliance.coordinator.coordinator import Coordinator
+from appliance.coordinator.coordinator import Coordinator, GenerationError
 
 ENGINE_QUANTS = {"numpy": ["f32"], "onnxruntime": ["q4", "q8", "f16", "f32"], "tinygrad": ["f32", "f16"]}
 
@@ -125,16 +126,23 @@ def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, 
     stamps: list[list[float]] = [[] for _ in range(concurrency)]
     barrier = threading.Barrier(concurrency)
 
+    errors: list[Exception] = []
+
     def stream(i: int) -> None:
         barrier.wait()
         started_at[i] = time.perf_counter()
-        stamps[i] = [time.perf_counter() for _ in coordinator.generate(prompts[i], gen_tokens, Sampling(1.0, seed=i))]
+        try:
+            stamps[i] = [time.perf_counter() for _ in coordinator.generate(prompts[i], gen_tokens, Sampling(1.0, seed=i))]
+        except GenerationError as e:
+            errors.append(e)
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise CaseFailed(f"{len(errors)} of {concurrency} streams failed, the first with: {errors[0]}")
     ttfts = [s[0] - t for s, t in zip(stamps, started_at)]
     per_stream = [(len(s) - 1) / (s[-1] - s[0]) for s in stamps if len(s) > 1 and s[-1] > s[0]]
     window_start, window_end = max(s[0] for s in stamps), min(s[-1] for s in stamps)
@@ -144,9 +152,15 @@ def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, 
     return ttfts, per_stream, made / max(window_end - window_start, 1e-9)
 
 
+class CaseFailed(RuntimeError):
+    """A case that could not be measured: its nodes did not load, or a stream failed."""
+
+
 def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: list[int],
           concurrencies: list[int], prompt_tokens: int, gen_tokens: int, broker: str = "",
-          report=print, repeat: int = 1) -> list[CaseResult]:
+          report=print, repeat: int = 1, failed=print) -> list[CaseResult]:
+    """Measure every case; `report` gets each result, `failed` one line for each case that failed,
+    and the other cases still run."""
     from appliance.models.config import ModelConfig
 
     config = ModelConfig.load(model_dir)
@@ -163,23 +177,34 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
                 cluster.wait_ready(nodes)
                 run_streams(cluster.coordinator, 1, 8, 4, config.vocab_size)   # warm-up: JIT, caches, pages
                 for concurrency in concurrencies:
-                    runs = [run_streams(cluster.coordinator, concurrency, prompt_tokens, gen_tokens, config.vocab_size)
-                            for _ in range(repeat)]
-                    ttft = statistics.median(statistics.median(ttfts) for ttfts, _, _ in runs)
-                    per_stream = statistics.median(statistics.median(rates) for _, rates, _ in runs)
-                    total = statistics.median(run_total for _, _, run_total in runs)
-                    result = CaseResult(engine, quant, nodes, concurrency, prompt_tokens, gen_tokens,
-                                        round(ttft, 4), round(prompt_tokens / ttft, 1),
-                                        round(per_stream, 2), round(total, 2), round(hop, 3),
-                                        [round(peak_rss_mb(p.pid), 1) for p in cluster.processes], repeat)
+                    case = f"{engine} {quant} nodes={nodes} streams={concurrency}"
+                    try:
+                        result = measure(cluster, engine, quant, nodes, concurrency, prompt_tokens, gen_tokens,
+                                         config.vocab_size, hop, repeat)
+                    except CaseFailed as e:
+                        failed(f"{case}: {e}")
+                        continue
                     results.append(result)
                     report(result)
+            except (RuntimeError, TimeoutError) as e:   # the nodes did not load, or the warm-up failed
+                failed(f"{engine} {quant} nodes={nodes}: {e}")
             finally:
                 cluster.close()
     finally:
         if own_broker:
             own_broker.stop()
     return results
+
+
+def measure(cluster: BenchCluster, engine: str, quant: str, nodes: int, concurrency: int, prompt_tokens: int,
+            gen_tokens: int, vocab: int, hop: float, repeat: int) -> CaseResult:
+    runs = [run_streams(cluster.coordinator, concurrency, prompt_tokens, gen_tokens, vocab) for _ in range(repeat)]
+    ttft = statistics.median(statistics.median(ttfts) for ttfts, _, _ in runs)
+    per_stream = statistics.median(statistics.median(rates) for _, rates, _ in runs)
+    total = statistics.median(run_total for _, _, run_total in runs)
+    return CaseResult(engine, quant, nodes, concurrency, prompt_tokens, gen_tokens, round(ttft, 4),
+                      round(prompt_tokens / ttft, 1), round(per_stream, 2), round(total, 2), round(hop, 3),
+                      [round(peak_rss_mb(p.pid), 1) for p in cluster.processes], repeat)
 
 
 def table(results: list[CaseResult]) -> str:
@@ -199,9 +224,20 @@ def main(args) -> None:
         model_dir = Path(tempfile.mkdtemp(prefix=f"exo-bench-{args.shape}-"))
         synthesize(args.shape, model_dir, layers=args.layers)
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
+    failures: list[str] = []
+
+    def failed(line: str) -> None:
+        failures.append(line)
+        print(f"  failed: {line}", file=sys.stderr, flush=True)
+
+    def progress(r: CaseResult) -> None:
+        if not args.json:
+            print(f"  {r.engine} {r.quant} nodes={r.nodes} streams={r.concurrency}: {r.decode_tok_s_total} tok/s",
+                  flush=True)
+
     results = bench(model_dir, split(args.engines), split(args.quants), [int(n) for n in split(args.nodes)],
                     [int(c) for c in split(args.concurrency)], args.prompt_tokens, args.gen_tokens, args.broker or "",
-                    repeat=args.repeat, report=(lambda r: None) if args.json else (lambda r: print(f"  {r.engine} {r.quant} "
-                                                                                 f"nodes={r.nodes} streams={r.concurrency}: "
-                                                                                 f"{r.decode_tok_s_total} tok/s", flush=True)))
+                    repeat=args.repeat, report=progress, failed=failed)
     print(json.dumps([asdict(r) for r in results], indent=2) if args.json else table(results))
+    if failures:
+        sys.exit(f"exo bench: {len(failures)} case(s) failed")

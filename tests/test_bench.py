@@ -17,3 +17,17 @@ def test_bench_reports_each_case_as_json():
     for r in results:
         assert r["decode_tok_s_total"] > 0 and r["ttft_s"] > 0 and r["hop_ms"] > 0 and r["repeats"] == 2
         assert len(r["peak_rss_mb"]) == r["nodes"] and all(m > 10 for m in r["peak_rss_mb"])
+
+
+def test_a_case_that_fails_is_one_line_and_the_others_still_run():
+    """stories260K holds 512 positions: a 600-token prompt fails in the engine, in every case."""
+    run = subprocess.run([sys.executable, "-m", "appliance", "bench", "--model", str(STORIES), "--engines", "onnxruntime",
+                          "--quants", "f32", "--concurrency", "1,2", "--prompt-tokens", "600", "--gen-tokens", "4",
+                          "--json"], capture_output=True, text=True, timeout=240)
+    assert run.returncode == 1
+    assert json.loads(run.stdout) == []
+    failed = [line for line in run.stderr.splitlines() if line.startswith("  failed: ")]
+    assert [line.split(":")[1].strip() for line in failed] == ["onnxruntime f32 nodes=1 streams=1",
+                                                               "onnxruntime f32 nodes=1 streams=2"]
+    assert all("past the KV capacity 512" in line for line in failed)
+    assert "Exception in thread" not in run.stderr and "exo bench: 2 case(s) failed" in run.stderr
