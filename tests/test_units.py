@@ -148,6 +148,25 @@ def test_a_batch_takes_one_step_of_each_request_and_stops_at_commands(tmp_path):
     assert [item for _, item in agent.work.queue] == [a[1], a[2], "x", d]
 
 
+def test_a_batch_takes_at_most_one_prompt_chunk(tmp_path):
+    """Prompts arriving together are prefilled one chunk per batch, between everyone's decode
+    steps; a request whose chunk waits keeps all its later frames behind it."""
+    from appliance.config import Config
+    from appliance.node.agent import NodeAgent
+
+    agent = NodeAgent(Config(broker="127.0.0.1:1", state_dir=str(tmp_path)))
+
+    def frame(request, pos, tokens):
+        return frames.Frame(request * 32, "0" * 32, 1, 0, pos, np.zeros(tokens, np.int32))
+    a, b_chunk, b_tail, c, d = frame("a", 0, 3), frame("b", 0, 4), frame("b", 4, 1), frame("c", 9, 1), frame("d", 7, 1)
+    for f in (b_chunk, c, b_tail, d):
+        agent.work.put(("frame", f))
+    assert agent.take_batch(a) == [a, c, d]
+    assert [item for _, item in agent.work.queue] == [b_chunk, b_tail]
+    agent.work.get()
+    assert agent.take_batch(b_chunk) == [b_chunk]   # b's tail waits for its own chunk's batch to end
+
+
 def test_uncut_sampling_follows_the_distribution():
     rng = np.random.default_rng(1)
     draws = [sample(np.array([0.0, np.log(3.0)]), frames.Sampling(1.0), rng) for _ in range(4000)]

@@ -205,21 +205,29 @@ class NodeAgent:
     def take_batch(self, first: frames.Frame) -> list[frames.Frame]:
         """The frame just taken plus, from the queue behind it, the oldest waiting frame of each
         other request: every request moves one step per batch, so a long prompt's chunks do not
-        hold up everyone else's decode steps. While fewer requests than are in flight have a
+        hold up everyone else's decode steps. At most one prompt chunk goes in a batch, and no
+        batch waits for more than one: eight prompts arriving together would otherwise all be
+        prefilled before anyone's next token. While fewer requests than are in flight have a
         frame here, wait a moment (GATHER_S) for theirs: their replies were sent together and
         their next steps arrive together, one MQTT message at a time. The scan stops at a plan
         or free command, which must not be overtaken."""
         batch, seen = [first], {first.request_id}
+        chunks = int(len(first.tensor) > 1)
         deadline = time.monotonic() + GATHER_S
         while True:
             with self.work.mutex:
                 for item in list(self.work.queue):
                     if len(batch) == MAX_BATCH or item[0] != "frame":
                         return batch
-                    if item[1].request_id not in seen:
-                        batch.append(item[1])
-                        seen.add(item[1].request_id)
-                        self.work.queue.remove(item)
+                    frame, chunk = item[1], len(item[1].tensor) > 1
+                    if frame.request_id in seen:
+                        continue
+                    seen.add(frame.request_id)        # taken or not, a request's later frames wait their turn
+                    if chunk and chunks:
+                        continue
+                    batch.append(frame)
+                    chunks += chunk
+                    self.work.queue.remove(item)
                 if len(batch) >= len(self.last_used) or time.monotonic() >= deadline:
                     return batch
                 self.work.not_empty.wait(deadline - time.monotonic())
