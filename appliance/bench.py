@@ -116,6 +116,10 @@ class BenchCluster:
             self.stop_part(p)
 
 
+class CaseFailed(RuntimeError):
+    """A case that could not be measured: its nodes did not load, or a stream failed."""
+
+
 def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, gen_tokens: int, vocab: int):
     """Run `concurrency` streams at once; return (ttfts, per-stream decode tok/s, total decode tok/s).
     The total counts the tokens made while every stream was decoding (after the last prefill,
@@ -124,15 +128,15 @@ def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, 
     prompts = [rng.integers(3, vocab, prompt_tokens).tolist() for _ in range(concurrency)]
     started_at: list[float] = [0.0] * concurrency
     stamps: list[list[float]] = [[] for _ in range(concurrency)]
+    errors: list[GenerationError] = []
     barrier = threading.Barrier(concurrency)
-
-    errors: list[Exception] = []
 
     def stream(i: int) -> None:
         barrier.wait()
         started_at[i] = time.perf_counter()
         try:
-            stamps[i] = [time.perf_counter() for _ in coordinator.generate(prompts[i], gen_tokens, Sampling(1.0, seed=i))]
+            tokens = coordinator.generate(prompts[i], gen_tokens, Sampling(1.0, seed=i))
+            stamps[i] = [time.perf_counter() for _ in tokens]
         except GenerationError as e:
             errors.append(e)
 
@@ -150,10 +154,6 @@ def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, 
         window_start, window_end = min(s[0] for s in stamps), max(s[-1] for s in stamps)
     made = sum(window_start < t <= window_end for s in stamps for t in s)
     return ttfts, per_stream, made / max(window_end - window_start, 1e-9)
-
-
-class CaseFailed(RuntimeError):
-    """A case that could not be measured: its nodes did not load, or a stream failed."""
 
 
 def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: list[int],

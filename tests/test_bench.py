@@ -21,9 +21,10 @@ def test_bench_reports_each_case_as_json():
 
 def test_a_case_that_fails_is_one_line_and_the_others_still_run():
     """stories260K holds 512 positions: a 600-token prompt fails in the engine, in every case."""
-    run = subprocess.run([sys.executable, "-m", "appliance", "bench", "--model", str(STORIES), "--engines", "onnxruntime",
-                          "--quants", "f32", "--concurrency", "1,2", "--prompt-tokens", "600", "--gen-tokens", "4",
-                          "--json"], capture_output=True, text=True, timeout=240)
+    run = subprocess.run([sys.executable, "-m", "appliance", "bench", "--model", str(STORIES),
+                          "--engines", "onnxruntime", "--quants", "f32", "--concurrency", "1,2",
+                          "--prompt-tokens", "600", "--gen-tokens", "4", "--json"], capture_output=True, text=True,
+                         timeout=240)
     assert run.returncode == 1
     assert json.loads(run.stdout) == []
     failed = [line for line in run.stderr.splitlines() if line.startswith("  failed: ")]

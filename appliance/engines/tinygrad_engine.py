@@ -149,7 +149,8 @@ class TinygradEngine(Engine):
             scores = qb @ keys.transpose(1, 2) / math.sqrt(D)                         # [kv, group*T, L]
             if T > 1:  # prefill: row t may see positions up to pos + t (-inf beyond)
                 L = keys.shape[1]
-                scores = (scores.reshape(c.num_kv_heads, group, T, L) + mask[:, :L]).reshape(c.num_kv_heads, group * T, L)
+                scores = scores.reshape(c.num_kv_heads, group, T, L) + mask[:, :L]
+                scores = scores.reshape(c.num_kv_heads, group * T, L)
             attention = scores.softmax(-1) @ values                                    # [kv, group*T, D]
             rows.append(attention.reshape(c.num_heads, T, D).permute(1, 0, 2).reshape(T, c.num_heads * D))
         attention = rows[0].unsqueeze(0) if B == 1 else rows[0].stack(*rows[1:])
