@@ -203,3 +203,26 @@ def test_a_taken_port_or_an_unreachable_broker_is_one_clear_line(tmp_path):
                           str(free_port())], capture_output=True, text=True, timeout=30)
     assert run.returncode != 0 and "cannot reach the MQTT broker at 127.0.0.1:1" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_replan_that_changes_nothing_keeps_the_plan_and_its_requests(broker, tmp_path):
+    """Two triggers for one event (a node coming online, the model being set) used to publish a
+    second, identical plan, which ended the requests in flight with a 503."""
+    from appliance.config import Config
+    from appliance.coordinator.coordinator import Coordinator
+    from tests.conftest import LocalCluster
+
+    cluster = LocalCluster(broker, tmp_path)
+    cluster.add_node("n0")
+    coordinator = Coordinator(Config(broker=broker, cluster=cluster.cluster, model=MODEL)).start()
+    try:
+        cluster.watcher.wait(lambda w: w.ready(1), 30, "a plan over 1 loaded node")
+        plan = coordinator.cluster.plan
+        tokens = coordinator.generate(coordinator.model.tokenizer.encode("Once upon a time"), 8, frames.Sampling(0))
+        first = next(tokens)
+        coordinator.cluster.replan()
+        assert coordinator.cluster.plan is plan
+        assert len([first, *tokens]) == 8
+    finally:
+        coordinator.stop()
+        cluster.stop()

@@ -162,7 +162,9 @@ class Cluster:
             self._replan_timer.daemon = True
             self._replan_timer.start()
 
-    def replan(self) -> None:
+    def replan(self, force: bool = False) -> None:
+        """Plan the online nodes. The same plan again is published only when `force`d (an admin's
+        "plan again", to make the nodes load once more)."""
         with self.lock:
             if not self.model_config or not self.is_leader:
                 return
@@ -177,6 +179,9 @@ class Cluster:
                 log.warning("no plan: %s", e)
                 self.changed.notify_all()
                 return
+            mine = self.plan and self.plan.coordinator == self.coordinator_id
+            if mine and not force and self.plan.model == self.model and self.plan.shards == shards:
+                return   # nothing changed (two triggers for one event): a new plan would only end requests in flight
             self.last_plan_id = max(self.last_plan_id + 1, int(time.time()))
             self.plan = Plan(self.last_plan_id, self.model, self.model_config.num_layers, shards,
                              self.coordinator_id)

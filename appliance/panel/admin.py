@@ -85,5 +85,5 @@ def replan():
     cluster = _coordinator().cluster
     if cluster.model_config is None:
         raise ApiError(409, "no model is loaded: nothing to plan", kind="conflict_error")
-    cluster.schedule_replan(0)
+    cluster.replan(force=True)
     return jsonify({"status": "planning"}), 202
