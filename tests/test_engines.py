@@ -26,6 +26,9 @@ FAST = ["onnxruntime", "tinygrad"]
 needs_opencl = pytest.mark.skipif(not any(Path("/etc/OpenCL/vendors").glob("*.icd")),
                                   reason="no OpenCL driver (apt install pocl-opencl-icd)")
 ON_A_DEVICE = FAST + [pytest.param("tinygrad-cl", marks=needs_opencl)]
+needs_mount_namespace = pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("unshare"),
+    reason="needs root on Linux for a private mount namespace")
 TEXT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
         "One day, she saw a big red ball under a tree. She wanted to play with it, so she asked her mom.")
 
@@ -177,8 +180,13 @@ def test_engine_registry_and_default():
         load_engine("onnxruntime", whole(synth_model("smollm2-135m")), quant="q3")
 
 
-@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("unshare"),
-                    reason="needs root on Linux for a private mount namespace")
+def in_mount_namespace(script: str, *args: str, **options) -> subprocess.CompletedProcess:
+    """Run a shell script in a private mount namespace; $0 is this Python, $1... are `args`."""
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, sys.executable, *args],
+                          capture_output=True, text=True, **options)
+
+
+@needs_mount_namespace
 @pytest.mark.parametrize("device,library", [("nvidiactl", "cuda"), ("kfd", "amdhip64")])
 def test_the_default_engine_is_tinygrad_where_a_gpu_driver_is_present(device, library, tmp_path):
     """In a private mount namespace that has the driver's device node (on a tmpfs over /dev) and
@@ -193,14 +201,12 @@ def test_the_default_engine_is_tinygrad_where_a_gpu_driver_is_present(device, li
         touch /dev/{device}
         exec "$0" -c 'from appliance.engines import pick_default_engine; print(pick_default_engine())'"""
     env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path), "LIBRARY_PATH": str(tmp_path)}
-    picked = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", inside, sys.executable],
-                            env=env, capture_output=True, text=True, check=True).stdout.strip()
+    picked = in_mount_namespace(inside, env=env, check=True).stdout.strip()
     assert picked == "tinygrad"
 
 
 @needs_stories
-@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("unshare"),
-                    reason="needs root on Linux for a private mount namespace")
+@needs_mount_namespace
 @pytest.mark.parametrize("name", ["numpy", *ON_A_DEVICE])
 def test_an_engine_loads_a_model_from_a_read_only_folder(name, tmp_path):
     """A node may only read its model store (an image's read-only filesystem, another user's
@@ -217,8 +223,7 @@ def test_an_engine_loads_a_model_from_a_read_only_folder(name, tmp_path):
         mount -o remount,bind,ro {ro}
         if touch {ro}/probe 2>/dev/null; then echo "the bind mount is writable"; exit 1; fi
         exec "$0" -c "$1" """
-    run = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", inside, sys.executable, code],
-                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    run = in_mount_namespace(inside, code, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stderr[-2000:]
     expected = load_engine("numpy", whole(STORIES)).forward([Step("r", 0, np.array(prompt, np.int32))])[0]
     assert int(run.stdout.split()[-1]) == int(np.argmax(expected))

@@ -212,7 +212,7 @@ class NodeAgent:
         their next steps arrive together, one MQTT message at a time. The scan stops at a plan
         or free command, which must not be overtaken."""
         batch, seen = [first], {first.request_id}
-        chunks = int(len(first.tensor) > 1)
+        has_chunk = len(first.tensor) > 1
         deadline = time.monotonic() + GATHER_S
         while True:
             with self.work.mutex:
@@ -223,10 +223,10 @@ class NodeAgent:
                     if frame.request_id in seen:
                         continue
                     seen.add(frame.request_id)        # taken or not, a request's later frames wait their turn
-                    if chunk and chunks:
+                    if chunk and has_chunk:
                         continue
                     batch.append(frame)
-                    chunks += chunk
+                    has_chunk = has_chunk or chunk
                     self.work.queue.remove(item)
                 if len(batch) >= len(self.last_used) or time.monotonic() >= deadline:
                     return batch
