@@ -17,6 +17,7 @@ import pytest
 import httpx
 
 from appliance.broker import EmbeddedBroker, free_port, wait_for_port
+from tests import system
 
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO.parent / "shared" / "models" / "stories260K" / "hf"
@@ -41,8 +42,14 @@ def wait_for(predicate, timeout: float, what: str):
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("system"):
+        system.check(*mark.args)
+
+
 @pytest.fixture(scope="session")
 def broker():
+    system.check("mosquitto")   # the tests talk to a real mosquitto, not the amqtt fallback
     b = EmbeddedBroker(port=free_port()).start()
     yield b.address
     b.stop()

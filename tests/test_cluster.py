@@ -14,6 +14,7 @@ import pytest
 from appliance.broker import free_port
 from appliance.bus import frames
 from tests.conftest import STORIES, STORY, wait_for
+from tests.system import needs
 
 PROMPTS = ["Once upon a time", "The dog", "Lily and Tom went to the"]
 MODEL = str(STORIES)
@@ -73,6 +74,7 @@ def test_greedy_tokens_are_the_same_for_1_3_and_5_nodes(local_cluster):
     assert all(results[1])
 
 
+@needs("clang")
 def test_each_node_may_run_a_different_engine(local_cluster):
     """numpy, onnxruntime and tinygrad nodes in one pipeline pass activations between them."""
     cluster = local_cluster(3, engines=("numpy", "onnxruntime", "tinygrad"), quant="f32")

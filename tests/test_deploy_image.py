@@ -95,7 +95,6 @@ ls "$EXO_STAGE_DIR/00-install/files/staged/dist" "$EXO_STAGE_DIR/00-install/file
 """
 
 
-@requires("python3")
 def test_build_sh_stages_arm64_wheels_and_units_and_runs_pi_gen(tmp_path):
     """image/build.sh with a stand-in for the user's pi-gen clone (pi-gen itself cannot run here)."""
     pigen = tmp_path / "pi-gen"

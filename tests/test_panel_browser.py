@@ -1,7 +1,7 @@
 """The panel in a real browser: Debian's headless Chromium driven by Playwright (no browser
 download), against a real 3-node cluster. Screenshots go to test-artifacts/screenshots/.
 
-Skipped only where Chromium is not installed (`apt-get install chromium`).
+Needs Debian's chromium (tests/system.py).
 """
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import time
 import httpx
 import pytest
 
+from playwright.sync_api import Page, sync_playwright
+
 from tests.conftest import REPO, LocalCluster
+from tests.system import needs
 
+pytestmark = needs("chromium")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-if not CHROMIUM:
-    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
-
-from playwright.sync_api import Page, sync_playwright  # noqa: E402  (only once Chromium is known to be there)
 
 SHOTS = REPO / "test-artifacts" / "screenshots"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
