@@ -2,6 +2,11 @@
 
 Handlers run on paho's network thread, so they must be quick (hand heavy work to a queue).
 A handler that raises is logged and the message dropped: bad input never takes a process down.
+
+A process's presence is a session, not a connection: whatever it announces (a node's info, a
+coordinator's claim, the leader's plan) is registered with `on_connect` and published again on
+every (re)connect. A broker that restarts has sent our Last Will and, without persistence,
+forgotten every retained message; the hooks put them back.
 """
 from __future__ import annotations
 
@@ -32,7 +37,9 @@ class Bus:
             self.client.tls_set(ca_certs=config.broker_ca_file or None)
         if will:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)   # back within seconds of the broker
         self.subscriptions: dict[str, int] = {}
+        self.connect_hooks: list[Callable[[], None]] = []
         self.connected = threading.Event()
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *_: self.connected.clear()
@@ -44,6 +51,17 @@ class Bus:
         for topic, qos in self.subscriptions.items():  # subscriptions do not survive a reconnect
             client.subscribe(topic, qos)
         self.connected.set()
+        for hook in self.connect_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("an on-connect announcement failed")
+
+    def on_connect(self, hook: Callable[[], None]) -> None:
+        """Run `hook` (an announcement) now if connected, and again after every reconnect."""
+        self.connect_hooks.append(hook)
+        if self.connected.is_set():
+            hook()
 
     def on(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
         def dispatch(client, userdata, message):

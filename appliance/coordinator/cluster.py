@@ -54,9 +54,14 @@ class Cluster:
         self.bus.on(t.coord_info(), self.on_coordinator, qos=1)
 
     def announce(self) -> None:
-        """Call once connected: retained, so coordinators that start later see us."""
+        """On every (re)connect: our claim, retained so coordinators that start later see it, and,
+        if we lead, our plan again (a restarted broker may have forgotten it)."""
         self.bus.publish_json(self.topics.coord_info(self.coordinator_id),
                               {"id": self.coordinator_id, "online": True, "started": self.started}, qos=1, retain=True)
+        with self.lock:
+            plan = self.plan if self.is_leader and self.plan and self.plan.coordinator == self.coordinator_id else None
+        if plan:
+            self.bus.publish_json(self.topics.plan, plan.to_dict(), qos=1, retain=True)
 
     def withdraw(self) -> None:
         """Clear our claim before a clean exit (a crash clears it through the Last Will)."""

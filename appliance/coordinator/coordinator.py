@@ -122,8 +122,8 @@ class Coordinator:
     def start(self) -> "Coordinator":
         self.cluster.subscribe()
         self.bus.on(self.topics.coord_out(self.id), self.on_reply)
+        self.bus.on_connect(self.cluster.announce)
         self.bus.start()
-        self.cluster.announce()
         if self.config.model:
             self.load_model(self.config.model)
         return self

@@ -238,8 +238,8 @@ class NodeAgent:
         self.bus.on(t.plan, self.on_plan, qos=1)
         self.bus.on(t.node_inbox(self.id), self.on_frame)
         self.bus.on(t.ctl("free"), self.on_free, qos=1)
+        self.bus.on_connect(self.announce)
         self.bus.start()
-        self.announce()
         threading.Thread(target=self.worker, name="node-worker", daemon=True).start()
         return self
 
