@@ -17,8 +17,6 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.system import needs
-
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("EXO_TEST_CACHE", "/var/cache/exo-test"))
 MIRROR = "http://deb.debian.org/debian"
@@ -30,9 +28,6 @@ STAGE = REPO / "image" / "stage-exo"
 TIMINGS = REPO / "test-artifacts" / "deploy-timings.txt"
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="deployment tests run as root (CI does)")
-
-
-requires = needs  # the tools a deployment test runs (tests/system.py names their packages)
 
 
 def run(*cmd, **kw) -> subprocess.CompletedProcess:

@@ -25,6 +25,11 @@ def _command(name: str):
     return lambda: shutil.which(name) is not None
 
 
+def chromium() -> str | None:
+    """Debian's chromium, or the name other distributions give it."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
 def _opencl_loader() -> bool:
     return ctypes.util.find_library("OpenCL") is not None
 
@@ -40,7 +45,7 @@ PROVIDERS = {
     "clang": (_command("clang"), "clang"),                            # tinygrad's CPU backend
     "libOpenCL.so.1": (_opencl_loader, "ocl-icd-libopencl1"),          # the OpenCL ICD loader
     "an OpenCL driver": (_opencl_driver, "pocl-opencl-icd"),           # pocl: OpenCL on the CPU
-    "chromium": (lambda: bool(shutil.which("chromium") or shutil.which("chromium-browser")), "chromium"),
+    "chromium": (lambda: chromium() is not None, "chromium"),
     "shellcheck": (_command("shellcheck"), "shellcheck"),
     "debootstrap": (_command("debootstrap"), "debootstrap"),
     "systemd-analyze": (_command("systemd-analyze"), "systemd"),

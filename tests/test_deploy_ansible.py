@@ -23,19 +23,21 @@ import yaml
 
 from appliance.broker import free_port, wait_for_port
 
+from tests.system import needs
+
 from .deploy_helpers import (REPO, Watcher, connect, needs_root, note_time, publish,  # noqa: F401
-                             record_time, requires, run)
+                             record_time, run)
 
 ANSIBLE = REPO / "ansible"
 
 
-@requires("ansible-lint")
+@needs("ansible-lint")
 def test_ansible_lint_production_profile():
     out = run("ansible-lint", "--profile", "production", cwd=ANSIBLE)
     assert "Passed" in out.stdout + out.stderr
 
 
-@requires("ansible-playbook")
+@needs("ansible-playbook")
 def test_site_syntax_check_with_the_example_inventory():
     run("ansible-playbook", "-i", "inventory.example.yml", "--syntax-check", "site.yml", cwd=ANSIBLE)
 
@@ -96,7 +98,7 @@ def remove_deployment():
 
 
 @needs_root
-@requires("ansible-playbook", "mosquitto")
+@needs("ansible-playbook", "mosquitto")
 @pytest.mark.timeout(1200)  # a cold cache builds a debootstrap root / venv first
 def test_site_is_idempotent(deployed):
     first, second = deployed["runs"]
@@ -138,7 +140,7 @@ def mosquitto(broker_process):
 
 
 @needs_root
-@requires("ansible-playbook", "mosquitto")
+@needs("ansible-playbook", "mosquitto")
 def test_broker_refuses_anonymous_and_enforces_the_acl(deployed, mosquitto):
     node = yaml.safe_load(open("/etc/exo/config.yaml"))
     panel = yaml.safe_load(open("/etc/exo/panel.yaml"))
@@ -184,7 +186,7 @@ def test_broker_refuses_anonymous_and_enforces_the_acl(deployed, mosquitto):
 
 
 @needs_root
-@requires("ansible-playbook", "mosquitto")
+@needs("ansible-playbook", "mosquitto")
 def test_the_installed_node_announces_itself_through_tls_and_the_acl(deployed, mosquitto, tmp_path):
     """The deployed agent with the deployed config, as exo-node.service runs it (minus the sandbox)."""
     node = yaml.safe_load(open("/etc/exo/config.yaml"))
@@ -207,7 +209,7 @@ def test_the_installed_node_announces_itself_through_tls_and_the_acl(deployed, m
 
 
 @needs_root
-@requires("ansible-playbook", "mosquitto")
+@needs("ansible-playbook", "mosquitto")
 def test_broker_drops_messages_over_the_size_limit(deployed, mosquitto):
     panel = yaml.safe_load(open("/etc/exo/panel.yaml"))
     topic = f"exo/{deployed['cluster']}/ctl/size-test"
@@ -228,7 +230,7 @@ def test_broker_drops_messages_over_the_size_limit(deployed, mosquitto):
 
 
 @needs_root
-@requires("ansible-playbook", "mosquitto")
+@needs("ansible-playbook", "mosquitto")
 def test_generated_files_are_private(deployed):
     for path, mode in [("/etc/exo/config.yaml", 0o600), ("/etc/exo/panel.yaml", 0o600),
                        ("/etc/mosquitto/exo.passwd", 0o640), ("/etc/mosquitto/exo.acl", 0o640)]:
@@ -243,7 +245,7 @@ def test_generated_files_are_private(deployed):
 
 
 @needs_root
-@requires("ansible-playbook", "mosquitto")
+@needs("ansible-playbook", "mosquitto")
 @pytest.mark.timeout(1200)  # a cold cache builds a debootstrap root / venv first
 def test_rotating_a_node_password(deployed, broker_process):
     """docs/deploy.md: delete the credential file, run site.yml again."""
@@ -274,7 +276,7 @@ def test_rotating_a_node_password(deployed, broker_process):
 
 
 @needs_root
-@requires("ansible-playbook", "mosquitto")
+@needs("ansible-playbook", "mosquitto")
 def test_nodes_reach_the_broker_over_tls_with_the_generated_ca(deployed, broker_process):
     node = yaml.safe_load(open("/etc/exo/config.yaml"))
     assert node["broker_tls"] is True

@@ -10,14 +10,16 @@ import os
 import pytest
 import yaml
 
+from tests.system import needs
+
 from .deploy_helpers import (REPO, STAGE, arm64_emulation, fresh_root, in_chroot, install_stage,  # noqa: F401
-                             needs_root, record_time, requires, run)
+                             needs_root, record_time, run)
 
 SCRIPTS = [STAGE / "prerun.sh", *sorted((STAGE / "00-install").glob("*.sh")),
            REPO / "image" / "build.sh", REPO / "image" / "wheelhouse.sh", REPO / "image" / "config"]
 
 
-@requires("shellcheck")
+@needs("shellcheck")
 def test_stage_scripts_pass_shellcheck():
     run("shellcheck", "--external-sources", *SCRIPTS)
 
@@ -37,7 +39,7 @@ def stage_arch() -> str:
 
 
 @needs_root
-@requires("debootstrap", "unshare", "chroot")
+@needs("debootstrap", "unshare", "chroot")
 @pytest.mark.timeout(1200)  # a cold cache builds a debootstrap root / venv first
 def test_stage_install_in_a_debootstrap_chroot(tmp_path):
     arch = stage_arch()

@@ -17,14 +17,16 @@ import yaml
 
 from appliance.broker import free_port, wait_for_port
 
+from tests.system import needs
+
 from .deploy_helpers import (REPO, STAGE, Watcher, fresh_root, install_stage, needs_root,  # noqa: F401
-                             note_time, record_time, requires, run)
+                             note_time, record_time, run)
 
 UNITS = [REPO / "systemd" / "exo-node.service", REPO / "systemd" / "exo-panel.service",
          STAGE / "00-install" / "files" / "exo-firstboot.service"]
 
 
-@requires("systemd-analyze")
+@needs("systemd-analyze")
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
 def test_security_exposure_is_at_most_2_5(unit):
     out = run("systemd-analyze", "security", "--offline=true", "--no-pager", unit)
@@ -90,7 +92,7 @@ def info(payload: bytes) -> dict:
 
 
 @needs_root
-@requires("systemd-nspawn", "debootstrap", "mosquitto", "nsenter", "unshare")
+@needs("systemd-nspawn", "debootstrap", "mosquitto", "nsenter", "unshare")
 @pytest.mark.timeout(1200)  # a cold cache builds a debootstrap root / venv first
 def test_nspawn_boot_runs_the_node_and_restarts_it_after_kill_9(tmp_path, test_broker):
     start = time.monotonic()

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import system
 from tests.system import needs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,7 +284,7 @@ def mmdc() -> str | None:
 @needs("chromium")
 @pytest.mark.parametrize("doc", sorted({b.doc for b in MERMAID}), ids=lambda d: str(d.relative_to(REPO)))
 def test_mermaid_parses_with_the_mermaid_cli(doc, tmp_path):
-    tool, chromium = mmdc(), shutil.which("chromium") or shutil.which("chromium-browser")
+    tool, chromium = mmdc(), system.chromium()
     if not tool:
         pytest.skip("the Mermaid CLI is not installed (see CONTRIBUTING.md, 'Testing the docs'); "
                     "the structural check still ran")

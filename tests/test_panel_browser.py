@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import time
 
 import httpx
@@ -16,10 +15,10 @@ import pytest
 from playwright.sync_api import Page, sync_playwright
 
 from tests.conftest import REPO, LocalCluster
-from tests.system import needs
+from tests.system import chromium, needs
 
 pytestmark = needs("chromium")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = chromium()
 
 SHOTS = REPO / "test-artifacts" / "screenshots"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
