@@ -24,7 +24,7 @@ import paho.mqtt.client as mqtt
 import psutil
 
 from appliance.broker import EmbeddedBroker
-from appliance.bus.frames import Sampling
+from appliance.bus.protocol import Sampling, Topics
 from appliance.config import Config
 from appliance.coordinator.coordinator import Coordinator, GenerationError
 
@@ -68,7 +68,7 @@ def hop_latency_ms(broker: str, payload_bytes: int, rounds: int = 200) -> float:
     client.on_subscribe = lambda *_: subscribed.set()
     client.connect(host, int(port))
     client.loop_start()
-    topic = f"exo/bench/hop/{time.monotonic_ns()}"
+    topic = Topics("bench").bench_hop(str(time.monotonic_ns()))
     client.subscribe(topic)
     payload, times = b"\0" * payload_bytes, []
     try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from appliance.bus.frames import Sampling
+from appliance.bus.protocol import Sampling
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

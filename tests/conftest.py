@@ -18,6 +18,7 @@ import httpx
 
 from appliance.broker import EmbeddedBroker, free_port, wait_for_port
 from tests import system
+from appliance.bus.protocol import Topics
 
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO.parent / "shared" / "models" / "stories260K" / "hf"
@@ -61,11 +62,16 @@ class Watcher:
     def __init__(self, address: str, cluster: str):
         self.cluster, self.nodes, self.plans = cluster, {}, []
         self.cond = threading.Condition()
-        host, port = address.rsplit(":", 1)
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        unix = address.startswith("/")   # a lab broker's socket file: the test watches from outside the lab
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, transport="unix" if unix else "tcp")
         self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, *_: c.subscribe(f"exo/{cluster}/#", 1)
-        self.client.connect(host, int(port))
+        self.client.on_connect = lambda c, *_: c.subscribe(f"{Topics(cluster).root}/#", 1)
+        self.client.reconnect_delay_set(1, 1)
+        if unix:
+            self.client.connect(address)
+        else:
+            host, port = address.rsplit(":", 1)
+            self.client.connect(host, int(port))
         self.client.loop_start()
 
     def _on_message(self, client, userdata, msg):
@@ -103,14 +109,15 @@ class LocalCluster:
     """`exo node` processes and one `exo panel` process on a cluster name of their own."""
 
     def __init__(self, broker: str, tmp: Path, model: Path = STORIES, engines: tuple[str, ...] = ("numpy",),
-                 quant: str | None = None):
-        """Node i runs engines[i % len(engines)]."""
+                 quant: str | None = None, watch: str | None = None):
+        """Node i runs engines[i % len(engines)]. `watch`: where the test's watcher reaches the
+        broker, when not at `broker`."""
         self.broker, self.tmp, self.model, self.engines, self.quant = broker, tmp, model, engines, quant
         self.cluster = "t" + uuid.uuid4().hex[:10]
         self.port = free_port()
         self.nodes: dict[str, subprocess.Popen] = {}
         self.panel: subprocess.Popen | None = None
-        self.watcher = Watcher(broker, self.cluster)
+        self.watcher = Watcher(watch or broker, self.cluster)
         self.env = {**os.environ, "EXO_STATE_DIR": str(tmp / "state"), "EXO_CONFIG": str(tmp / "none.yaml")}
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "none.yaml").write_text("{}\n")

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from tests.conftest import STORIES, STORY, LocalCluster, wait_for
+from appliance.bus.protocol import Topics
 
 MODEL = str(STORIES)
 
@@ -205,7 +206,7 @@ def test_a_client_that_disconnects_stops_its_generation_on_every_node(cluster):
             cond.notify_all()
     watch = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
     watch.on_message = on_message
-    watch.on_connect = lambda c, *_: c.subscribe(f"exo/{cluster.cluster}/node/+/status")
+    watch.on_connect = lambda c, *_: c.subscribe(Topics(cluster.cluster).node_status())
     host, port = cluster.broker.rsplit(":", 1)
     watch.connect(host, int(port))
     watch.loop_start()

@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import STORIES, STORY, LocalCluster
 from tests.fake_hub import FakeHub, sharded_stories
+from appliance.bus.protocol import Topics
 
 REPO_ID = "exo-test/stories-sharded"
 TOKEN = "hf_test_token"
@@ -58,7 +59,7 @@ class DownloadWatcher:
         self.cond = threading.Condition()
         host, port = broker.rsplit(":", 1)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        self.client.on_connect = lambda c, *_: c.subscribe(f"exo/{cluster}/node/+/download", 1)
+        self.client.on_connect = lambda c, *_: c.subscribe(Topics(cluster).node_download(), 1)
         self.client.on_message = self.on_message
         self.client.connect(host, int(port))
         self.client.loop_start()

@@ -17,6 +17,7 @@ from appliance.panel import create_app
 from appliance.panel.pages import catalog_fit
 from appliance.planner import USABLE_FRACTION
 from tests.conftest import STORIES, LocalCluster
+from appliance.bus.protocol import Topics
 
 PAGES = ["/", "/split", "/models", "/chat", "/requests"]
 ASSETS = ["/static/panel.js", "/static/panel.css", "/static/markdown.js"]
@@ -127,7 +128,7 @@ def test_requests_show_tokens_ttft_and_nodes(cluster, events):
 
 def test_download_progress_reaches_state_and_events(cluster, events):
     node_id = cluster.node_id("n0")
-    topic = f"exo/{cluster.cluster}/node/{node_id}/download"
+    topic = Topics(cluster.cluster).node_download(node_id)
     progress = {"model": CATALOG[0].id, "state": "downloading", "bytes": 1000, "total": 4000,
                 "speed": 500.0, "eta": 6.0, "error": None}
     cluster.publish(topic, [json.dumps(progress).encode()], retain=True)

@@ -16,6 +16,7 @@ from playwright.sync_api import Page, sync_playwright
 
 from tests.conftest import REPO, LocalCluster
 from tests.system import chromium, needs
+from appliance.bus.protocol import Topics
 
 pytestmark = needs("chromium")
 CHROMIUM = chromium()
@@ -76,7 +77,7 @@ def browser(browser_context, cluster):
 @contextlib.contextmanager
 def download_progress(cluster, name: str, progress: dict):
     """A node's retained download progress on the bus (as a downloading node publishes it), then cleared."""
-    topic = f"exo/{cluster.cluster}/node/{cluster.node_id(name)}/download"
+    topic = Topics(cluster.cluster).node_download(cluster.node_id(name))
     cluster.publish(topic, [json.dumps(progress).encode()], retain=True)
     try:
         yield

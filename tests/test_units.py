@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from appliance.bus import frames
+from appliance.bus import protocol
 from appliance.config import load_config, parse_address
 from appliance.models.config import ModelConfig
 from appliance.panel.api import held_back
@@ -67,26 +67,26 @@ def test_too_little_memory_is_a_clear_error():
 # -- frames
 def test_frame_round_trip_keeps_every_field():
     tensor = np.arange(12, dtype=np.float32).reshape(3, 4)
-    f = frames.Frame(frames.new_id(), frames.new_id(), 7, 3, 42, tensor, frames.SAMPLE,
-                     frames.Sampling(0.7, 0.9, 40, 1234), compute_us=5150)
-    g = frames.decode(frames.encode(f))
+    f = protocol.Frame(protocol.new_id(), protocol.new_id(), 7, 3, 42, tensor, protocol.SAMPLE,
+                     protocol.Sampling(0.7, 0.9, 40, 1234), compute_us=5150)
+    g = protocol.decode_frame(protocol.encode_frame(f))
     assert (g.request_id, g.coordinator_id, g.plan_id, g.step, g.pos, g.flags, g.compute_us) == \
-           (f.request_id, f.coordinator_id, 7, 3, 42, frames.SAMPLE, 5150)
-    assert g.sampling == frames.Sampling(pytest.approx(0.7), pytest.approx(0.9), 40, 1234)
+           (f.request_id, f.coordinator_id, 7, 3, 42, protocol.SAMPLE, 5150)
+    assert g.sampling == protocol.Sampling(pytest.approx(0.7), pytest.approx(0.9), 40, 1234)
     np.testing.assert_array_equal(g.tensor, tensor)
 
 
 def test_decode_step_frame_is_small():
-    f = frames.Frame(frames.new_id(), frames.new_id(), 1, 1, 1, np.zeros((1, 2048), np.float32))
-    assert 8192 < len(frames.encode(f)) < 8192 + 100
+    f = protocol.Frame(protocol.new_id(), protocol.new_id(), 1, 1, 1, np.zeros((1, 2048), np.float32))
+    assert 8192 < len(protocol.encode_frame(f)) < 8192 + 100
 
 
 @pytest.mark.parametrize("mangle", [lambda b: b[:10], lambda b: b"XXXX" + b[4:], lambda b: b[:-1],
                                     lambda b: b + b"\0", lambda b: b[:4] + b"\x07" + b[5:]])
 def test_malformed_frames_raise_frame_error(mangle):
-    good = frames.encode(frames.Frame(frames.new_id(), frames.new_id(), 1, 0, 0, np.zeros(4, np.int32)))
-    with pytest.raises(frames.FrameError):
-        frames.decode(mangle(good))
+    good = protocol.encode_frame(protocol.Frame(protocol.new_id(), protocol.new_id(), 1, 0, 0, np.zeros(4, np.int32)))
+    with pytest.raises(protocol.FrameError):
+        protocol.decode_frame(mangle(good))
 
 
 def test_prefill_chunks_stay_under_a_megabyte():
@@ -117,12 +117,12 @@ def test_unknown_config_keys_are_refused(tmp_path):
 def test_sampling_greedy_topk_topp_and_seed():
     logits = np.array([1.0, 3.0, 2.0, 0.5])
     rng = np.random.default_rng(0)
-    assert sample(logits, frames.Sampling(temperature=0), rng) == 1
-    assert {sample(logits, frames.Sampling(1.0, 1.0, 1), rng) for _ in range(20)} == {1}
-    assert {sample(logits, frames.Sampling(1.0, 0.5, 0), rng) for _ in range(20)} == {1}
-    assert {sample(logits, frames.Sampling(5.0, 1.0, 2), rng) for _ in range(200)} == {1, 2}
-    a = [sample(logits, frames.Sampling(1.0), np.random.default_rng(5)) for _ in range(10)]
-    assert a == [sample(logits, frames.Sampling(1.0), np.random.default_rng(5)) for _ in range(10)]
+    assert sample(logits, protocol.Sampling(temperature=0), rng) == 1
+    assert {sample(logits, protocol.Sampling(1.0, 1.0, 1), rng) for _ in range(20)} == {1}
+    assert {sample(logits, protocol.Sampling(1.0, 0.5, 0), rng) for _ in range(20)} == {1}
+    assert {sample(logits, protocol.Sampling(5.0, 1.0, 2), rng) for _ in range(200)} == {1, 2}
+    a = [sample(logits, protocol.Sampling(1.0), np.random.default_rng(5)) for _ in range(10)]
+    assert a == [sample(logits, protocol.Sampling(1.0), np.random.default_rng(5)) for _ in range(10)]
 
 
 def test_held_back_keeps_a_possible_stop_prefix():
@@ -139,7 +139,7 @@ def test_a_batch_takes_one_step_of_each_request_and_stops_at_commands(tmp_path):
     agent = NodeAgent(Config(broker="127.0.0.1:1", state_dir=str(tmp_path)))
 
     def frame(request, pos):
-        return frames.Frame(request, "0" * 32, 1, 0, pos, np.zeros(1, np.int32))
+        return protocol.Frame(request, "0" * 32, 1, 0, pos, np.zeros(1, np.int32))
     a = [frame("a" * 32, p) for p in range(3)]          # a long prompt's chunks
     b, c, d = frame("b" * 32, 0), frame("c" * 32, 0), frame("d" * 32, 0)
     for item in [("frame", a[1]), ("frame", a[2]), ("frame", b), ("frame", c), ("free", "x"), ("frame", d)]:
@@ -157,7 +157,7 @@ def test_a_batch_takes_at_most_one_prompt_chunk(tmp_path):
     agent = NodeAgent(Config(broker="127.0.0.1:1", state_dir=str(tmp_path)))
 
     def frame(request, pos, tokens):
-        return frames.Frame(request * 32, "0" * 32, 1, 0, pos, np.zeros(tokens, np.int32))
+        return protocol.Frame(request * 32, "0" * 32, 1, 0, pos, np.zeros(tokens, np.int32))
     a, b_chunk, b_tail, c, d = frame("a", 0, 3), frame("b", 0, 4), frame("b", 4, 1), frame("c", 9, 1), frame("d", 7, 1)
     for f in (b_chunk, c, b_tail, d):
         agent.work.put(("frame", f))
@@ -169,5 +169,5 @@ def test_a_batch_takes_at_most_one_prompt_chunk(tmp_path):
 
 def test_uncut_sampling_follows_the_distribution():
     rng = np.random.default_rng(1)
-    draws = [sample(np.array([0.0, np.log(3.0)]), frames.Sampling(1.0), rng) for _ in range(4000)]
+    draws = [sample(np.array([0.0, np.log(3.0)]), protocol.Sampling(1.0), rng) for _ in range(4000)]
     assert 0.72 < np.mean(draws) < 0.78   # p(1) = 3/4

@@ -7,6 +7,9 @@ A process's presence is a session, not a connection: whatever it announces (a no
 coordinator's claim, the leader's plan) is registered with `on_connect` and published again on
 every (re)connect. A broker that restarts has sent our Last Will and, without persistence,
 forgotten every retained message; the hooks put them back.
+
+Frames are QoS 0: a publish while disconnected is lost. `publish` says so (it returns False) and
+`on_disconnect` hooks hear of a lost connection at once, so a caller can resume instead of waiting.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Callable
 
 import paho.mqtt.client as mqtt
 
-from appliance.bus.topics import Topics
+from appliance.bus.protocol import Topics
 from appliance.config import Config
 
 log = logging.getLogger(__name__)
@@ -40,9 +43,10 @@ class Bus:
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)   # back within seconds of the broker
         self.subscriptions: dict[str, int] = {}
         self.connect_hooks: list[Callable[[], None]] = []
+        self.disconnect_hooks: list[Callable[[], None]] = []
         self.connected = threading.Event()
         self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda *_: self.connected.clear()
+        self.client.on_disconnect = self._on_disconnect
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
         if reason_code.is_failure:
@@ -56,6 +60,18 @@ class Bus:
                 hook()
             except Exception:
                 log.exception("an on-connect announcement failed")
+
+    def _on_disconnect(self, *_):
+        self.connected.clear()
+        for hook in self.disconnect_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("an on-disconnect hook failed")
+
+    def on_disconnect(self, hook: Callable[[], None]) -> None:
+        """Run `hook` whenever the connection to the broker is lost."""
+        self.disconnect_hooks.append(hook)
 
     def on_connect(self, hook: Callable[[], None]) -> None:
         """Run `hook` (an announcement) now if connected, and again after every reconnect."""
@@ -74,11 +90,13 @@ class Bus:
         if self.connected.is_set():
             self.client.subscribe(topic_filter, qos)
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> None:
-        self.client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> bool:
+        """Hand a message to the connection; False when there is none (a QoS 0 message is then lost)."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS and self.connected.is_set()
 
-    def publish_json(self, topic: str, data: dict, qos: int = 0, retain: bool = False) -> None:
-        self.publish(topic, json.dumps(data, separators=(",", ":")), qos=qos, retain=retain)
+    def publish_json(self, topic: str, data: dict, qos: int = 0, retain: bool = False) -> bool:
+        return self.publish(topic, json.dumps(data, separators=(",", ":")), qos=qos, retain=retain)
 
     def start(self, timeout: float = 10.0) -> "Bus":
         host, port = self.config.broker_address
@@ -99,10 +117,3 @@ class Bus:
         self.client.disconnect()
         self.client.loop_stop()
 
-
-def parse_json(payload: bytes) -> dict:
-    """Decode a JSON object payload, or raise ValueError."""
-    data = json.loads(payload)
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-    return data

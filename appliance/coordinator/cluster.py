@@ -1,8 +1,10 @@
 """The coordinator's view of the cluster: which nodes are online, and the plan it publishes.
 
-Nodes arrive and leave through their retained `info` (a Last Will marks a dead node offline).
-Any change of the online set schedules a re-plan; a short debounce lets a burst of arrivals
-(a cluster booting) end in one plan rather than many.
+Nodes arrive and leave through their retained `info` (a Last Will marks a dead node offline),
+and their heartbeats keep them in: a node silent for MISSED_HEARTBEATS intervals (stopped, or its
+cable pulled with the TCP connection left half-open, or a retained info of a node that died while
+the broker was down) is planned out until it speaks again. Any change of the online set schedules
+a re-plan; a short debounce lets a burst of arrivals (a cluster booting) end in one plan.
 
 Exactly one coordinator plans: each announces itself on a retained `coord/<id>/info` (with a
 Last Will that clears it), and the leader is the online one that started first (then lowest id).
@@ -17,13 +19,16 @@ import threading
 import time
 from typing import Callable
 
-from appliance.bus.client import Bus, parse_json
+from appliance.bus import protocol
+from appliance.bus.client import Bus
+from appliance.bus.protocol import parse_json
 from appliance.models.config import ModelConfig
 from appliance.planner import NodeCapacity, Plan, PlanError, split_layers
 
 log = logging.getLogger(__name__)
 
 REPLAN_DEBOUNCE_S = 0.5
+SILENCE_S = protocol.MISSED_HEARTBEATS * protocol.HEARTBEAT_S
 
 
 class Cluster:
@@ -31,6 +36,9 @@ class Cluster:
         self.bus, self.topics, self.coordinator_id = bus, bus.topics, coordinator_id
         self.nodes: dict[str, dict] = {}        # online nodes' info, by id
         self.status: dict[str, dict] = {}       # latest heartbeat, by id
+        self.silent: dict[str, dict] = {}       # info of nodes online by their info but not heard from
+        self.heard: dict[str, float] = {}       # when each node last spoke (monotonic)
+        self.names: dict[str, str] = {}         # every node id ever seen -> its name, for messages
         self.plan: Plan | None = None
         self.plan_error: str | None = None
         self.model: str = ""
@@ -52,6 +60,8 @@ class Cluster:
         self.bus.on(t.node_status(), self.on_status)
         self.bus.on(t.plan, self.on_retained_plan, qos=1)
         self.bus.on(t.coord_info(), self.on_coordinator, qos=1)
+        self.bus.on_connect(self.forgive_silence)
+        threading.Thread(target=self.watch_heartbeats, name="heartbeats", daemon=True).start()
 
     def announce(self) -> None:
         """On every (re)connect: our claim, retained so coordinators that start later see it, and,
@@ -67,6 +77,9 @@ class Cluster:
         """Clear our claim before a clean exit (a crash clears it through the Last Will)."""
         self.bus.client.publish(self.topics.coord_info(self.coordinator_id), b"", qos=1, retain=True).wait_for_publish(2)
 
+    def name_of(self, node_id: str) -> str:
+        return self.names.get(node_id, node_id)
+
     # -- incoming
     def on_info(self, topic: str, payload: bytes) -> None:
         node_id = self.topics.node_id_of(topic)
@@ -76,8 +89,11 @@ class Cluster:
             info["speed"] = float(info["speed"]) if info.get("speed") else None
         with self.lock:
             was_online = node_id in self.nodes
+            self.silent.pop(node_id, None)
             if info.get("online"):
                 self.nodes[node_id] = info
+                self.heard[node_id] = time.monotonic()
+                self.names[node_id] = str(info.get("name") or node_id)
             else:
                 self.nodes.pop(node_id, None)
                 self.status.pop(node_id, None)
@@ -91,9 +107,45 @@ class Cluster:
         node_id = self.topics.node_id_of(topic)
         status = parse_json(payload)
         with self.lock:
+            self.heard[node_id] = time.monotonic()
+            back = self.silent.pop(node_id, None)
+            if back:
+                log.info("node %s speaks again", self.name_of(node_id))
+                self.nodes[node_id] = back
+                self.schedule_replan()
+                self.changed.notify_all()
             if node_id in self.nodes:
                 self.status[node_id] = status
+        if back:
+            self.emit("node", {"id": node_id, **back})
         self.emit("status", {"id": node_id, **status})
+
+    # -- liveness
+    def watch_heartbeats(self) -> None:
+        while True:
+            time.sleep(protocol.HEARTBEAT_S / 4)
+            if self.bus.connected.is_set():
+                self.plan_out_silent()
+
+    def plan_out_silent(self) -> None:
+        cutoff = time.monotonic() - SILENCE_S
+        with self.lock:
+            quiet = [i for i in self.nodes if self.heard.get(i, 0) < cutoff]
+            for node_id in quiet:
+                log.warning("node %s has been silent for %.0f s: planned out", self.name_of(node_id), SILENCE_S)
+                self.silent[node_id] = self.nodes.pop(node_id)
+                self.status.pop(node_id, None)
+            if quiet:
+                self.schedule_replan()
+                self.changed.notify_all()
+        for node_id in quiet:
+            self.emit("node", {"id": node_id, "online": False, "silent": True})
+
+    def forgive_silence(self) -> None:
+        """After our own reconnect, nobody has been silent: we were the one not listening."""
+        with self.lock:
+            now = time.monotonic()
+            self.heard = {i: now for i in self.heard}
 
     def on_retained_plan(self, topic: str, payload: bytes) -> None:
         """Plans published by others (the leader, or a coordinator before us): keep plan ids
@@ -101,6 +153,8 @@ class Cluster:
         if not payload:
             return
         plan = Plan.from_dict(parse_json(payload))
+        if not 0 < plan.plan_id <= protocol.MAX_PLAN_ID:
+            raise ValueError(f"plan id {plan.plan_id} is out of range")
         with self.lock:
             self.last_plan_id = max(self.last_plan_id, plan.plan_id)
             if plan.coordinator != self.coordinator_id:
@@ -118,7 +172,7 @@ class Cluster:
         self.emit("plan", plan.to_dict())
 
     def on_coordinator(self, topic: str, payload: bytes) -> None:
-        coord_id = topic.split("/")[-2]
+        coord_id = self.topics.coord_id_of(topic)
         info = parse_json(payload) if payload else {}
         with self.lock:
             if info.get("online"):

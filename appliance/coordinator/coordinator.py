@@ -1,25 +1,30 @@
 """The coordinator: owns requests. It sends each step's input to the first stage, waits for the
 last stage's token on `coord/<id>/out`, and sends the next step, until a stop or the token limit.
 
-A request never hangs: a node leaving, a re-plan, a node's error or a step timeout ends it with
-a GenerationError that the API turns into an error response or an error event.
+An answer survives the cluster changing under it. The coordinator holds every token of every
+request, so when a request is interrupted (a node of its plan leaves or falls silent, a re-plan,
+the broker connection drops, a frame is lost, a node no longer holds the plan) it waits for the
+cluster's next ready plan and replays the prompt plus the tokens so far as a prefill, under a new
+wire id. The client's stream goes on; only after MAX_RESUMES interruptions, or when no plan can
+serve, does the request end with an Unavailable error naming why.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import queue
+import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from appliance.bus import frames
-from appliance.bus.client import Bus, parse_json
-from appliance.bus.topics import Topics
+from appliance.bus import protocol
+from appliance.bus.client import Bus
 from appliance.config import Config
 from appliance.coordinator.cluster import Cluster
 from appliance.models.config import ModelConfig
@@ -30,7 +35,8 @@ from appliance.models.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 READY_WAIT_S = 30.0       # how long a request waits for a plan that is still loading
-STEP_TIMEOUT_S = 60.0     # a step with no answer this long has been lost
+STEP_TIMEOUT_S = 10.0     # no reply and no node listing the request as working this long: the step was lost
+MAX_RESUMES = 5           # interruptions one request survives
 MAX_FRAME_BYTES = 1 << 20  # prefill activations travel in chunks of at most this size
 
 
@@ -40,6 +46,10 @@ class GenerationError(RuntimeError):
 
 class Unavailable(GenerationError):
     status = 503
+
+
+class Interrupted(Exception):
+    """The request's current attempt cannot finish; it may resume on the next ready plan."""
 
 
 @dataclass
@@ -71,18 +81,20 @@ class RequestRecord:
     tokens_per_s: float | None = None
     status: str = "running"          # running, done, error, stopped (by a stop string or a client gone)
     error: str | None = None
+    resumes: int = 0                 # times the request was replayed on a new plan
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass
-class ActiveRequest:
+class Attempt:
+    """One run of a request on one plan, under its own wire id (a resume starts a new one)."""
     id: str
     plan_id: int
     nodes: list[str]
-    replies: queue.Queue
-    record: RequestRecord
+    replies: queue.Queue = field(default_factory=queue.Queue)
+    progress_at: float = field(default_factory=time.monotonic)   # last reply, or a node saying it is working on it
 
 
 class Observer:
@@ -107,14 +119,14 @@ def prefill_chunks(prompt: list[int], hidden_size: int) -> list[tuple[int, list[
 class Coordinator:
     def __init__(self, config: Config):
         self.config = config
-        self.id = frames.new_id()
+        self.id = protocol.new_id()
         self.bus = Bus(config, client_id=f"exo-coord-{self.id[:12]}",
-                       will=(Topics(config.cluster).coord_info(self.id), b""))   # clears our leadership claim
+                       will=(protocol.Topics(config.cluster).coord_info(self.id), protocol.COORD_WILL))
         self.topics = self.bus.topics
         self.cluster = Cluster(self.bus, self.id)
         self.cluster.listeners.append(self.on_cluster_event)
         self.model: LoadedModel | None = None
-        self.active: dict[str, ActiveRequest] = {}
+        self.active: dict[str, Attempt] = {}      # by wire id
         self.history: collections.deque[RequestRecord] = collections.deque(maxlen=100)
         self.lock = threading.Lock()
         self.observer = Observer()
@@ -123,6 +135,7 @@ class Coordinator:
         self.cluster.subscribe()
         self.bus.on(self.topics.coord_out(self.id), self.on_reply)
         self.bus.on_connect(self.cluster.announce)
+        self.bus.on_disconnect(lambda: self.interrupt(lambda a: True, "the broker connection was lost"))
         self.bus.start()
         if self.config.model:
             self.load_model(self.config.model)
@@ -148,102 +161,153 @@ class Coordinator:
 
     # -- replies and cluster events, on the MQTT thread
     def on_reply(self, topic: str, payload: bytes) -> None:
-        reply = parse_json(payload)
-        request = self.active.get(str(reply.get("request_id")))
-        if request is None:
+        reply = protocol.parse_reply(payload)
+        attempt = self.active.get(reply.request_id)
+        if attempt is None:
             log.debug("reply for a finished request dropped")
             return
-        request.replies.put(reply)
+        attempt.replies.put(reply)
 
     def on_cluster_event(self, kind: str, data: dict) -> None:
         if kind == "node" and not data.get("online"):
-            self.fail_requests(lambda r: data["id"] in r.nodes, f"node {data['id']} left the cluster mid-request")
+            name = self.cluster.name_of(data["id"])
+            why = "fell silent" if data.get("silent") else "left the cluster"
+            self.interrupt(lambda a: data["id"] in a.nodes, f"node {name} {why}")
         elif kind == "plan":
-            self.fail_requests(lambda r: r.plan_id != data["plan_id"], "the cluster was re-planned mid-request")
+            self.interrupt(lambda a: a.plan_id != data["plan_id"], "the cluster was re-planned")
+        elif kind == "status":
+            now = time.monotonic()
+            for wire_id in data.get("working") or []:
+                attempt = self.active.get(wire_id)
+                if attempt:
+                    attempt.progress_at = now
 
-    def fail_requests(self, which, message: str) -> None:
-        for request in list(self.active.values()):
-            if which(request):
-                request.replies.put({"error": message, "status": 503})
+    def interrupt(self, which, reason: str) -> None:
+        for attempt in list(self.active.values()):
+            if which(attempt):
+                attempt.replies.put(Interrupted(reason))
 
     # -- generation
-    def generate(self, prompt: list[int], max_tokens: int, sampling: frames.Sampling) -> Iterator[Token]:
-        """Yield sampled tokens until an end-of-sequence token or `max_tokens`. Closing the
-        generator early (a client gone, a stop string) frees the request on every node."""
+    def generate(self, prompt: list[int], max_tokens: int, sampling: protocol.Sampling) -> Iterator[Token]:
+        """Yield sampled tokens until an end-of-sequence token or `max_tokens`, resuming on a new
+        plan when interrupted. Closing the generator early (a client gone, a stop string) frees the
+        request on every node."""
         if self.model is None:
             raise Unavailable("no model is loaded")
-        plan = self.cluster.wait_ready(READY_WAIT_S)
-        if plan is None:
-            errors = self.cluster.load_errors()
-            reason = ("; ".join(errors) if errors else self.cluster.plan_error
-                      or "the cluster's plan is still loading")
-            raise Unavailable(f"the cluster cannot serve now: {reason}")
-        request_id = frames.new_id()
-        record = RequestRecord(request_id, self.model.id, plan.nodes, len(prompt))
-        request = ActiveRequest(request_id, plan.plan_id, plan.nodes, queue.Queue(), record)
-        self.active[request.id] = request
+        if sampling.seed is None:   # a seed of our own keeps a resumed request's draws the same
+            sampling = replace(sampling, seed=secrets.randbits(62))
+        plan = self._wait_for_plan("the cluster cannot serve now")
+        record = RequestRecord(protocol.new_id(), self.model.id, plan.nodes, len(prompt))
         self.history.append(record)
+        generated: list[int] = []
         started = time.monotonic()
-        eos = set(self.model.config.eos_token_ids)
-        first_node = self.topics.node_inbox(plan.nodes[0])
-
-        def send(step: int, pos: int, tokens: list[int], flags: int) -> None:
-            frame = frames.Frame(request.id, self.id, plan.plan_id, step, pos,
-                                 np.asarray(tokens, dtype=np.int32), flags, sampling)
-            self.bus.publish(first_node, frames.encode(frame))
-
         try:
-            chunks = prefill_chunks(prompt, self.model.config.hidden_size)
-            for i, (pos, tokens) in enumerate(chunks):
-                send(0, pos, tokens, frames.SAMPLE if i == len(chunks) - 1 else 0)
-            pos = len(prompt)
-            sent_at = time.monotonic()
-            for step in range(max_tokens):
-                token = self._await_token(request, step)
-                if step:
-                    round_trip = time.monotonic() - sent_at
-                    self.observer.step_done(round_trip)
-                    # coordinator -> first node -> ... -> last node -> coordinator
-                    self.observer.hop_done(max(0.0, round_trip - token.compute_s) / (len(plan.nodes) + 1))
-                record.completion_tokens += 1
-                elapsed = time.monotonic() - started
-                if record.ttft_s is None:
-                    record.ttft_s = elapsed
-                elif elapsed > record.ttft_s:
-                    record.tokens_per_s = (record.completion_tokens - 1) / (elapsed - record.ttft_s)
-                if token.id in eos or step + 1 == max_tokens:
+            while True:
+                try:
+                    with contextlib.closing(self._attempt(plan, prompt + generated, len(generated),
+                                                          max_tokens, sampling)) as tokens:
+                        for token in tokens:
+                            generated.append(token.id)
+                            self._count(record, started)
+                            yield token
                     record.status = "done"
-                    yield token
                     return
-                send(step + 1, pos, [token.id], frames.SAMPLE)   # the next step goes out first
-                sent_at = time.monotonic()
-                pos += 1
-                yield token
+                except Interrupted as e:
+                    record.resumes += 1
+                    if record.resumes > MAX_RESUMES:
+                        raise Unavailable(f"gave up after {MAX_RESUMES} interruptions, the last: {e}") from None
+                    log.info("request %s interrupted (%s): resuming after %d tokens", record.id, e, len(generated))
+                    plan = self._wait_for_plan(f"{e}, and the cluster cannot serve now")
+                    record.nodes = plan.nodes
         except GenerationError as e:
             record.status, record.error = "error", str(e)
             raise
         finally:
             if record.status == "running":
                 record.status = "stopped"   # the consumer closed the generator early
-            self.active.pop(request.id, None)
-            self.bus.publish_json(self.topics.ctl("free"), {"request_id": request.id}, qos=1)
             self.observer.finished(record)
+
+    def _wait_for_plan(self, context: str):
+        if not self.bus.connected.wait(READY_WAIT_S):
+            raise Unavailable(f"{context}: the MQTT broker is unreachable")
+        plan = self.cluster.wait_ready(READY_WAIT_S)
+        if plan is None:
+            errors = self.cluster.load_errors()
+            reason = "; ".join(errors) if errors else self.cluster.plan_error or "the cluster's plan is still loading"
+            raise Unavailable(f"{context}: {reason}")
+        return plan
+
+    def _attempt(self, plan, tokens: list[int], first_step: int, max_tokens: int,
+                 sampling: protocol.Sampling) -> Iterator[Token]:
+        """Prefill `tokens` (the prompt, and on a resume what was generated so far) on `plan` and
+        decode from step `first_step` on. Raises Interrupted when this plan cannot finish it."""
+        attempt = Attempt(protocol.new_id(), plan.plan_id, plan.nodes)
+        self.active[attempt.id] = attempt
+        eos = set(self.model.config.eos_token_ids)
+        first_node = self.topics.node_inbox(plan.nodes[0])
+
+        def send(step: int, pos: int, ids: list[int], flags: int) -> None:
+            frame = protocol.Frame(attempt.id, self.id, plan.plan_id, step, pos,
+                                   np.asarray(ids, dtype=np.int32), flags, sampling)
+            if not self.bus.publish(first_node, protocol.encode_frame(frame)):
+                raise Interrupted("a frame could not be sent: the broker connection is down")
+
+        try:
+            chunks = prefill_chunks(tokens, self.model.config.hidden_size)
+            for i, (pos, ids) in enumerate(chunks):
+                send(first_step, pos, ids, protocol.SAMPLE if i == len(chunks) - 1 else 0)
+            pos, sent_at = len(tokens), time.monotonic()
+            for step in range(first_step, max_tokens):
+                token = self._await_token(attempt, step)
+                if step > first_step:
+                    self._observe_round_trip(time.monotonic() - sent_at, token, len(plan.nodes))
+                if token.id in eos or step + 1 == max_tokens:
+                    yield token
+                    return
+                send(step + 1, pos, [token.id], protocol.SAMPLE)   # the next step goes out first
+                sent_at = time.monotonic()
+                pos += 1
+                yield token
+        finally:
+            self.active.pop(attempt.id, None)
+            self.bus.publish_json(self.topics.ctl("free"), protocol.free_command(attempt.id), qos=1)
+
+    def _observe_round_trip(self, round_trip: float, token: Token, nodes: int) -> None:
+        self.observer.step_done(round_trip)
+        # coordinator -> first node -> ... -> last node -> coordinator
+        self.observer.hop_done(max(0.0, round_trip - token.compute_s) / (nodes + 1))
+
+    @staticmethod
+    def _count(record: RequestRecord, started: float) -> None:
+        record.completion_tokens += 1
+        elapsed = time.monotonic() - started
+        if record.ttft_s is None:
+            record.ttft_s = elapsed
+        elif elapsed > record.ttft_s:
+            record.tokens_per_s = (record.completion_tokens - 1) / (elapsed - record.ttft_s)
 
     def recent_requests(self) -> list[dict]:
         """The last 100 requests, newest first."""
         return [r.to_dict() for r in reversed(self.history)]
 
-    def _await_token(self, request: ActiveRequest, step: int) -> Token:
+    def _await_token(self, attempt: Attempt, step: int) -> Token:
+        """The token of `step`. The timeout counts from the last sign of progress, so a long prefill
+        on a slow node that keeps listing the request in its heartbeat is not taken for a loss."""
         while True:
+            left = attempt.progress_at + STEP_TIMEOUT_S - time.monotonic()
             try:
-                reply = request.replies.get(timeout=STEP_TIMEOUT_S)
+                reply = attempt.replies.get(timeout=max(left, 0.05))
             except queue.Empty:
-                raise GenerationError(f"step {step} got no answer within {STEP_TIMEOUT_S:.0f} s") from None
-            if "error" in reply:
-                error = Unavailable if reply.get("status") == 503 else GenerationError
-                raise error(reply["error"])
-            if reply.get("step") == step:
-                top = [(int(i), float(lp)) for i, lp in reply.get("top") or []]
-                return Token(int(reply["token"]), float(reply.get("logprob", 0.0)), top,
-                             float(reply.get("compute_s", 0.0)))
-            log.debug("dropped a reply for step %s while waiting for step %d", reply.get("step"), step)
+                if attempt.progress_at + STEP_TIMEOUT_S <= time.monotonic():
+                    raise Interrupted(f"step {step} got no answer and no node worked on it for {STEP_TIMEOUT_S:.0f} s") from None
+                continue
+            if isinstance(reply, Interrupted):
+                raise reply
+            attempt.progress_at = time.monotonic()
+            if reply.error is not None:
+                if reply.retry:
+                    raise Interrupted(reply.error)
+                raise GenerationError(reply.error)
+            if reply.step == step:
+                return Token(reply.token, reply.logprob, reply.top, reply.compute_s)
+            log.debug("dropped a reply for step %s while waiting for step %d", reply.step, step)

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from appliance import __version__
-from appliance.bus import frames
-from appliance.bus.client import Bus, parse_json
+from appliance.bus import protocol
+from appliance.bus.client import Bus
+from appliance.bus.protocol import parse_json
 from appliance.config import Config
 from appliance.engines import ENGINES, Shard, Step, load_engine, pick_default_engine
 from appliance.models.download import Progress, fetch_shard
@@ -29,11 +30,11 @@ from appliance.sampling import log_softmax, sample
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 2.0
 MAX_BATCH = 32
 GATHER_S = 0.003         # how long a batch may wait for the other in-flight requests' steps
-TOP_LOGPROBS = 5          # the most likely tokens each reply carries, for the API's top_logprobs
-IDLE_REQUEST_S = 600.0   # a request untouched this long has been abandoned: free its cache
+RECENT_S = 1.0           # a request that ran a step this recently is in flight: a batch waits for it
+IDLE_REQUEST_S = 120.0   # a request untouched this long has been abandoned: free its cache
+MAX_WORKING_IDS = 256    # request ids a heartbeat lists as queued or running here
 
 
 @dataclass
@@ -48,14 +49,16 @@ class NodeAgent:
         self.config = config
         self.id = node_id(config.state_dir, config.name)
         self.engine_name = pick_default_engine() if config.engine == "auto" else config.engine
+        topics = protocol.Topics(config.cluster)
         self.bus = Bus(config, client_id=f"exo-node-{config.cluster}-{self.id}",
-                       will=(f"exo/{config.cluster}/node/{self.id}/info", b'{"id":"%s","online":false}' % self.id.encode()))
+                       will=(topics.node_info(self.id), protocol.node_will(self.id)))
         self.topics = self.bus.topics
         self.work: queue.Queue = queue.Queue()
         self.loaded: Loaded | None = None
         self.load_error: dict | None = None
-        self.rngs: dict[str, np.random.Generator] = {}
         self.last_used: dict[str, float] = {}
+        self.running: list[str] = []                   # the request ids of the batch in the engine now
+        self.worker_thread: threading.Thread | None = None
         self.stopping = threading.Event()
         self.frames_run, self.frame_seconds = 0, 0.0   # for /metrics: this node's time per frame
 
@@ -78,21 +81,30 @@ class NodeAgent:
         shard = self.loaded and self.loaded.plan.shard_of(self.id)
         status = {"id": self.id, "time": time.time(), **system.machine_status(),
                   "shard": [shard.start, shard.end] if shard else None,
-                  "queue_depth": self.work.qsize(),
+                  "queue_depth": self.work.qsize(), "working": self.working(),
                   "requests": len(self.loaded.engine.requests()) if self.loaded else 0,
                   "frames": self.frames_run, "frame_seconds": round(self.frame_seconds, 6)}
         self.bus.publish_json(self.topics.node_status(self.id), status)
+
+    def working(self) -> list[str]:
+        """Requests with a step queued or running here: the coordinator counts them as progressing."""
+        with self.work.mutex:
+            queued = [item[1].request_id for item in self.work.queue if item[0] == "frame"]
+        return list(dict.fromkeys(self.running + queued))[:MAX_WORKING_IDS]
 
     # -- MQTT handlers: parse, then enqueue for the worker
     def on_plan(self, topic: str, payload: bytes) -> None:
         if not payload:
             return
-        self.work.put(("plan", Plan.from_dict(parse_json(payload))))
+        plan = Plan.from_dict(parse_json(payload))
+        if not 0 < plan.plan_id <= protocol.MAX_PLAN_ID:
+            raise ValueError(f"plan id {plan.plan_id} is out of range")
+        self.work.put(("plan", plan))
 
     def on_frame(self, topic: str, payload: bytes) -> None:
         try:
-            self.work.put(("frame", frames.decode(payload)))
-        except frames.FrameError as e:
+            self.work.put(("frame", protocol.decode_frame(payload)))
+        except protocol.FrameError as e:
             log.warning("dropped a malformed frame on %s: %s", topic, e)
 
     def on_free(self, topic: str, payload: bytes) -> None:
@@ -103,7 +115,9 @@ class NodeAgent:
         if self.loaded and plan.plan_id <= self.loaded.plan.plan_id:
             return
         shard = plan.shard_of(self.id)
-        self.loaded, self.rngs, self.last_used = None, {}, {}
+        if self.adopt(plan, shard):
+            return
+        self.loaded, self.last_used = None, {}
         if shard is None:
             log.info("plan %d gives this node no layers", plan.plan_id)
         else:
@@ -119,6 +133,21 @@ class NodeAgent:
                 self.load_error = {"plan_id": plan.plan_id, "error": str(e)}
         self.announce()
 
+    def adopt(self, plan: Plan, shard) -> bool:
+        """Take a new plan that leaves this node's layers as they are without reloading: only the
+        plan id and the next stage change. The KV caches go (requests that continue replay)."""
+        loaded = self.loaded
+        held = loaded and loaded.plan.shard_of(self.id)
+        if not (held and shard and plan.model == loaded.plan.model and plan.num_layers == loaded.plan.num_layers
+                and (shard.start, shard.end) == (held.start, held.end)):
+            return False
+        for request_id in loaded.engine.requests():
+            loaded.engine.free(request_id)
+        self.loaded, self.last_used = Loaded(plan, loaded.engine, plan.next_after(self.id)), {}
+        log.info("plan %d: kept layers [%d, %d) without reloading", plan.plan_id, shard.start, shard.end)
+        self.announce()
+        return True
+
     # -- downloads: a plan for a hub model fetches the files of this node's layers first
     def model_files(self, model: str, start: int, end: int) -> Path:
         if Path(model).expanduser().is_dir():
@@ -133,54 +162,70 @@ class NodeAgent:
     def publish_download(self, state: dict) -> None:
         self.bus.publish_json(self.topics.node_download(self.id), state, qos=1, retain=True)
 
-    def run_frames(self, batch: list[frames.Frame]) -> None:
+    def run_frames(self, batch: list[protocol.Frame]) -> None:
         loaded = self.loaded
-        stale = [f for f in batch if not loaded or f.plan_id != loaded.plan.plan_id]
-        for f in stale:
-            self.reply_error(f, f"node {self.id} does not hold plan {f.plan_id}'s shard")
-        batch = [f for f in batch if f not in stale]
+        unfit = {f: self.unfit(f, loaded) for f in batch}
+        for f, problem in unfit.items():
+            if problem:
+                log.warning("refused a frame of request %s: %s", f.request_id, problem)
+                self.reply_error(f, problem, retry=not loaded or f.plan_id != loaded.plan.plan_id)
+        batch = [f for f in batch if not unfit[f]]
         if not batch:
             return
         started = time.monotonic()
+        self.running = [f.request_id for f in batch]
         try:
             outputs = loaded.engine.forward([Step(f.request_id, f.pos, f.tensor) for f in batch])
         except Exception as e:
             log.exception("engine failed on a batch of %d", len(batch))
             for f in batch:
-                self.reply_error(f, f"node {self.id}: {e}")
+                self.reply_error(f, f"node {self.config.name}: {e}")
             return
+        finally:
+            self.running = []
         now = time.monotonic()
         batch_us = int((now - started) * 1e6)   # every frame of the batch waited for all of it
         for f, out in zip(batch, outputs):
             self.last_used[f.request_id] = now
             f = replace(f, tensor=out, compute_us=f.compute_us + batch_us)
             if loaded.next_node is not None:
-                self.bus.publish(self.topics.node_inbox(loaded.next_node), frames.encode(f))
-            elif f.flags & frames.SAMPLE:
+                self.bus.publish(self.topics.node_inbox(loaded.next_node), protocol.encode_frame(f))
+            elif f.flags & protocol.SAMPLE:
                 self.reply_token(f, out)
         self.frames_run += len(batch)
         self.frame_seconds += time.monotonic() - started
 
-    def reply_token(self, f: frames.Frame, logits: np.ndarray) -> None:
-        rng = self.rngs.get(f.request_id)
-        if rng is None:
-            rng = self.rngs[f.request_id] = np.random.default_rng(f.sampling.seed)
-        token = sample(logits, f.sampling, rng)
-        logprobs = log_softmax(logits)
-        top = np.argpartition(-logprobs, TOP_LOGPROBS - 1)[:TOP_LOGPROBS] if len(logprobs) > TOP_LOGPROBS else np.arange(len(logprobs))
-        top = top[np.argsort(-logprobs[top])]
-        self.bus.publish_json(self.topics.coord_out(f.coordinator_id), {
-            "request_id": f.request_id, "step": f.step, "token": token, "logprob": float(logprobs[token]),
-            "top": [[int(i), round(float(logprobs[i]), 6)] for i in top], "compute_s": f.compute_us / 1e6})
+    def unfit(self, f: protocol.Frame, loaded: Loaded | None) -> str | None:
+        """Why this node cannot run a (well-formed) frame, or None."""
+        if not loaded or f.plan_id != loaded.plan.plan_id:
+            return f"node {self.config.name} does not hold plan {f.plan_id}'s shard"
+        if loaded.plan.shard_of(self.id).start == 0:
+            vocab = loaded.engine.config.vocab_size
+            if f.tensor.dtype != protocol.TOKEN_IDS:
+                return "the first stage takes token ids"
+            return None if 0 <= f.tensor.min() and f.tensor.max() < vocab else f"token ids must be below {vocab}"
+        hidden = loaded.engine.config.hidden_size
+        if f.tensor.dtype == protocol.TOKEN_IDS or f.tensor.shape[1] != hidden:
+            return f"node {self.config.name} takes activations of width {hidden}, got {f.tensor.dtype} {f.tensor.shape}"
+        return None
 
-    def reply_error(self, f: frames.Frame, message: str) -> None:
-        self.bus.publish_json(self.topics.coord_out(f.coordinator_id),
-                              {"request_id": f.request_id, "step": f.step, "error": message})
+    def reply_token(self, f: protocol.Frame, logits: np.ndarray) -> None:
+        # Each step's randomness comes from (seed, step): a request resumed on another node draws the same.
+        seed = f.sampling.seed
+        token = sample(logits, f.sampling, np.random.default_rng(None if seed is None else [seed, f.step]))
+        logprobs = log_softmax(logits)
+        k = protocol.TOP_LOGPROBS
+        top = np.argpartition(-logprobs, k - 1)[:k] if len(logprobs) > k else np.arange(len(logprobs))
+        top = top[np.argsort(-logprobs[top])]
+        self.bus.publish_json(self.topics.coord_out(f.coordinator_id), protocol.token_reply(
+            f, token, float(logprobs[token]), [(int(i), float(logprobs[i])) for i in top]))
+
+    def reply_error(self, f: protocol.Frame, message: str, retry: bool = False) -> None:
+        self.bus.publish_json(self.topics.coord_out(f.coordinator_id), protocol.error_reply(f, message, retry))
 
     def free(self, request_id: str) -> None:
         if self.loaded:
             self.loaded.engine.free(request_id)
-        self.rngs.pop(request_id, None)
         self.last_used.pop(request_id, None)
 
     def free_abandoned(self) -> None:
@@ -189,20 +234,29 @@ class NodeAgent:
             self.free(request_id)
 
     def worker(self) -> None:
+        swept = time.monotonic()
         while not self.stopping.is_set():
-            try:
-                kind, item = self.work.get(timeout=HEARTBEAT_S)
-            except queue.Empty:
+            if time.monotonic() - swept >= protocol.HEARTBEAT_S:   # on a timer, also under load
                 self.free_abandoned()
+                swept = time.monotonic()
+            try:
+                kind, item = self.work.get(timeout=protocol.HEARTBEAT_S)
+            except queue.Empty:
                 continue
-            if kind == "plan":
-                self.load(item)
-            elif kind == "free":
-                self.free(item)
-            elif kind == "frame":
-                self.run_frames(self.take_batch(item))
+            try:
+                self.handle(kind, item)
+            except Exception:
+                log.exception("the worker could not handle a %s", kind)
 
-    def take_batch(self, first: frames.Frame) -> list[frames.Frame]:
+    def handle(self, kind: str, item) -> None:
+        if kind == "plan":
+            self.load(item)
+        elif kind == "free":
+            self.free(item)
+        elif kind == "frame":
+            self.run_frames(self.take_batch(item))
+
+    def take_batch(self, first: protocol.Frame) -> list[protocol.Frame]:
         """The frame just taken plus, from the queue behind it, the oldest waiting frame of each
         other request: every request moves one step per batch, so a long prompt's chunks do not
         hold up everyone else's decode steps. At most one prompt chunk goes in a batch, and no
@@ -228,9 +282,14 @@ class NodeAgent:
                     batch.append(frame)
                     has_chunk = has_chunk or chunk
                     self.work.queue.remove(item)
-                if len(batch) >= len(self.last_used) or time.monotonic() >= deadline:
+                if len(batch) >= self.in_flight() or time.monotonic() >= deadline:
                     return batch
                 self.work.not_empty.wait(deadline - time.monotonic())
+
+    def in_flight(self) -> int:
+        """Requests that ran a step here within RECENT_S: the ones whose next step is coming."""
+        recent = time.monotonic() - RECENT_S
+        return sum(1 for t in list(self.last_used.values()) if t >= recent)
 
     # -- life cycle
     def start(self) -> "NodeAgent":
@@ -240,14 +299,21 @@ class NodeAgent:
         self.bus.on(t.ctl("free"), self.on_free, qos=1)
         self.bus.on_connect(self.announce)
         self.bus.start()
-        threading.Thread(target=self.worker, name="node-worker", daemon=True).start()
+        self.start_worker()
         return self
 
+    def start_worker(self) -> None:
+        self.worker_thread = threading.Thread(target=self.worker, name="node-worker", daemon=True)
+        self.worker_thread.start()
+
     def serve_forever(self) -> None:
-        while not self.stopping.wait(HEARTBEAT_S):
+        while not self.stopping.wait(protocol.HEARTBEAT_S):
+            if not self.worker_thread.is_alive():
+                log.error("the worker thread died: starting it again")
+                self.start_worker()
             self.heartbeat()
 
     def stop(self) -> None:
         self.stopping.set()
-        self.bus.publish_json(self.topics.node_info(self.id), {"id": self.id, "online": False}, qos=1, retain=True)
+        self.bus.publish(self.topics.node_info(self.id), protocol.node_will(self.id), qos=1, retain=True)
         self.bus.stop()

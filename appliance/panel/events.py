@@ -17,7 +17,7 @@ from typing import Iterator
 
 from flask import Blueprint, Response, current_app
 
-from appliance.bus.client import parse_json
+from appliance.bus.protocol import parse_json
 from appliance.coordinator.coordinator import Coordinator
 
 events = Blueprint("events", __name__)
