@@ -1,5 +1,6 @@
 """The cluster heals itself (issue 12): a broker that restarts, gracefully or not, with or without
-persistence, finds every node and the coordinator again without restarting any exo process."""
+persistence, idle or mid-stream, finds every node and the coordinator again without restarting
+any exo process, and a stream caught by the restart goes on with the same greedy text."""
 from __future__ import annotations
 
 import os
@@ -9,39 +10,13 @@ import time
 
 import pytest
 
-from appliance.broker import find_mosquitto, free_port, wait_for_port
 from tests.conftest import STORIES, STORY, LocalCluster
+from tests.faults import Mosquitto, Stream
 from tests.system import needs
 
 pytestmark = needs("mosquitto")
 BACK_WITHIN_S = 10.0
-
-
-class Mosquitto:
-    """A real mosquitto on a fixed port that a test can stop and start again."""
-
-    def __init__(self, folder, persistence: bool):
-        self.port, self.folder = free_port(), folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.conf = folder / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser root\n"
-                             f"persistence {'true' if persistence else 'false'}\npersistence_location {folder}/\n"
-                             "autosave_interval 1\nlog_dest stderr\nlog_type error\n")
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> "Mosquitto":
-        self.process = subprocess.Popen([find_mosquitto(), "-c", str(self.conf)])
-        wait_for_port("127.0.0.1", self.port, 10, self.process)
-        return self
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(10)
+TOKENS = 300
 
 
 def serves(cluster: LocalCluster) -> bool:
@@ -53,19 +28,26 @@ def serves(cluster: LocalCluster) -> bool:
     return text == STORY[:len(text)] and len(text) > 40
 
 
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "mid-stream"])
 @pytest.mark.parametrize("persistence", [False, True], ids=["memory", "persistence"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_a_restarted_broker_finds_the_cluster_again(sig, persistence, tmp_path):
+def test_a_restarted_broker_finds_the_cluster_again(sig, persistence, busy, tmp_path):
     broker = Mosquitto(tmp_path / "broker", persistence).start()
     cluster = LocalCluster(broker.address, tmp_path / "cluster").start(2)
     try:
         assert serves(cluster)
+        if busy:
+            undisturbed = Stream.start(cluster.url, str(STORIES), "", TOKENS).read()
+            stream = Stream.start(cluster.url, str(STORIES), "", TOKENS).read(tokens=5)
         broker.stop(sig)
         broker.start()
         back = time.monotonic()
         while not serves(cluster):   # each try is a real request: there is no event to wait on
             assert time.monotonic() - back < BACK_WITHIN_S, (
                 f"not serving {BACK_WITHIN_S:.0f} s after the broker came back:\n" + cluster.log("panel")[-3000:])
+        if busy:   # the stream caught by the restart resumed and ended as an undisturbed one
+            stream.read()
+            assert stream.end == {"finish_reason": "length"} and stream.text == undisturbed.text
         assert all(p.poll() is None for p in [*cluster.nodes.values(), cluster.panel])   # nobody restarted
     finally:
         cluster.stop()
