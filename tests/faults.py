@@ -150,6 +150,7 @@ class Stream:
     """A streamed completion run by tests/stream_client.py (on a lab host, or here): its tokens as
     they arrive, with arrival times, and how it ended."""
     process: subprocess.Popen
+    prompt: str = ""
     pieces: list[str] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     end: dict = field(default_factory=dict)
@@ -158,7 +159,7 @@ class Stream:
     def start(cls, url: str, model: str, prompt: str, max_tokens: int, host: Host | None = None) -> "Stream":
         argv = [sys.executable, "-m", "tests.stream_client", url, model, prompt, str(max_tokens)]
         options = dict(stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-        return cls(host.popen(argv, **options) if host else subprocess.Popen(argv, **options))
+        return cls(host.popen(argv, **options) if host else subprocess.Popen(argv, **options), prompt)
 
     def read(self, tokens: int | None = None) -> "Stream":
         """Read until `tokens` pieces have arrived (or the end)."""

@@ -15,6 +15,7 @@ import pytest
 from appliance.broker import free_port
 from appliance.bus import protocol
 from tests.conftest import STORIES, STORY, wait_for
+from tests.test_api import metric
 from tests.system import needs
 
 PROMPTS = ["Once upon a time", "The dog", "Lily and Tom went to the"]
@@ -95,12 +96,13 @@ def test_a_node_killed_while_idle_is_planned_out(local_cluster):
     assert complete(cluster, max_tokens=48).choices[0].text.startswith(STORY[:95])
 
 
-def test_a_node_killed_mid_stream_is_resumed_on_a_new_plan(local_cluster):
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 42}], ids=["greedy", "seeded"])
+def test_a_node_killed_mid_stream_is_resumed_on_a_new_plan(local_cluster, sampling):
     """The coordinator replays the prompt and the tokens so far on the two nodes left: the client
-    sees one stream, the same greedy text as an undisturbed run."""
+    sees one stream, the same text as an undisturbed run (seeded draws depend on seed and step only)."""
     cluster = local_cluster(3)
-    undisturbed = complete(cluster, max_tokens=200).choices[0].text
-    stream = cluster.openai().completions.create(model=MODEL, prompt="", max_tokens=200, temperature=0, stream=True)
+    undisturbed = cluster.openai().completions.create(model=MODEL, prompt="", max_tokens=200, **sampling).choices[0].text
+    stream = cluster.openai().completions.create(model=MODEL, prompt="", max_tokens=200, stream=True, **sampling)
     received = []
     for chunk in stream:
         received.append(chunk.choices[0].text)
@@ -110,6 +112,7 @@ def test_a_node_killed_mid_stream_is_resumed_on_a_new_plan(local_cluster):
     assert cluster.watcher.ready(2)
     requests = httpx.get(cluster.url + "/api/state", timeout=5).json()["requests"]
     assert requests[0]["resumes"] >= 1 and requests[0]["status"] == "done"
+    assert metric(cluster.url, "exo_request_resumes_total") >= 1
 
 
 def test_malformed_frames_and_json_are_dropped_and_the_node_keeps_serving(local_cluster):
@@ -232,3 +235,22 @@ def test_a_replan_that_changes_nothing_keeps_the_plan_and_its_requests(broker, t
     finally:
         coordinator.stop()
         cluster.stop()
+
+
+def test_a_new_plan_that_keeps_a_nodes_layers_does_not_reload_them(local_cluster):
+    """Plan again with the same nodes: every node adopts the new plan id without loading weights,
+    and a request caught by it resumes with the same text."""
+    cluster = local_cluster(2)
+    undisturbed = complete(cluster, max_tokens=200).choices[0].text
+    stream = cluster.openai().completions.create(model=MODEL, prompt="", max_tokens=200, temperature=0, stream=True)
+    received, before = [], cluster.watcher.plans[-1]["plan_id"]
+    for chunk in stream:
+        received.append(chunk.choices[0].text)
+        if len(received) == 3:
+            token = (cluster.tmp / "state" / "admin_token").read_text().strip()
+            assert httpx.post(cluster.url + "/api/replan", headers={"Authorization": f"Bearer {token}"}).status_code == 202
+    assert "".join(received) == undisturbed
+    cluster.watcher.wait(lambda w: w.plans[-1]["plan_id"] > before and w.ready(2), 10, "the new plan, adopted")
+    for name in cluster.nodes:
+        log = cluster.log(name)
+        assert log.count("loaded layers") == 1 and "without reloading" in log, log

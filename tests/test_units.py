@@ -1,6 +1,8 @@
 """The pure parts: planner, activation frames, config layering, sampling, stop strings."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -165,6 +167,33 @@ def test_a_batch_takes_at_most_one_prompt_chunk(tmp_path):
     assert [item for _, item in agent.work.queue] == [b_chunk, b_tail]
     agent.work.get()
     assert agent.take_batch(b_chunk) == [b_chunk]   # b's tail waits for its own chunk's batch to end
+
+
+def test_abandoned_requests_do_not_hold_a_batch_and_are_freed_under_load(tmp_path):
+    """A request that stopped sending steps (its coordinator gone, its free lost) neither makes
+    every batch wait the gather window for it nor keeps its cache while others keep the node busy."""
+    import threading
+
+    from appliance.config import Config
+    from appliance.node import agent as node_agent
+
+    agent = node_agent.NodeAgent(Config(broker="127.0.0.1:1", state_dir=str(tmp_path)))
+    now = time.monotonic()
+    agent.last_used = {"old" * 10 + "ab": now - node_agent.IDLE_REQUEST_S - 1, "idle" * 8: now - 5, "live" * 8: now}
+    assert agent.in_flight() == 1
+    live = protocol.Frame("live" * 8, "0" * 32, 1, 0, 0, np.zeros(1, np.int32))
+    assert agent.take_batch(live) == [live]
+    assert time.monotonic() - now < node_agent.GATHER_S * 10   # it did not wait for the idle ones
+
+    freed, done = [], threading.Event()
+    agent.free = lambda request_id: (freed.append(request_id), agent.last_used.pop(request_id), done.set())
+    agent.handle = lambda kind, item: agent.work.put(("frame", item))   # a node kept busy forever
+    agent.work.put(("frame", live))
+    worker = threading.Thread(target=agent.worker, daemon=True)
+    worker.start()
+    done.wait(3 * protocol.HEARTBEAT_S)
+    agent.stopping.set()
+    assert freed == ["old" * 10 + "ab"]
 
 
 def test_uncut_sampling_follows_the_distribution():

@@ -223,7 +223,7 @@ class Cluster:
 
     def replan(self, force: bool = False) -> None:
         """Plan the online nodes. The same plan again is published only when `force`d (an admin's
-        "plan again", to make the nodes load once more)."""
+        "plan again": every node takes the new plan id, drops its caches and reloads only what moved)."""
         with self.lock:
             if not self.model_config or not self.is_leader:
                 return

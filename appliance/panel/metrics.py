@@ -45,6 +45,8 @@ class PrometheusObserver:
         self.requests = Counter("exo_requests", "Finished requests by outcome", ["status"], registry=registry)
         self.prompt_tokens = Counter("exo_prompt_tokens", "Prompt tokens processed", registry=registry)
         self.completion_tokens = Counter("exo_completion_tokens", "Tokens generated", registry=registry)
+        self.resumes = Counter("exo_request_resumes", "Requests replayed on a new plan after an interruption "
+                               "(a node lost or silent, a re-plan, the broker connection lost)", registry=registry)
         self.ttft = Histogram("exo_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS,
                               registry=registry)
         self.step = Histogram("exo_step_seconds", "Round trip of one decode step through all nodes",
@@ -63,6 +65,7 @@ class PrometheusObserver:
         self.requests.labels(record.status).inc()
         self.prompt_tokens.inc(record.prompt_tokens)
         self.completion_tokens.inc(record.completion_tokens)
+        self.resumes.inc(record.resumes)
         if record.ttft_s is not None:
             self.ttft.observe(record.ttft_s)
 
