@@ -196,7 +196,7 @@ class Coordinator:
             raise Unavailable("no model is loaded")
         if sampling.seed is None:   # a seed of our own keeps a resumed request's draws the same
             sampling = replace(sampling, seed=secrets.randbits(62))
-        plan = self._wait_for_plan("the cluster cannot serve now")
+        plan = self._wait_for_plan()
         record = RequestRecord(protocol.new_id(), self.model.id, plan.nodes, len(prompt))
         self.history.append(record)
         generated: list[int] = []
@@ -217,7 +217,7 @@ class Coordinator:
                     if record.resumes > MAX_RESUMES:
                         raise Unavailable(f"gave up after {MAX_RESUMES} interruptions, the last: {e}") from None
                     log.info("request %s interrupted (%s): resuming after %d tokens", record.id, e, len(generated))
-                    plan = self._wait_for_plan(f"{e}, and the cluster cannot serve now")
+                    plan = self._wait_for_plan(after=f"{e}; ")
                     record.nodes = plan.nodes
         except GenerationError as e:
             record.status, record.error = "error", str(e)
@@ -227,14 +227,16 @@ class Coordinator:
                 record.status = "stopped"   # the consumer closed the generator early
             self.observer.finished(record)
 
-    def _wait_for_plan(self, context: str):
+    def _wait_for_plan(self, after: str = ""):
+        """The next ready plan; `after`: what interrupted the request, for the error if there is none."""
+        reason = None
         if not self.bus.connected.wait(READY_WAIT_S):
-            raise Unavailable(f"{context}: the MQTT broker is unreachable")
-        plan = self.cluster.wait_ready(READY_WAIT_S)
-        if plan is None:
+            reason = "the MQTT broker is unreachable"
+        elif (plan := self.cluster.wait_ready(READY_WAIT_S)) is None:
             errors = self.cluster.load_errors()
             reason = "; ".join(errors) if errors else self.cluster.plan_error or "the cluster's plan is still loading"
-            raise Unavailable(f"{context}: {reason}")
+        if reason:
+            raise Unavailable(f"{after}the cluster cannot serve now: {reason}")
         return plan
 
     def _attempt(self, plan, tokens: list[int], first_step: int, max_tokens: int,
