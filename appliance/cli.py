@@ -25,6 +25,8 @@ def _serving(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a local Hugging Face model folder or a catalog id")
     p.add_argument("--host", help="address the API listens on (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="API and panel port (default 52415)")
+    p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int,
+                   help="larger request bodies get 413 before they are read (default 4 MiB)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         return bench_main(args)
     try:
         config = config_from(args) if command != "broker" else None
-    except (ValueError, OSError) as e:
-        sys.exit(f"exo: bad configuration: {e}")
+    except (ValueError, OSError) as e:   # a usage error: one line, exit status 2 as argparse's
+        print(f"exo: bad configuration: {e}", file=sys.stderr)
+        sys.exit(2)
     level = config.log_level.upper() if config else "INFO"
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
