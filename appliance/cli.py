@@ -123,14 +123,19 @@ def run_node(config: Config) -> None:
 
 
 def run_panel(config: Config) -> None:
-    from appliance.panel.server import serve_gunicorn
+    from appliance.coordinator.coordinator import Coordinator
+    from appliance.panel.server import serve
 
     if not config.broker:
         sys.exit("exo panel: no broker given: pass --broker HOST:PORT or set `broker` in the config")
     check_port_free(config)
-    check_broker_reachable(config)   # before gunicorn, whose worker would only print a traceback
+    check_broker_reachable(config)   # one clear line, not the MQTT client's traceback
     print_admin_token(config)
-    serve_gunicorn(config)
+    coordinator = Coordinator(config).start()
+    try:
+        serve(config, coordinator)
+    finally:
+        coordinator.stop()
 
 
 def check_port_free(config: Config) -> None:
@@ -200,7 +205,7 @@ def run_all(config: Config) -> None:
     """Broker (embedded unless one is configured), N node processes, coordinator and API here."""
     from appliance.broker import EmbeddedBroker
     from appliance.coordinator.coordinator import Coordinator
-    from appliance.panel.server import serve_in_process
+    from appliance.panel.server import serve
 
     check_port_free(config)
     started: list = []
@@ -216,7 +221,7 @@ def run_all(config: Config) -> None:
         print_admin_token(config)
         print(f"exo: API and panel on http://localhost:{config.port} (broker {config.broker}, "
               f"{config.local_nodes} local node(s))", flush=True)
-        serve_in_process(config, coordinator, watch=[p for p in started if isinstance(p, subprocess.Popen)])
+        serve(config, coordinator, watch=[p for p in started if isinstance(p, subprocess.Popen)])
     finally:
         for part in reversed(started):
             stop_part(part)
