@@ -48,6 +48,32 @@ def test_non_finite_logits_fall_back_to_the_best_finite_one(bad):
     assert sample(np.full(4, NAN), Sampling(1.0), np.random.default_rng(0)) == 0
 
 
+def test_tokenizing_a_long_prompt_leaves_the_other_threads_running():
+    """A model of a long context admits prompts of millions of characters; tokenizing one takes
+    seconds, which must not hold the GIL (the coordinator's MQTT thread would miss its keepalive)."""
+    from appliance.models.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(STORIES)
+    text = "Once upon a time there was a girl. " * 30_000     # about a million characters
+    gaps, done = [], threading.Event()
+
+    def ticker():
+        last = time.monotonic()
+        while not done.wait(0.01):
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    started = time.monotonic()
+    tokens = tokenizer.encode(text)
+    took = time.monotonic() - started
+    done.set()
+    thread.join()
+    assert len(tokens) > 300_000 and took > 0.3      # long enough for a held GIL to show
+    assert max(gaps) < 0.25, f"a 10 ms ticker stalled {max(gaps):.2f} s during a {took:.2f} s encode"
+
+
 # -- the API against a running cluster (`exo panel`, one node)
 @pytest.fixture(scope="module")
 def cluster(broker, tmp_path_factory):
