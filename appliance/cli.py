@@ -25,6 +25,8 @@ def _serving(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a local Hugging Face model folder or a catalog id")
     p.add_argument("--host", help="address the API listens on (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="API and panel port (default 52415)")
+    p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int,
+                   help="larger request bodies get 413 before they are read (default 4 MiB)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         return bench_main(args)
     try:
         config = config_from(args) if command != "broker" else None
-    except (ValueError, OSError) as e:
-        sys.exit(f"exo: bad configuration: {e}")
+    except (ValueError, OSError) as e:   # a usage error: one line, exit status 2 as argparse's
+        print(f"exo: bad configuration: {e}", file=sys.stderr)
+        sys.exit(2)
     level = config.log_level.upper() if config else "INFO"
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -120,14 +123,19 @@ def run_node(config: Config) -> None:
 
 
 def run_panel(config: Config) -> None:
-    from appliance.panel.server import serve_gunicorn
+    from appliance.coordinator.coordinator import Coordinator
+    from appliance.panel.server import serve
 
     if not config.broker:
         sys.exit("exo panel: no broker given: pass --broker HOST:PORT or set `broker` in the config")
     check_port_free(config)
-    check_broker_reachable(config)   # before gunicorn, whose worker would only print a traceback
+    check_broker_reachable(config)   # one clear line, not the MQTT client's traceback
     print_admin_token(config)
-    serve_gunicorn(config)
+    coordinator = Coordinator(config).start()
+    try:
+        serve(config, coordinator)
+    finally:
+        coordinator.stop()
 
 
 def check_port_free(config: Config) -> None:
@@ -197,7 +205,7 @@ def run_all(config: Config) -> None:
     """Broker (embedded unless one is configured), N node processes, coordinator and API here."""
     from appliance.broker import EmbeddedBroker
     from appliance.coordinator.coordinator import Coordinator
-    from appliance.panel.server import serve_in_process
+    from appliance.panel.server import serve
 
     check_port_free(config)
     started: list = []
@@ -213,7 +221,7 @@ def run_all(config: Config) -> None:
         print_admin_token(config)
         print(f"exo: API and panel on http://localhost:{config.port} (broker {config.broker}, "
               f"{config.local_nodes} local node(s))", flush=True)
-        serve_in_process(config, coordinator, watch=[p for p in started if isinstance(p, subprocess.Popen)])
+        serve(config, coordinator, watch=[p for p in started if isinstance(p, subprocess.Popen)])
     finally:
         for part in reversed(started):
             stop_part(part)

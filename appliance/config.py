@@ -37,6 +37,7 @@ class Config:
     state_dir: str = field(default_factory=_default_state_dir)
     host: str = "0.0.0.0"              # where the panel/API listens
     port: int = 52415
+    max_body_bytes: int = 4 * 1024 * 1024   # a larger request body is refused (413) before it is read
     local_nodes: int = 1
     api_keys: list[str] = field(default_factory=list)
     log_level: str = "INFO"
@@ -63,11 +64,47 @@ def _coerce(kind, raw):
     return str(raw)
 
 
+def _engine(name: str) -> None:
+    from appliance.engines import ENGINES
+
+    if name != "auto" and name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; choose auto, {', '.join(ENGINES)}")
+
+
+def _quant(name: str) -> None:
+    if not name:
+        return
+    from appliance.engines.onnx_graph import QUANTS   # imports onnx: only when a quant is given
+
+    if name not in QUANTS:
+        raise ValueError(f"unknown quant {name!r}; choose {', '.join(QUANTS)}")
+
+
+def _positive(value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"must be a positive number, not {value}")
+
+
+# Checked when the config is built, so a bad value in a flag, an EXO_ variable or the file stops
+# the command before anything starts. The names come from the engines, not from a copy here.
+CHECKS = {"engine": _engine, "quant": _quant, "max_body_bytes": _positive}
+
+
+def _check(values: dict, origins: dict) -> None:
+    for name, check in CHECKS.items():
+        if name in values:
+            try:
+                check(values[name])
+            except ValueError as e:
+                raise ValueError(f"{origins[name]}: {e}") from None
+
+
 def load_config(path: str | os.PathLike | None = None, env: dict | None = None, **flags) -> Config:
     """Build the config from its four layers. Flags whose value is None are not given."""
     env = os.environ if env is None else env
     fields = {f.name: f.type for f in dataclasses.fields(Config)}
     values: dict = {}
+    origins: dict = {}      # key -> where its value came from, for error messages
     path = path or env.get("EXO_CONFIG") or (SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else None)
     if path:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -77,8 +114,14 @@ def load_config(path: str | os.PathLike | None = None, env: dict | None = None, 
         if unknown:
             raise ValueError(f"{path}: unknown config keys: {', '.join(sorted(unknown))}")
         values.update(data)
+        origins.update({k: f"{path}: {k}" for k in data})
     for name in fields:
         if f"EXO_{name.upper()}" in env:
             values[name] = env[f"EXO_{name.upper()}"]
-    values.update({k: v for k, v in flags.items() if v is not None and k in fields})
-    return Config(**{k: _coerce(fields[k], v) for k, v in values.items() if v is not None})
+            origins[name] = f"EXO_{name.upper()}"
+    given = {k: v for k, v in flags.items() if v is not None and k in fields}
+    values.update(given)
+    origins.update({k: "--" + k.replace("_", "-") for k in given})
+    values = {k: _coerce(fields[k], v) for k, v in values.items() if v is not None}
+    _check(values, origins)
+    return Config(**values)

@@ -1,5 +1,5 @@
 """The panel's pages, its /api/state snapshot and its /api/events live feed, against a real
-cluster: mosquitto, `exo node` processes and an `exo panel` (gunicorn) process."""
+cluster: mosquitto, `exo node` processes and an `exo panel` process."""
 from __future__ import annotations
 
 import json

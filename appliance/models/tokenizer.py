@@ -83,7 +83,9 @@ class Tokenizer:
         return self.hf.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while it works and encode does not: a long prompt would
+        # hold every other thread (the MQTT client's keepalive among them) for seconds.
+        return self.hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import shutil
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify
 
-from appliance.panel.api import ApiError
+from appliance.panel.api import ApiError, json_body
 from appliance.panel.auth import check_admin
 
 admin = Blueprint("admin", __name__)
@@ -35,8 +35,7 @@ def _leader_only():
 
 
 def _model_arg() -> str:
-    body = request.get_json(silent=True)
-    model = body.get("model") if isinstance(body, dict) else None
+    model = json_body().get("model")
     if not isinstance(model, str) or not model.strip():
         raise ApiError(400, "the body must be a JSON object with a 'model' string", "model")
     return model.strip()

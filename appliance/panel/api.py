@@ -1,11 +1,14 @@
 """The OpenAI-style API: /v1/models, /v1/completions, /v1/chat/completions, /healthz.
 
 Requests are validated up front; anything wrong is an OpenAI-style JSON error with the right
-status, and nothing is sent into the cluster for it.
+status, and nothing is sent into the cluster for it. The cheap checks come before the costly
+work: the body's size before it is read (the server and Flask's MAX_CONTENT_LENGTH: 413), its
+text before it is parsed, a prompt's length in characters before it is tokenized.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -59,42 +62,84 @@ class Params:
     top_logprobs: int = 0
 
 
-def _number(body, name, default, kind=float, lo=None, hi=None):
-    value = body.get(name, default)
+@dataclass(frozen=True)
+class Number:
+    """A numeric request field: its kind and range. parse_params checks it, openapi.py documents it."""
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+
+    def describe(self) -> str:
+        if self.lo == self.hi:
+            return f"{self.lo}"
+        return f"between {self.lo} and {self.hi}" if self.hi is not None else f"at least {self.lo}"
+
+
+NUMBERS = {
+    "temperature": Number(float, 0, 2), "top_p": Number(float, 0, 1), "top_k": Number(int, 0, 2**31 - 1),
+    "seed": Number(int, 0, 2**63 - 1), "n": Number(int, 1, 1),
+    "max_tokens": Number(int, 1), "max_completion_tokens": Number(int, 1),
+    "logprobs": Number(int, 0, TOP_LOGPROBS), "top_logprobs": Number(int, 0, TOP_LOGPROBS),
+}
+# Tokenizers rarely make a token of more than a few characters: a prompt of more characters than
+# this many per token of context cannot fit, so it is refused before it is tokenized.
+CHARS_PER_TOKEN = 16
+
+
+def _number(body, name, default):
+    value, spec = body.get(name), NUMBERS[name]
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}", name)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ApiError(400, f"'{name}' must be between {lo} and {hi}", name)
-    return kind(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (spec.kind is int and not isinstance(value, int)):
+        raise ApiError(400, f"'{name}' must be {'an integer' if spec.kind is int else 'a number'}", name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a finite number, not {value}", name)
+    if (spec.lo is not None and value < spec.lo) or (spec.hi is not None and value > spec.hi):
+        raise ApiError(400, f"'{name}' must be {spec.describe()}", name)
+    return spec.kind(value)
+
+
+def json_body() -> dict:
+    """The request's JSON object, or a 400 saying what is wrong with it: not UTF-8, a lone
+    surrogate escape ("\\ud800", which is no character), nested too deeply, not JSON."""
+    if not request.is_json:
+        raise ApiError(400, "the request body must be JSON (Content-Type: application/json)")
+    data = request.get_data(cache=False)   # over MAX_CONTENT_LENGTH: 413, before reading it
+    try:
+        body = json.loads(data.decode("utf-8"))
+        json.dumps(body, ensure_ascii=False).encode("utf-8")   # fails on a lone surrogate
+    except UnicodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 text: {e.reason}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
 
 
 def parse_params(chat: bool) -> Params:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+    body = json_body()
     model = coordinator().model
     name = body.get("model")
     if not isinstance(name, str):
         raise ApiError(400, "'model' is required and must be a string", "model")
     if model is None or name != model.id:
         raise ApiError(404, f"the model '{name}' does not exist or is not loaded", "model", "not_found_error")
-    if _number(body, "n", 1, int, 1, 1) != 1:
-        raise ApiError(400, "'n' must be 1", "n")
-    prompt = _chat_prompt(body, model) if chat else _text_prompt(body, model)
+    _number(body, "n", 1)
     context = model.config.max_position_embeddings
+    prompt = _chat_prompt(body, model, context) if chat else _text_prompt(body, model, context)
     if len(prompt) >= context:
         raise ApiError(400, f"the prompt is {len(prompt)} tokens; this model's context is {context}", "prompt")
     default_max = context - len(prompt) if chat else 16
-    max_tokens = _number(body, "max_completion_tokens", None, int, 1) if chat else None
-    max_tokens = max_tokens or _number(body, "max_tokens", default_max, int, 1)
+    max_tokens = _number(body, "max_completion_tokens", None) if chat else None
+    max_tokens = max_tokens or _number(body, "max_tokens", default_max)
     if len(prompt) + max_tokens > context:
         raise ApiError(400, f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds the context of {context} tokens",
                        "max_tokens")
-    seed = _number(body, "seed", None, int, 0, 2**63 - 1)
-    sampling = Sampling(_number(body, "temperature", 1.0, float, 0, 2), _number(body, "top_p", 1.0, float, 0, 1),
-                        _number(body, "top_k", 0, int, 0, 2**31 - 1), seed)
+    sampling = Sampling(_number(body, "temperature", 1.0), _number(body, "top_p", 1.0), _number(body, "top_k", 0),
+                        _number(body, "seed", None))
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
@@ -113,27 +158,35 @@ def _logprobs_params(body, chat: bool) -> tuple[bool, int]:
     """Completions: `logprobs` is how many top tokens to list (0-5). Chat: `logprobs` is a boolean
     and `top_logprobs` the count (0-5)."""
     if not chat:
-        top = _number(body, "logprobs", None, int, 0, TOP_LOGPROBS)
+        top = _number(body, "logprobs", None)
         return top is not None, top or 0
     wanted = body.get("logprobs")
     if wanted is not None and not isinstance(wanted, bool):
         raise ApiError(400, "'logprobs' must be a boolean", "logprobs")
-    top = _number(body, "top_logprobs", None, int, 0, TOP_LOGPROBS)
+    top = _number(body, "top_logprobs", None)
     if top is not None and not wanted:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return bool(wanted), top or 0
 
 
-def _text_prompt(body, model) -> list[int]:
+def _check_prompt_chars(chars: int, context: int, param: str) -> None:
+    """Refuse a prompt too long to fit before tokenizing it, which costs time in proportion."""
+    if chars > context * CHARS_PER_TOKEN:
+        raise ApiError(400, f"the prompt is {chars} characters; this model's context of {context} tokens takes "
+                            f"at most {context * CHARS_PER_TOKEN}", param)
+
+
+def _text_prompt(body, model, context: int) -> list[int]:
     prompt = body.get("prompt", "")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string", "prompt")
+    _check_prompt_chars(len(prompt), context, "prompt")
     return model.tokenizer.encode(prompt)
 
 
-def _chat_prompt(body, model) -> list[int]:
+def _chat_prompt(body, model, context: int) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
@@ -149,6 +202,7 @@ def _chat_prompt(body, model) -> list[int]:
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string", "messages")
         clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    _check_prompt_chars(sum(len(m["role"]) + len(m["content"]) for m in clean), context, "messages")
     return model.tokenizer.apply_chat_template(clean)
 
 

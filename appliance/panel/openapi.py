@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 
+from appliance.panel.api import CHARS_PER_TOKEN, NUMBERS
+
 openapi = Blueprint("openapi", __name__)
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -14,9 +16,19 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
 
 def _errors(*codes: int) -> dict:
     text = {400: "Invalid request", 401: "Missing or wrong bearer token", 404: "Unknown model or route",
-            409: "Conflict with the cluster's state", 503: "The cluster cannot serve now"}
-    return {str(c): {"description": text[c], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-            for c in codes}
+            409: "Conflict with the cluster's state", 413: "The body is over the server's size limit (max_body_bytes)",
+            503: "The cluster cannot serve now"}
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    plain = {"text/plain": {"schema": {"type": "string"}}}   # the server's 413, sent before the app sees the request
+    return {str(c): {"description": text[c], "content": {**error, **(plain if c == 413 else {})}} for c in codes}
+
+
+def _number(name: str) -> dict:
+    """A numeric field as api.NUMBERS checks it (a finite number: JSON has no NaN or Infinity)."""
+    spec = NUMBERS[name]
+    bounds = {"minimum": spec.lo} if spec.lo is not None else {}
+    bounds |= {"maximum": spec.hi} if spec.hi is not None else {}
+    return {"type": "integer" if spec.kind is int else "number", **bounds, "nullable": True}
 
 
 def _sampling(model: dict) -> dict:
@@ -24,12 +36,7 @@ def _sampling(model: dict) -> dict:
                       {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}], "nullable": True}
     return {
         "model": model,
-        "max_tokens": {"type": "integer", "minimum": 1, "nullable": True},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "nullable": True},
-        "top_p": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True},
-        "top_k": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1, "nullable": True},
-        "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "nullable": True},
-        "n": {"type": "integer", "enum": [1], "nullable": True},
+        **{name: _number(name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "n")},
         "stop": stop,
         "stream": {"type": "boolean"},
         "stream_options": {"type": "object", "nullable": True,
@@ -45,21 +52,21 @@ def _post(summary: str, schema: str, *errors: int, auth: str = "apiKey") -> dict
                           **_errors(*errors)}}
 
 
-def document(model_id: str | None) -> dict:
+def document(model_id: str | None, context: int | None = None) -> dict:
+    """`context`: the served model's, in tokens; it bounds a prompt's length in characters."""
     model = {"type": "string", **({"enum": [model_id]} if model_id else {})}
+    prompt = {"type": "string", **({"maxLength": context * CHARS_PER_TOKEN} if context else {})}
     message = {"type": "object", "required": ["role", "content"], "properties": {
         "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
         "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
             "type": "object", "required": ["type", "text"],
             "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}}]}}}
     completion = {"type": "object", "required": ["model"], "properties": {
-        **_sampling(model), "prompt": {"type": "string"},
-        "logprobs": {"type": "integer", "minimum": 0, "maximum": 5, "nullable": True}}}
+        **_sampling(model), "prompt": prompt, "logprobs": _number("logprobs")}}
     chat = {"type": "object", "required": ["model", "messages"], "properties": {
         **_sampling(model), "messages": {"type": "array", "minItems": 1, "items": message},
-        "max_completion_tokens": {"type": "integer", "minimum": 1, "nullable": True},
-        "logprobs": {"type": "boolean", "nullable": True},
-        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 5, "nullable": True}}}
+        "max_completion_tokens": _number("max_completion_tokens"),
+        "logprobs": {"type": "boolean", "nullable": True}, "top_logprobs": _number("top_logprobs")}}
     model_body = {"type": "object", "required": ["model"], "properties": {"model": {"type": "string", "minLength": 1}}}
     ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
     return {
@@ -68,15 +75,15 @@ def document(model_id: str | None) -> dict:
         "paths": {
             "/v1/models": {"get": {"summary": "Models served", "security": [{"apiKey": []}],
                                    "responses": {"200": ok, **_errors(401)}}},
-            "/v1/completions": {"post": _post("Text completion", "CompletionRequest", 400, 401, 404, 503)},
-            "/v1/chat/completions": {"post": _post("Chat completion", "ChatCompletionRequest", 400, 401, 404, 503)},
+            "/v1/completions": {"post": _post("Text completion", "CompletionRequest", 400, 401, 404, 413, 503)},
+            "/v1/chat/completions": {"post": _post("Chat completion", "ChatCompletionRequest", 400, 401, 404, 413, 503)},
             "/healthz": {"get": {"summary": "Liveness and plan", "security": [], "responses": {"200": ok}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": [],
                                  "responses": {"200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-            "/api/models/load": {"post": _post("Load a model", "ModelBody", 400, 401, 404, 409, auth="admin")},
+            "/api/models/load": {"post": _post("Load a model", "ModelBody", 400, 401, 404, 409, 413, auth="admin")},
             "/api/models/unload": {"post": {"summary": "Unload the model", "security": [{"admin": []}],
                                             "responses": {"200": ok, **_errors(401, 409)}}},
-            "/api/models/delete": {"post": _post("Delete a cached model", "ModelBody", 400, 401, 404, 409, auth="admin")},
+            "/api/models/delete": {"post": _post("Delete a cached model", "ModelBody", 400, 401, 404, 409, 413, auth="admin")},
             "/api/replan": {"post": {"summary": "Plan again", "security": [{"admin": []}],
                                      "responses": {"202": ok, **_errors(401, 409)}}},
         },
@@ -92,4 +99,6 @@ def document(model_id: str | None) -> dict:
 @openapi.get("/openapi.json")
 def serve():
     model = current_app.config["coordinator"].model
-    return jsonify(document(model.id if model else None))
+    if model is None:
+        return jsonify(document(None))
+    return jsonify(document(model.id, model.config.max_position_embeddings))

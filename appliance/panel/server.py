@@ -1,8 +1,12 @@
-"""Serving the panel: gunicorn (gthread) for `exo panel` and the systemd unit; an in-process
-threaded server for the all-in-one `exo`.
+"""Serving the panel and the API with waitress, the same way for `exo panel` (and its systemd
+unit) and for the all-in-one `exo`.
 
-One worker process with many threads: the worker holds the cluster's one coordinator, and each
-streaming response holds one thread.
+waitress reads each request whole (request line, headers, body) in its one event-loop thread,
+and only a complete request takes one of the worker threads. So a slow or idle connection (a
+slowloris) costs a socket and never a thread; a thread-per-connection server (gunicorn's gthread,
+werkzeug's) is stalled by as many slow connections as it has threads. A body over
+`max_body_bytes` is refused with 413 from its Content-Length, or as soon as a chunked body
+passes it, before the application sees it. docs/architecture.md says more.
 """
 from __future__ import annotations
 
@@ -10,52 +14,30 @@ import logging
 import subprocess
 import threading
 
-from gunicorn.app.base import BaseApplication
-from gunicorn.workers.gthread import ThreadWorker
-from werkzeug.serving import make_server
+from waitress.server import create_server
 
 from appliance.config import Config
 from appliance.coordinator.coordinator import Coordinator
 from appliance.panel import create_app
 
 log = logging.getLogger(__name__)
-THREADS = 32
+THREADS = 32                # requests served at once: each streaming response holds one
+CONNECTIONS = 500           # open sockets at most (idle ones included); more wait to be accepted
+IDLE_TIMEOUT_S = 30         # a connection that sends nothing for this long, between requests, is closed
 
 
-class PanelWorker(ThreadWorker):
-    """A gthread worker that ends the panel's open live-update streams when told to stop, so
-    an open browser tab does not hold the shutdown for gunicorn's whole grace period."""
-
-    def handle_exit(self, sig, frame):
-        self.wsgi.extensions["exo_events"].close_all()
-        super().handle_exit(sig, frame)
-
-
-class PanelApplication(BaseApplication):
-    def __init__(self, config: Config):
-        self.exo_config = config
-        super().__init__()
-
-    def load_config(self):
-        options = {"bind": f"{self.exo_config.host}:{self.exo_config.port}", "workers": 1,
-                   "worker_class": "appliance.panel.server.PanelWorker", "threads": THREADS, "timeout": 120,
-                   "accesslog": "-", "loglevel": self.exo_config.log_level.lower()}
-        for key, value in options.items():
-            self.cfg.set(key, value)
-
-    def load(self):
-        # Runs in the worker after the fork, so the coordinator's MQTT thread lives there.
-        return create_app(Coordinator(self.exo_config).start())
+def make_server(config: Config, coordinator: Coordinator):
+    app = create_app(coordinator)
+    server = create_server(app, host=config.host, port=config.port, threads=THREADS, connection_limit=CONNECTIONS,
+                           channel_timeout=IDLE_TIMEOUT_S, cleanup_interval=5, asyncore_use_poll=True,
+                           max_request_body_size=config.max_body_bytes, ident="exo")
+    return app, server
 
 
-def serve_gunicorn(config: Config) -> None:
-    PanelApplication(config).run()
-
-
-def serve_in_process(config: Config, coordinator: Coordinator, watch: list[subprocess.Popen] = ()) -> None:
+def serve(config: Config, coordinator: Coordinator, watch: list[subprocess.Popen] = ()) -> None:
     """Serve until interrupted, saying so when one of the watched processes (local nodes) exits."""
-    server = make_server(config.host, config.port, create_app(coordinator), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="api", daemon=True)
+    app, server = make_server(config, coordinator)
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()
     watch = list(watch)
     try:
@@ -65,4 +47,5 @@ def serve_in_process(config: Config, coordinator: Coordinator, watch: list[subpr
                 log.warning("local node process %d exited with code %d", process.pid, process.returncode)
                 watch.remove(process)
     finally:
-        server.shutdown()
+        app.extensions["exo_events"].close_all()   # an open panel tab must not hold up the exit
+        server.close()
