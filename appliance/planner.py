@@ -67,9 +67,13 @@ class Plan:
         return [s.node for s in self.shards]
 
 
-def split_layers(nodes: list[NodeCapacity], config: ModelConfig) -> list[ShardAssignment]:
+def split_layers(nodes: list[NodeCapacity], config: ModelConfig, keep_order: list[str] = ()) -> list[ShardAssignment]:
+    """`keep_order`: the previous plan's nodes. Those still here keep their order in the pipeline
+    (loading a shard changes a node's free memory, which must not swap nodes and make every node
+    reload); new nodes follow, largest first."""
     layers = config.num_layers
-    ordered = sorted(nodes, key=lambda n: (-n.usable, n.id))
+    kept = {node_id: i for i, node_id in enumerate(keep_order)}
+    ordered = sorted(nodes, key=lambda n: (kept.get(n.id, len(kept)), -n.usable, n.id))
     capacity = {n.id: n.usable // max(config.layer_bytes, 1) for n in ordered}
     ordered = [n for n in ordered if capacity[n.id] > 0]   # too small for even one layer: none
     if sum(capacity[n.id] for n in ordered) < layers:

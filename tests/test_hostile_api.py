@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from appliance.broker import wait_for_port
-from appliance.bus.frames import Sampling
+from appliance.bus.protocol import Sampling
 from appliance.sampling import log_softmax, sample
 from tests.conftest import STORIES, STORY, LocalCluster
 

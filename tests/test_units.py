@@ -196,6 +196,14 @@ def test_abandoned_requests_do_not_hold_a_batch_and_are_freed_under_load(tmp_pat
     assert freed == ["old" * 10 + "ab"]
 
 
+def test_a_new_plan_keeps_the_order_of_the_nodes_it_had():
+    """Loading a shard lowers a node's free memory; that alone must not reorder the pipeline."""
+    before = split_layers([NodeCapacity("a", 8 * GB), NodeCapacity("b", 7 * GB)], model())
+    after = split_layers([NodeCapacity("a", 6 * GB), NodeCapacity("b", 7 * GB), NodeCapacity("c", 9 * GB)], model(),
+                         keep_order=[s.node for s in before])
+    assert [s.node for s in before] == ["a", "b"] and [s.node for s in after] == ["a", "b", "c"]
+
+
 def test_uncut_sampling_follows_the_distribution():
     rng = np.random.default_rng(1)
     draws = [sample(np.array([0.0, np.log(3.0)]), protocol.Sampling(1.0), rng) for _ in range(4000)]

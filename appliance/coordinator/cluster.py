@@ -232,7 +232,8 @@ class Cluster:
             try:
                 if not capacities:
                     raise PlanError("no nodes are online")
-                shards = split_layers(capacities, self.model_config)
+                previous = self.plan.nodes if self.plan and self.plan.model == self.model else []
+                shards = split_layers(capacities, self.model_config, keep_order=previous)
             except PlanError as e:
                 self.plan, self.plan_error = None, str(e)
                 log.warning("no plan: %s", e)

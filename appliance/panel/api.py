@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 
-from appliance.bus.protocol import Sampling
+from appliance.bus.protocol import TOP_LOGPROBS, Sampling
 from appliance.coordinator.coordinator import Coordinator, GenerationError
 from appliance.models.tokenizer import StreamDecoder
-from appliance.bus.protocol import TOP_LOGPROBS
 
 api = Blueprint("api", __name__)
 
