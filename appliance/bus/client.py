@@ -55,19 +55,11 @@ class Bus:
         for topic, qos in self.subscriptions.items():  # subscriptions do not survive a reconnect
             client.subscribe(topic, qos)
         self.connected.set()
-        for hook in self.connect_hooks:
-            try:
-                hook()
-            except Exception:
-                log.exception("an on-connect announcement failed")
+        run_hooks(self.connect_hooks, "on-connect")
 
     def _on_disconnect(self, *_):
         self.connected.clear()
-        for hook in self.disconnect_hooks:
-            try:
-                hook()
-            except Exception:
-                log.exception("an on-disconnect hook failed")
+        run_hooks(self.disconnect_hooks, "on-disconnect")
 
     def on_disconnect(self, hook: Callable[[], None]) -> None:
         """Run `hook` whenever the connection to the broker is lost."""
@@ -117,3 +109,10 @@ class Bus:
         self.client.disconnect()
         self.client.loop_stop()
 
+
+def run_hooks(hooks: list[Callable[[], None]], kind: str) -> None:
+    for hook in hooks:
+        try:
+            hook()
+        except Exception:
+            log.exception("an %s hook failed", kind)
