@@ -75,6 +75,9 @@ class Bus:
         def dispatch(client, userdata, message):
             try:
                 handler(message.topic, message.payload)
+            except (ValueError, KeyError, TypeError) as e:   # a malformed payload: one line, not a traceback
+                log.warning("dropped a message on %s (%d bytes): %s: %s", message.topic, len(message.payload),
+                            type(e).__name__, e)
             except Exception:
                 log.exception("dropped a message on %s (%d bytes)", message.topic, len(message.payload))
         self.client.message_callback_add(topic_filter, dispatch)

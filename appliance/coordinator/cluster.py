@@ -107,7 +107,8 @@ class Cluster:
         node_id = self.topics.node_id_of(topic)
         status = parse_json(payload)
         with self.lock:
-            self.heard[node_id] = time.monotonic()
+            if node_id in self.nodes or node_id in self.silent:   # not every id a stranger makes up
+                self.heard[node_id] = time.monotonic()
             back = self.silent.pop(node_id, None)
             if back:
                 log.info("node %s speaks again", self.name_of(node_id))

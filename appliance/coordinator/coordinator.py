@@ -177,8 +177,9 @@ class Coordinator:
             self.interrupt(lambda a: a.plan_id != data["plan_id"], "the cluster was re-planned")
         elif kind == "status":
             now = time.monotonic()
-            for wire_id in data.get("working") or []:
-                attempt = self.active.get(wire_id)
+            working = data.get("working")
+            for wire_id in working if isinstance(working, list) else []:
+                attempt = self.active.get(wire_id) if isinstance(wire_id, str) else None
                 if attempt:
                     attempt.progress_at = now
 

@@ -37,13 +37,18 @@ class Step:
     x: np.ndarray       # int32 [T] token ids (first stage) or float32 [T, hidden] activations
 
 
+MAX_CONTEXT = 2048   # positions a request may hold, unless an engine is told otherwise
+
+
 class Engine:
-    """Base class: subclasses implement `forward` and keep their KV caches keyed by request."""
+    """Base class: subclasses implement `forward` and keep their KV caches keyed by request.
+    `capacity` is how many positions one request may hold; the node refuses steps past it."""
     name = "base"
 
-    def __init__(self, shard: Shard, config: ModelConfig | None = None):
+    def __init__(self, shard: Shard, config: ModelConfig | None = None, max_seq: int = MAX_CONTEXT):
         self.shard = shard
         self.config = config or ModelConfig.load(shard.model_dir)
+        self.capacity = min(max_seq, self.config.max_position_embeddings)
         self.caches: dict[str, object] = {}     # request id -> that request's KV cache
 
     def forward(self, steps: list[Step]) -> list[np.ndarray]:

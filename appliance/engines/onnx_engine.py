@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.engines.base import Engine, Shard, Step
+from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
 from appliance.engines.onnx_graph import QUANTS, build_graph, convert_weights, padded_head_dim
 from appliance.models.config import ModelConfig
 from appliance.models.weights import load_tensors, shard_tensor_names, weight_map
@@ -44,16 +44,15 @@ class OnnxEngine(Engine):
     name = "onnxruntime"
 
     def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = "q8",
-                 cache_dir: str | Path | None = None, max_seq: int = 2048, slots: int = 8, threads: int = 0,
+                 cache_dir: str | Path | None = None, max_seq: int = MAX_CONTEXT, slots: int = 8, threads: int = 0,
                  profile_prefix: str | None = None):
         import onnxruntime as ort
 
-        super().__init__(shard, config)
+        super().__init__(shard, config, max_seq)
         if quant not in QUANTS:
             raise ValueError(f"quant must be one of {QUANTS}, not {quant!r}")
         c = self.config
         self.quant = quant
-        self.capacity = min(max_seq, c.max_position_embeddings)
         self.weights, self.cache_path = shard_weights(shard, c, quant, cache_dir)
         shapes = {name: (t.shape, t.dtype) for name, t in self.weights.items()}
         model = build_graph(c, shard, shapes, quant, self.capacity)

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from appliance.engines.base import Engine, Shard, Step
+from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
 from appliance.engines.numpy_engine import rope_inv_freq
 from appliance.models.config import ModelConfig
 from appliance.models.weights import as_float32, load_tensors, shard_tensor_names, weight_map
@@ -34,16 +34,15 @@ class TinygradEngine(Engine):
     name = "tinygrad"
 
     def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = "f32",
-                 cache_dir=None, max_seq: int = 2048, device: str | None = None, jit: bool = True):
+                 cache_dir=None, max_seq: int = MAX_CONTEXT, device: str | None = None, jit: bool = True):
         from tinygrad import Device, dtypes
 
-        super().__init__(shard, config)
+        super().__init__(shard, config, max_seq)
         if quant not in ("f32", "f16"):
             raise ValueError(f"the tinygrad engine runs f32 or f16, not {quant!r}")
         c = self.config
         self.device = device or Device.DEFAULT
         self.dtype = dtypes.float32 if quant == "f32" else dtypes.float16
-        self.capacity = min(max_seq, c.max_position_embeddings)
         self.use_jit = jit
         names = shard_tensor_names(weight_map(shard.model_dir), shard.start, shard.end,
                                    shard.is_first, shard.is_last, c.tie_word_embeddings)

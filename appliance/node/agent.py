@@ -34,7 +34,15 @@ MAX_BATCH = 32
 GATHER_S = 0.003         # how long a batch may wait for the other in-flight requests' steps
 RECENT_S = 1.0           # a request that ran a step this recently is in flight: a batch waits for it
 IDLE_REQUEST_S = 120.0   # a request untouched this long has been abandoned: free its cache
+MAX_REQUESTS = 32        # requests whose caches a node holds at once
+EVICTABLE_S = 10.0       # when full, the least recently used request idle this long makes room
 MAX_WORKING_IDS = 256    # request ids a heartbeat lists as queued or running here
+
+
+@dataclass
+class Refusal:
+    message: str
+    retry: bool = False    # the request may succeed on another attempt (the coordinator resumes it)
 
 
 @dataclass
@@ -165,10 +173,10 @@ class NodeAgent:
     def run_frames(self, batch: list[protocol.Frame]) -> None:
         loaded = self.loaded
         unfit = {f: self.unfit(f, loaded) for f in batch}
-        for f, problem in unfit.items():
-            if problem:
-                log.warning("refused a frame of request %s: %s", f.request_id, problem)
-                self.reply_error(f, problem, retry=not loaded or f.plan_id != loaded.plan.plan_id)
+        for f, refusal in unfit.items():
+            if refusal:
+                log.warning("refused a frame of request %s: %s", f.request_id, refusal.message)
+                self.reply_error(f, refusal.message, refusal.retry)
         batch = [f for f in batch if not unfit[f]]
         if not batch:
             return
@@ -195,18 +203,29 @@ class NodeAgent:
         self.frames_run += len(batch)
         self.frame_seconds += time.monotonic() - started
 
-    def unfit(self, f: protocol.Frame, loaded: Loaded | None) -> str | None:
-        """Why this node cannot run a (well-formed) frame, or None."""
+    def unfit(self, f: protocol.Frame, loaded: Loaded | None) -> "Refusal | None":
+        """Why this node cannot run a (well-formed) frame, or None. Taking a new request's first
+        frame reserves its place here."""
+        name = self.config.name
         if not loaded or f.plan_id != loaded.plan.plan_id:
-            return f"node {self.config.name} does not hold plan {f.plan_id}'s shard"
+            return Refusal(f"node {name} does not hold plan {f.plan_id}'s shard", retry=True)
+        engine = loaded.engine
+        if f.pos + len(f.tensor) > engine.capacity:
+            return Refusal(f"position {f.pos + len(f.tensor)} is past the capacity of {engine.capacity} positions")
         if loaded.plan.shard_of(self.id).start == 0:
-            vocab = loaded.engine.config.vocab_size
             if f.tensor.dtype != protocol.TOKEN_IDS:
-                return "the first stage takes token ids"
-            return None if 0 <= f.tensor.min() and f.tensor.max() < vocab else f"token ids must be below {vocab}"
-        hidden = loaded.engine.config.hidden_size
-        if f.tensor.dtype == protocol.TOKEN_IDS or f.tensor.shape[1] != hidden:
-            return f"node {self.config.name} takes activations of width {hidden}, got {f.tensor.dtype} {f.tensor.shape}"
+                return Refusal("the first stage takes token ids")
+            if not (0 <= f.tensor.min() and f.tensor.max() < engine.config.vocab_size):
+                return Refusal(f"token ids must be below {engine.config.vocab_size}")
+        elif f.tensor.dtype == protocol.TOKEN_IDS or f.tensor.shape[1] != engine.config.hidden_size:
+            return Refusal(f"node {name} takes activations of width {engine.config.hidden_size}, "
+                           f"got {f.tensor.dtype} {f.tensor.shape}")
+        if f.request_id not in self.last_used:
+            if f.pos > 0:   # its cache is gone (evicted, or a plan adopted): the coordinator replays
+                return Refusal(f"node {name} holds no cache for this request", retry=True)
+            if not self.make_room():
+                return Refusal(f"node {name} is full: {MAX_REQUESTS} requests in flight")
+            self.last_used[f.request_id] = time.monotonic()
         return None
 
     def reply_token(self, f: protocol.Frame, logits: np.ndarray) -> None:
@@ -227,6 +246,17 @@ class NodeAgent:
         if self.loaded:
             self.loaded.engine.free(request_id)
         self.last_used.pop(request_id, None)
+
+    def make_room(self) -> bool:
+        """Room for one more request: free, or made by evicting the least recently used idle one."""
+        if len(self.last_used) < MAX_REQUESTS:
+            return True
+        oldest = min(self.last_used, key=self.last_used.get)
+        if self.last_used[oldest] > time.monotonic() - EVICTABLE_S:
+            return False
+        log.info("full: evicting request %s, idle %.0f s", oldest, time.monotonic() - self.last_used[oldest])
+        self.free(oldest)
+        return True
 
     def free_abandoned(self) -> None:
         cutoff = time.monotonic() - IDLE_REQUEST_S
