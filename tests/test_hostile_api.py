@@ -299,3 +299,26 @@ def test_an_unknown_engine_or_quant_is_one_line_and_exit_status_2(tmp_path, args
     assert run.returncode == 2, run.stderr
     assert len(run.stderr.splitlines()) == 1 and all(w in run.stderr for w in words), run.stderr
     assert not run.stdout   # nothing started: no admin token, no "API and panel on ..."
+
+
+# -- capacity: the engines hold fewer positions than the model's context
+def test_a_context_past_the_engines_capacity_is_a_400_up_front_and_the_rest_is_served(broker, tmp_path):
+    import shutil
+
+    from appliance.engines.base import MAX_CONTEXT
+
+    model = tmp_path / "long-context"
+    shutil.copytree(STORIES, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 131072}))
+    c = LocalCluster(broker, tmp_path / "c", model=model).start(1)
+    try:
+        r = httpx.post(c.url + "/v1/completions", timeout=30,
+                       json={"model": str(model), "prompt": "Once", "max_tokens": 5000})
+        assert r.status_code == 400 and "5000" in r.text and str(MAX_CONTEXT) in r.text, r.text
+        info = next(i for i in c.watcher.nodes.values() if i.get("shard"))
+        assert info["shard"]["capacity"]["positions"] == MAX_CONTEXT
+        r = c.openai().completions.create(model=str(model), prompt="", max_tokens=MAX_CONTEXT - 1, temperature=0)
+        assert r.choices[0].finish_reason in ("length", "stop")
+    finally:
+        c.stop()

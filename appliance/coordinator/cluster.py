@@ -266,6 +266,13 @@ class Cluster:
                     return None
             return plan
 
+    def positions(self, plan: Plan) -> int | None:
+        """The most positions a request may hold on `plan`: the smallest of its nodes' capacities."""
+        with self.lock:
+            found = [((self.nodes.get(n) or {}).get("shard") or {}).get("capacity", {}).get("positions")
+                     for n in plan.nodes]
+        return min(int(f) for f in found) if found and all(isinstance(f, int) for f in found) else None
+
     def load_errors(self) -> list[str]:
         with self.lock:
             plan_id = self.plan.plan_id if self.plan else None

@@ -289,6 +289,13 @@ class Coordinator:
         elif elapsed > record.ttft_s:
             record.tokens_per_s = (record.completion_tokens - 1) / (elapsed - record.ttft_s)
 
+    def context_limit(self) -> int:
+        """Positions a request may use: the model's context, or less where the plan's engines hold fewer."""
+        limit = self.model.config.max_position_embeddings
+        plan = self.cluster.ready_plan()
+        held = self.cluster.positions(plan) if plan else None
+        return min(limit, held) if held else limit
+
     def recent_requests(self) -> list[dict]:
         """The last 100 requests, newest first."""
         return [r.to_dict() for r in reversed(self.history)]

@@ -76,7 +76,8 @@ class NodeAgent:
         if self.loaded:
             s = self.loaded.plan.shard_of(self.id)
             shard = {"plan_id": self.loaded.plan.plan_id, "model": self.loaded.plan.model,
-                     "start": s.start, "end": s.end, "engine": self.loaded.engine.name}
+                     "start": s.start, "end": s.end, "engine": self.loaded.engine.name,
+                     "capacity": {"positions": self.loaded.engine.capacity, "requests": MAX_REQUESTS}}
         return {"id": self.id, "name": self.config.name, "online": True, "version": __version__,
                 "roles": ["node"], "engines": sorted(ENGINES), "engine": self.engine_name,
                 **system.machine_info(), "speed": None, "cached_models": [],

@@ -127,10 +127,10 @@ def parse_params(chat: bool) -> Params:
     if model is None or name != model.id:
         raise ApiError(404, f"the model '{name}' does not exist or is not loaded", "model", "not_found_error")
     _number(body, "n", 1)
-    context = model.config.max_position_embeddings
+    context = coordinator().context_limit()   # the model's, or less where the nodes' engines hold fewer
     prompt = _chat_prompt(body, model, context) if chat else _text_prompt(body, model, context)
     if len(prompt) >= context:
-        raise ApiError(400, f"the prompt is {len(prompt)} tokens; this model's context is {context}", "prompt")
+        raise ApiError(400, f"the prompt is {len(prompt)} tokens; the cluster's context is {context}", "prompt")
     default_max = context - len(prompt) if chat else 16
     max_tokens = _number(body, "max_completion_tokens", None) if chat else None
     max_tokens = max_tokens or _number(body, "max_tokens", default_max)
