@@ -78,3 +78,38 @@ def test_after_a_broker_restart_there_is_still_exactly_one_leader(tmp_path):
         for c in coordinators:
             c.stop()
         broker.stop()
+
+
+def test_a_retained_info_of_a_node_that_never_speaks_expires(tmp_path):
+    """A node that died while the broker was down leaves a retained `online` info behind, and no
+    Will; without a heartbeat for 3 intervals it is planned out, and back in when it speaks."""
+    import json
+
+    import paho.mqtt.client as mqtt
+
+    from appliance.bus.protocol import HEARTBEAT_S, MISSED_HEARTBEATS, Topics
+    from appliance.config import Config
+    from appliance.coordinator.coordinator import Coordinator
+    from tests.conftest import wait_for
+
+    broker = Mosquitto(tmp_path / "broker", persistence=False).start()
+    config = Config(broker=broker.address, cluster="ghost" + os.urandom(4).hex())
+    topics = Topics(config.cluster)
+    ghost = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    ghost.connect("127.0.0.1", broker.port)
+    ghost.loop_start()
+    ghost.publish(topics.node_info("ghost"), json.dumps({"id": "ghost", "name": "ghost", "online": True,
+                  "memory_available": 8 * 2**30}), qos=1, retain=True).wait_for_publish(5)
+    coordinator = Coordinator(config).start()
+    try:
+        wait_for(lambda: "ghost" in coordinator.cluster.nodes, 5, "the retained info to arrive")
+        seen = time.monotonic()
+        wait_for(lambda: "ghost" not in coordinator.cluster.nodes, 3 * MISSED_HEARTBEATS * HEARTBEAT_S,
+                 "the silent node to be planned out")
+        assert time.monotonic() - seen >= (MISSED_HEARTBEATS - 1) * HEARTBEAT_S   # not before its time
+        ghost.publish(topics.node_status("ghost"), json.dumps({"id": "ghost"})).wait_for_publish(5)
+        wait_for(lambda: "ghost" in coordinator.cluster.nodes, 5, "the node to be back once it speaks")
+    finally:
+        coordinator.stop()
+        ghost.loop_stop()
+        broker.stop()
