@@ -27,6 +27,14 @@ def _serving(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="API and panel port (default 52415)")
     p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int,
                    help="larger request bodies get 413 before they are read (default 4 MiB)")
+    p.add_argument("--queue-limit", dest="queue_limit", type=int,
+                   help="requests that may wait when the cluster is full; more get 429 (default 64)")
+
+
+def _capacity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-context", dest="max_context", type=int, help="positions one request may hold (default 2048)")
+    p.add_argument("--max-requests", dest="max_requests", type=int,
+                   help="requests a node holds at once (default 32)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--local-nodes", dest="local_nodes", type=int, help="node processes to start here (default 1)")
     top.add_argument("--engine", help="engine of the local nodes")
     top.add_argument("--quant", help="weights of the local nodes: q4, q8, f16 or f32")
+    _capacity(top)
     sub = top.add_subparsers(dest="command")
 
     node = sub.add_parser("node", help="one node agent (what a Pi runs)")
@@ -44,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
     node.add_argument("--name", help="node name; several nodes on one host need different names")
     node.add_argument("--engine", help="engine for this node's shard")
     node.add_argument("--quant", help="weights: q4, q8, f16 or f32 (default: the engine's)")
+    _capacity(node)
 
     panel = sub.add_parser("panel", help="the coordinator, API and panel, without local nodes")
     _common(panel)
@@ -229,7 +239,8 @@ def run_all(config: Config) -> None:
 
 def spawn_node(config: Config, name: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "appliance", "node", "--broker", config.broker, "--cluster", config.cluster,
-               "--name", name, "--engine", config.engine, "--log-level", config.log_level]
+               "--name", name, "--engine", config.engine, "--log-level", config.log_level,
+               "--max-context", str(config.max_context), "--max-requests", str(config.max_requests)]
     if config.quant:
         command += ["--quant", config.quant]
     env = {**os.environ, "EXO_STATE_DIR": config.state_dir, "EXO_MODELS_DIR": config.models_dir}

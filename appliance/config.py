@@ -38,6 +38,9 @@ class Config:
     host: str = "0.0.0.0"              # where the panel/API listens
     port: int = 52415
     max_body_bytes: int = 4 * 1024 * 1024   # a larger request body is refused (413) before it is read
+    queue_limit: int = 64               # requests that may wait for a place; more get 429
+    max_context: int = 2048             # node: positions one request may hold
+    max_requests: int = 32              # node: requests whose caches it holds at once
     local_nodes: int = 1
     api_keys: list[str] = field(default_factory=list)
     log_level: str = "INFO"
@@ -87,7 +90,8 @@ def _positive(value: int) -> None:
 
 # Checked when the config is built, so a bad value in a flag, an EXO_ variable or the file stops
 # the command before anything starts. The names come from the engines, not from a copy here.
-CHECKS = {"engine": _engine, "quant": _quant, "max_body_bytes": _positive}
+CHECKS = {"engine": _engine, "quant": _quant, "max_body_bytes": _positive, "max_context": _positive,
+          "max_requests": _positive, "queue_limit": _positive}
 
 
 def _check(values: dict, origins: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -320,5 +321,34 @@ def test_a_context_past_the_engines_capacity_is_a_400_up_front_and_the_rest_is_s
         assert info["shard"]["capacity"]["positions"] == MAX_CONTEXT
         r = c.openai().completions.create(model=str(model), prompt="", max_tokens=MAX_CONTEXT - 1, temperature=0)
         assert r.choices[0].finish_reason in ("length", "stop")
+    finally:
+        c.stop()
+
+
+def test_requests_past_the_clusters_capacity_wait_in_line_and_past_the_queue_get_429(broker, tmp_path):
+    from tests.conftest import wait_for
+    from tests.test_api import metric
+
+    c = LocalCluster(broker, tmp_path / "c")
+    c.env.update(EXO_MAX_REQUESTS="1", EXO_QUEUE_LIMIT="1")   # one place, one seat in the queue
+    c.start(1)
+    try:
+        client = c.openai()
+        running = client.completions.create(model=MODEL, prompt="", max_tokens=200, temperature=0, stream=True)
+        first = next(iter(running))
+        node = c.nodes["n0"]
+        node.send_signal(signal.SIGSTOP)   # the running request holds its place until the node goes on
+        assert metric(c.url, "exo_requests_capacity") == 1 and metric(c.url, "exo_requests_running") == 1
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(client.completions.create, model=MODEL, prompt="", max_tokens=8, temperature=0)
+            wait_for(lambda: metric(c.url, "exo_requests_waiting") == 1, 10, "the second request to wait in line")
+            r = httpx.post(c.url + "/v1/completions", json={"model": MODEL, "prompt": "", "max_tokens": 4}, timeout=10)
+            assert r.status_code == 429 and r.headers["Retry-After"] == "2", r.text
+            assert r.json()["error"]["type"] == "rate_limit_exceeded"
+            node.send_signal(signal.SIGCONT)
+            rest = "".join(chunk.choices[0].text for chunk in running)
+            assert (first.choices[0].text + rest).startswith(STORY[:40])
+            assert queued.result(30).choices[0].text == STORY[:len(queued.result().choices[0].text)]
+        assert metric(c.url, "exo_requests_waiting") == 0
     finally:
         c.stop()

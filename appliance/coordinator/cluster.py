@@ -266,10 +266,11 @@ class Cluster:
                     return None
             return plan
 
-    def positions(self, plan: Plan) -> int | None:
-        """The most positions a request may hold on `plan`: the smallest of its nodes' capacities."""
+    def capacity(self, plan: Plan, what: str) -> int | None:
+        """The smallest of `plan`'s nodes' capacities: "positions" one request may hold, or
+        "requests" held at once."""
         with self.lock:
-            found = [((self.nodes.get(n) or {}).get("shard") or {}).get("capacity", {}).get("positions")
+            found = [((self.nodes.get(n) or {}).get("shard") or {}).get("capacity", {}).get(what)
                      for n in plan.nodes]
         return min(int(f) for f in found) if found and all(isinstance(f, int) for f in found) else None
 

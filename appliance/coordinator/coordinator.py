@@ -26,6 +26,7 @@ import numpy as np
 from appliance.bus import protocol
 from appliance.bus.client import Bus
 from appliance.config import Config
+from appliance.coordinator.admission import Admission
 from appliance.coordinator.cluster import Cluster
 from appliance.models.config import ModelConfig
 from appliance.models.download import fetch_for_coordinator
@@ -130,6 +131,7 @@ class Coordinator:
         self.history: collections.deque[RequestRecord] = collections.deque(maxlen=100)
         self.lock = threading.Lock()
         self.observer = Observer()
+        self.admission = Admission(config.queue_limit, self.cluster_requests)
 
     def start(self) -> "Coordinator":
         self.cluster.subscribe()
@@ -197,6 +199,10 @@ class Coordinator:
             raise Unavailable("no model is loaded")
         if sampling.seed is None:   # a seed of our own keeps a resumed request's draws the same
             sampling = replace(sampling, seed=secrets.randbits(62))
+        with self.admission.place():
+            yield from self._generate(prompt, max_tokens, sampling)
+
+    def _generate(self, prompt: list[int], max_tokens: int, sampling: protocol.Sampling) -> Iterator[Token]:
         plan = self._wait_for_plan()
         record = RequestRecord(protocol.new_id(), self.model.id, plan.nodes, len(prompt))
         self.history.append(record)
@@ -289,11 +295,17 @@ class Coordinator:
         elif elapsed > record.ttft_s:
             record.tokens_per_s = (record.completion_tokens - 1) / (elapsed - record.ttft_s)
 
+    def cluster_requests(self) -> int:
+        """Requests the cluster holds at once: the smallest node's, on the plan being served."""
+        plan = self.cluster.ready_plan()
+        held = self.cluster.capacity(plan, "requests") if plan else None
+        return held or self.config.max_requests
+
     def context_limit(self) -> int:
         """Positions a request may use: the model's context, or less where the plan's engines hold fewer."""
         limit = self.model.config.max_position_embeddings
         plan = self.cluster.ready_plan()
-        held = self.cluster.positions(plan) if plan else None
+        held = self.cluster.capacity(plan, "positions") if plan else None
         return min(limit, held) if held else limit
 
     def recent_requests(self) -> list[dict]:

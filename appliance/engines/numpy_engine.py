@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from appliance.engines.base import Engine, Shard, Step
+from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
 from appliance.models.config import ModelConfig
 from appliance.models.weights import as_float32, load_tensors, shard_tensor_names, weight_map
 
@@ -70,10 +70,11 @@ class KVCache:
 class NumpyEngine(Engine):
     name = "numpy"
 
-    def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = "f32"):
+    def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = "f32",
+                 max_seq: int = MAX_CONTEXT):
         if quant != "f32":
             raise ValueError(f"the numpy engine computes in f32 only, not {quant!r}")
-        super().__init__(shard, config)
+        super().__init__(shard, config, max_seq)
         c = self.config
         names = shard_tensor_names(weight_map(shard.model_dir), shard.start, shard.end,
                                    shard.is_first, shard.is_last, c.tie_word_embeddings)

@@ -34,7 +34,6 @@ MAX_BATCH = 32
 GATHER_S = 0.003         # how long a batch may wait for the other in-flight requests' steps
 RECENT_S = 1.0           # a request that ran a step this recently is in flight: a batch waits for it
 IDLE_REQUEST_S = 120.0   # a request untouched this long has been abandoned: free its cache
-MAX_REQUESTS = 32        # requests whose caches a node holds at once
 EVICTABLE_S = 10.0       # when full, the least recently used request idle this long makes room
 MAX_WORKING_IDS = 256    # request ids a heartbeat lists as queued or running here
 
@@ -77,7 +76,7 @@ class NodeAgent:
             s = self.loaded.plan.shard_of(self.id)
             shard = {"plan_id": self.loaded.plan.plan_id, "model": self.loaded.plan.model,
                      "start": s.start, "end": s.end, "engine": self.loaded.engine.name,
-                     "capacity": {"positions": self.loaded.engine.capacity, "requests": MAX_REQUESTS}}
+                     "capacity": {"positions": self.loaded.engine.capacity, "requests": self.config.max_requests}}
         return {"id": self.id, "name": self.config.name, "online": True, "version": __version__,
                 "roles": ["node"], "engines": sorted(ENGINES), "engine": self.engine_name,
                 **system.machine_info(), "speed": None, "cached_models": [],
@@ -133,6 +132,7 @@ class NodeAgent:
             try:
                 model_dir = self.model_files(plan.model, shard.start, shard.end)
                 options = {"quant": self.config.quant} if self.config.quant else {}
+                options["max_seq"] = self.config.max_context
                 engine = load_engine(self.engine_name, Shard(model_dir, shard.start, shard.end, plan.num_layers),
                                      **options)
                 self.loaded, self.load_error = Loaded(plan, engine, plan.next_after(self.id)), None
@@ -225,7 +225,7 @@ class NodeAgent:
             if f.pos > 0:   # its cache is gone (evicted, or a plan adopted): the coordinator replays
                 return Refusal(f"node {name} holds no cache for this request", retry=True)
             if not self.make_room():
-                return Refusal(f"node {name} is full: {MAX_REQUESTS} requests in flight")
+                return Refusal(f"node {name} is full: {self.config.max_requests} requests in flight")
             self.last_used[f.request_id] = time.monotonic()
         return None
 
@@ -250,7 +250,7 @@ class NodeAgent:
 
     def make_room(self) -> bool:
         """Room for one more request: free, or made by evicting the least recently used idle one."""
-        if len(self.last_used) < MAX_REQUESTS:
+        if len(self.last_used) < self.config.max_requests:
             return True
         oldest = min(self.last_used, key=self.last_used.get)
         if self.last_used[oldest] > time.monotonic() - EVICTABLE_S:

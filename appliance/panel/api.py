@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 
 from appliance.bus.protocol import TOP_LOGPROBS, Sampling
+from appliance.coordinator.admission import Busy
 from appliance.coordinator.coordinator import Coordinator, GenerationError
 from appliance.models.tokenizer import StreamDecoder
 
@@ -41,6 +42,12 @@ def _api_error(e: ApiError):
 def _generation_error(e: GenerationError):
     kind = "service_unavailable" if e.status == 503 else "server_error"
     return ApiError(e.status, str(e), kind=kind).response()
+
+
+@api.errorhandler(Busy)
+def _busy(e: Busy):
+    body, status = ApiError(e.status, str(e), kind="rate_limit_exceeded").response()
+    return body, status, {"Retry-After": str(e.retry_after)}
 
 
 def coordinator() -> Coordinator:

@@ -89,10 +89,24 @@ class NodeCollector:
         yield from families
 
 
+class AdmissionCollector:
+    """How full the cluster is: requests running, waiting in the queue, and the places there are."""
+
+    def __init__(self, coordinator: Coordinator):
+        self.admission = coordinator.admission
+
+    def collect(self):
+        state = self.admission.state()
+        for key, text in [("running", "Requests running"), ("waiting", "Requests waiting for a place"),
+                          ("capacity", "Requests the cluster holds at once"), ("queue_limit", "Requests that may wait")]:
+            yield GaugeMetricFamily(f"exo_requests_{key}", text, value=state[key])
+
+
 def install(app, coordinator: Coordinator) -> None:
     registry = CollectorRegistry()
     coordinator.observer = PrometheusObserver(registry)
     registry.register(NodeCollector(coordinator))
+    registry.register(AdmissionCollector(coordinator))
     app.config["metrics_registry"] = registry
     app.register_blueprint(metrics)
 

@@ -87,6 +87,7 @@ def state() -> dict:
         "catalog": catalog_fit([n for n in nodes if n.get("online")]),
         "downloads": events.snapshot_downloads(),
         "requests": c.recent_requests(),
+        "admission": c.admission.state(),
     }
 
 
