@@ -107,3 +107,41 @@ def test_ten_thousand_hostile_messages_kill_nothing_and_grow_nothing(local_clust
     assert "dropped a malformed frame" in log and "refused a frame" in log
     assert "plan id 1099511627776 is out of range" in cluster.log("late")   # dropped, and said why
     assert "Traceback" not in log   # malformed payloads are one line each
+
+
+def test_a_flood_of_fresh_requests_stays_within_the_nodes_capacity(broker, tmp_path):
+    """2,048 well-formed first frames, each of a new request: the onnxruntime node holds
+    max_requests (8 here) of them and refuses the rest, instead of growing its KV pool for each."""
+    from tests.conftest import LocalCluster
+
+    cluster = LocalCluster(broker, tmp_path, engines=("onnxruntime",))
+    cluster.env["EXO_MAX_REQUESTS"] = "8"
+    cluster.start(1)
+    try:
+        flood(cluster)
+    finally:
+        cluster.stop()
+
+
+def flood(cluster) -> None:
+    plan = cluster.watcher.plans[-1]
+    node = cluster.nodes["n0"]
+    before = rss_mb(node)
+    host, port = cluster.broker.rsplit(":", 1)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.connect(host, int(port))
+    client.loop_start()
+    topic = protocol.Topics(cluster.cluster).node_inbox(plan["shards"][0]["node"])
+    try:
+        for _ in range(2048):
+            f = protocol.Frame(protocol.new_id(), protocol.new_id(), plan["plan_id"], 0, 0, np.arange(8, dtype=np.int32))
+            client.publish(topic, protocol.encode_frame(f), qos=1).wait_for_publish(10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    text = cluster.openai().completions.create(model=str(STORIES), prompt="", max_tokens=24, temperature=0).choices[0].text
+    growth = rss_mb(node) - before
+    print(f"\nflood: 2048 fresh requests; node RSS growth {growth:+.1f} MB")
+    assert text == STORY[:len(text)] and text
+    assert "requests in flight" in cluster.log("n0")
+    assert growth < MAX_GROWTH_MB

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 READY_WAIT_S = 30.0       # how long a request waits for a plan that is still loading
 STEP_TIMEOUT_S = 10.0     # no reply and no node listing the request as working this long: the step was lost
 MAX_RESUMES = 5           # interruptions one request survives
+RESUME_BACKOFF_S = 1.0    # the n-th resume waits (n - 1) times this: a node that is full gets time to make room
 MAX_FRAME_BYTES = 1 << 20  # prefill activations travel in chunks of at most this size
 
 
@@ -224,6 +225,7 @@ class Coordinator:
                     if record.resumes > MAX_RESUMES:
                         raise Unavailable(f"gave up after {MAX_RESUMES} interruptions, the last: {e}") from None
                     log.info("request %s interrupted (%s): resuming after %d tokens", record.id, e, len(generated))
+                    time.sleep(RESUME_BACKOFF_S * (record.resumes - 1))   # a backoff, not a wait for an event
                     plan = self._wait_for_plan(after=f"{e}; ")
                     record.nodes = plan.nodes
         except GenerationError as e:

@@ -34,7 +34,7 @@ MAX_BATCH = 32
 GATHER_S = 0.003         # how long a batch may wait for the other in-flight requests' steps
 RECENT_S = 1.0           # a request that ran a step this recently is in flight: a batch waits for it
 IDLE_REQUEST_S = 120.0   # a request untouched this long has been abandoned: free its cache
-EVICTABLE_S = 10.0       # when full, the least recently used request idle this long makes room
+EVICTABLE_S = 4.0        # when full, the least recently used request idle this long makes room
 MAX_WORKING_IDS = 256    # request ids a heartbeat lists as queued or running here
 
 
@@ -225,7 +225,7 @@ class NodeAgent:
             if f.pos > 0:   # its cache is gone (evicted, or a plan adopted): the coordinator replays
                 return Refusal(f"node {name} holds no cache for this request", retry=True)
             if not self.make_room():
-                return Refusal(f"node {name} is full: {self.config.max_requests} requests in flight")
+                return Refusal(f"node {name} is full: {self.config.max_requests} requests in flight", retry=True)
             self.last_used[f.request_id] = time.monotonic()
         return None
 
