@@ -44,9 +44,13 @@ def test_a_restarted_broker_finds_the_cluster_again(sig, persistence, busy, tmp_
         while not serves(cluster):   # each try is a real request: there is no event to wait on
             assert time.monotonic() - back < BACK_WITHIN_S, (
                 f"not serving {BACK_WITHIN_S:.0f} s after the broker came back:\n" + cluster.log("panel")[-3000:])
+        recovered = time.monotonic() - back
         if busy:   # the stream caught by the restart resumed and ended as an undisturbed one
             stream.read()
             assert stream.end == {"finish_reason": "length"} and stream.text == undisturbed.text
+        print(f"\nbroker {signal.Signals(sig).name}, persistence {persistence}, {'mid-stream' if busy else 'idle'}: "
+              f"serving {recovered:.1f} s after the broker was back"
+              + (f", the stream's longest gap {stream.longest_gap:.1f} s" if busy else ""))
         assert all(p.poll() is None for p in [*cluster.nodes.values(), cluster.panel])   # nobody restarted
     finally:
         cluster.stop()

@@ -39,6 +39,8 @@ class Cluster:
         self.silent: dict[str, dict] = {}       # info of nodes online by their info but not heard from
         self.heard: dict[str, float] = {}       # when each node last spoke (monotonic)
         self.names: dict[str, str] = {}         # every node id ever seen -> its name, for messages
+        self.connections = 0                    # our connections to the broker so far
+        self.spoke: set[str] = set()            # nodes heard (a heartbeat) since our last connect
         self.plan: Plan | None = None
         self.plan_error: str | None = None
         self.model: str = ""
@@ -109,6 +111,9 @@ class Cluster:
         with self.lock:
             if node_id in self.nodes or node_id in self.silent:   # not every id a stranger makes up
                 self.heard[node_id] = time.monotonic()
+                if node_id not in self.spoke:
+                    self.spoke.add(node_id)
+                    self.changed.notify_all()
             back = self.silent.pop(node_id, None)
             if back:
                 log.info("node %s speaks again", self.name_of(node_id))
@@ -143,10 +148,14 @@ class Cluster:
             self.emit("node", {"id": node_id, "online": False, "silent": True})
 
     def forgive_silence(self) -> None:
-        """After our own reconnect, nobody has been silent: we were the one not listening."""
+        """After our own reconnect, nobody has been silent: we were the one not listening. But a
+        node may not be back yet (what we hold of it may be a retained leftover): until it sends a
+        heartbeat, a plan with it is not ready, so no frame is sent to a node not there to take it."""
         with self.lock:
             now = time.monotonic()
             self.heard = {i: now for i in self.heard}
+            self.connections += 1
+            self.spoke = set()
 
     def on_retained_plan(self, topic: str, payload: bytes) -> None:
         """Plans published by others (the leader, or a coordinator before us): keep plan ids
@@ -262,7 +271,7 @@ class Cluster:
                 return None
             for node in plan.nodes:
                 shard = (self.nodes.get(node) or {}).get("shard") or {}
-                if shard.get("plan_id") != plan.plan_id:
+                if shard.get("plan_id") != plan.plan_id or (self.connections > 1 and node not in self.spoke):
                     return None
             return plan
 
@@ -280,12 +289,15 @@ class Cluster:
             return [f"{i}: {n['load_error']['error']}" for i, n in self.nodes.items()
                     if n.get("load_error") and n["load_error"].get("plan_id") == plan_id]
 
-    def wait_ready(self, timeout: float) -> Plan | None:
+    def wait_ready(self, timeout: float, patient: bool = False) -> Plan | None:
+        """The ready plan, waiting for it up to `timeout`; without one at once when no node is
+        online, unless `patient` (a resumed request: the nodes are on their way back)."""
         deadline = time.monotonic() + timeout
         with self.changed:
             while True:
                 plan = self.ready_plan()
                 left = deadline - time.monotonic()
-                if plan or left <= 0 or self.load_errors() or (self.plan is None and self.plan_error and not self.nodes):
+                nobody = self.plan is None and self.plan_error and not self.nodes and not patient
+                if plan or left <= 0 or self.load_errors() or nobody:
                     return plan
                 self.changed.wait(left)

@@ -241,7 +241,7 @@ class Coordinator:
         reason = None
         if not self.bus.connected.wait(READY_WAIT_S):
             reason = "the MQTT broker is unreachable"
-        elif (plan := self.cluster.wait_ready(READY_WAIT_S)) is None:
+        elif (plan := self.cluster.wait_ready(READY_WAIT_S, patient=bool(after))) is None:
             errors = self.cluster.load_errors()
             reason = "; ".join(errors) if errors else self.cluster.plan_error or "the cluster's plan is still loading"
         if reason:
