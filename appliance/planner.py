@@ -67,6 +67,10 @@ class Plan:
         return [s.node for s in self.shards]
 
 
+MEMORY_STEP = 256 * 2**20   # memory counts in these steps when layers are shared out, so a node's
+                            # free memory moving a little (it just loaded its shard) moves no layer
+
+
 def split_layers(nodes: list[NodeCapacity], config: ModelConfig, keep_order: list[str] = ()) -> list[ShardAssignment]:
     """`keep_order`: the previous plan's nodes. Those still here keep their order in the pipeline
     (loading a shard changes a node's free memory, which must not swap nodes and make every node
@@ -81,7 +85,7 @@ def split_layers(nodes: list[NodeCapacity], config: ModelConfig, keep_order: lis
         raise PlanError(f"the model needs {config.num_layers * config.layer_bytes / 1e9:.2f} GB for its layers; "
                         f"the cluster's {len(nodes)} node(s) have {have:.2f} GB usable")
     by_speed = all(n.speed for n in ordered)
-    weight = {n.id: (n.speed if by_speed else n.usable) for n in ordered}
+    weight = {n.id: (n.speed if by_speed else max(1, n.usable // MEMORY_STEP)) for n in ordered}
     counts = _proportional(layers, ordered, weight, capacity)
     shards, start = [], 0
     for n in ordered:

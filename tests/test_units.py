@@ -202,6 +202,10 @@ def test_a_new_plan_keeps_the_order_of_the_nodes_it_had():
     after = split_layers([NodeCapacity("a", 6 * GB), NodeCapacity("b", 7 * GB), NodeCapacity("c", 9 * GB)], model(),
                          keep_order=[s.node for s in before])
     assert [s.node for s in before] == ["a", "b"] and [s.node for s in after] == ["a", "b", "c"]
+    nearly = split_layers([NodeCapacity("a", 8 * GB - 50 * 2**20), NodeCapacity("b", 8 * GB)], model(5),
+                          keep_order=["a", "b"])
+    assert nearly == split_layers([NodeCapacity("a", 8 * GB), NodeCapacity("b", 8 * GB - 40 * 2**20)], model(5),
+                                  keep_order=["a", "b"])   # a little less free memory moves no layer
 
 
 def test_uncut_sampling_follows_the_distribution():
