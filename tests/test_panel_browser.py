@@ -193,6 +193,7 @@ def test_chat_streams_an_answer_with_ttft_and_rate(browser, cluster, capsys):
     requests.wait_for_selector("#requests tbody tr[data-request-id]")
     row = requests.inner_text("#requests tbody tr[data-request-id] >> nth=0")
     assert "done" in row and all(name in row for name in ("n0", "n1", "n2"))
+    assert requests.inner_text("#admission").startswith("0 running of 32 places · 0 waiting")
     shot(requests, "requests")
     assert browser.errors == []
 

@@ -141,6 +141,7 @@ def stream(hub: EventHub) -> Iterator[str]:
     q = hub.open()
     coordinator = hub.coordinator
     plan_mark, req_mark = plan_data(coordinator), requests_mark(coordinator)
+    admission_mark = coordinator.admission.state()
     last_write = time.monotonic()
     try:
         yield sse("hello", {"time": time.time()})
@@ -166,6 +167,10 @@ def stream(hub: EventHub) -> Iterator[str]:
             if now_req != req_mark:
                 req_mark = now_req
                 yield sse("requests", coordinator.recent_requests())
+                last_write = time.monotonic()
+            if (now_admission := coordinator.admission.state()) != admission_mark:
+                admission_mark = now_admission
+                yield sse("admission", now_admission)
                 last_write = time.monotonic()
             if time.monotonic() - last_write > KEEPALIVE_S:
                 yield ": keepalive\n\n"

@@ -66,7 +66,7 @@ function connect() {
   if (S.events) return;
   S.events = new EventSource("/api/events");
   S.events.addEventListener("hello", () => { setLive("live"); loadState(); });
-  for (const kind of ["node", "status", "plan", "download", "requests"]) {
+  for (const kind of ["node", "status", "plan", "download", "requests", "admission"]) {
     S.events.addEventListener(kind, e => onEvent(kind, JSON.parse(e.data)));
   }
   S.events.onerror = () => setLive("reconnecting…");   // EventSource retries by itself; "hello" resyncs
@@ -127,6 +127,8 @@ function apply(st, kind, data) {
     else delete st.downloads[data.node];
   } else if (kind === "requests") {
     st.requests = data;
+  } else if (kind === "admission") {
+    st.admission = data;
   }
 }
 
@@ -492,6 +494,9 @@ function setupChat() {
 
 // ---------------------------------------------------------------- Requests
 function drawRequests(st) {
+  const a = st.admission;
+  $("#admission").textContent = a ? `${a.running} running of ${a.capacity} places · ${a.waiting} waiting ` +
+    `(the queue holds ${a.queue_limit}; past it a request gets 429)` : "";
   const body = $("#requests tbody");
   if (!st.requests.length) {
     body.replaceChildren(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No requests yet.")));
