@@ -208,6 +208,22 @@ def test_a_new_plan_keeps_the_order_of_the_nodes_it_had():
                                   keep_order=["a", "b"])   # a little less free memory moves no layer
 
 
+def test_a_node_whose_worker_is_dead_or_stuck_says_it_is_not_serving(tmp_path):
+    import threading
+
+    from appliance.config import Config
+    from appliance.node import agent as node_agent
+
+    agent = node_agent.NodeAgent(Config(broker="127.0.0.1:1", state_dir=str(tmp_path)))
+    assert not agent.serving()                        # no worker yet
+    agent.worker_thread = threading.Thread(target=threading.Event().wait, daemon=True)
+    agent.worker_thread.start()
+    assert agent.serving()
+    agent.work.put(("free", "x"))
+    agent.worker_beat -= node_agent.STUCK_S + 1       # work waiting, and the loop has not come round
+    assert not agent.serving()
+
+
 def test_uncut_sampling_follows_the_distribution():
     rng = np.random.default_rng(1)
     draws = [sample(np.array([0.0, np.log(3.0)]), protocol.Sampling(1.0), rng) for _ in range(4000)]

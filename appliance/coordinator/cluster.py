@@ -273,6 +273,8 @@ class Cluster:
                 shard = (self.nodes.get(node) or {}).get("shard") or {}
                 if shard.get("plan_id") != plan.plan_id or (self.connections > 1 and node not in self.spoke):
                     return None
+                if (self.status.get(node) or {}).get("serving") is False:   # its worker died or is stuck
+                    return None
             return plan
 
     def capacity(self, plan: Plan, what: str) -> int | None:

@@ -36,6 +36,7 @@ RECENT_S = 1.0           # a request that ran a step this recently is in flight:
 IDLE_REQUEST_S = 120.0   # a request untouched this long has been abandoned: free its cache
 EVICTABLE_S = 4.0        # when full, the least recently used request idle this long makes room
 MAX_WORKING_IDS = 256    # request ids a heartbeat lists as queued or running here
+STUCK_S = 120.0          # a worker that has not come round its loop this long, with work waiting, is stuck
 
 
 @dataclass
@@ -66,6 +67,7 @@ class NodeAgent:
         self.last_used: dict[str, float] = {}
         self.running: list[str] = []                   # the request ids of the batch in the engine now
         self.worker_thread: threading.Thread | None = None
+        self.worker_beat = time.monotonic()            # when the worker last came round its loop
         self.stopping = threading.Event()
         self.frames_run, self.frame_seconds = 0, 0.0   # for /metrics: this node's time per frame
 
@@ -89,10 +91,16 @@ class NodeAgent:
         shard = self.loaded and self.loaded.plan.shard_of(self.id)
         status = {"id": self.id, "time": time.time(), **system.machine_status(),
                   "shard": [shard.start, shard.end] if shard else None,
-                  "queue_depth": self.work.qsize(), "working": self.working(),
+                  "queue_depth": self.work.qsize(), "working": self.working(), "serving": self.serving(),
                   "requests": len(self.loaded.engine.requests()) if self.loaded else 0,
                   "frames": self.frames_run, "frame_seconds": round(self.frame_seconds, 6)}
         self.bus.publish_json(self.topics.node_status(self.id), status)
+
+    def serving(self) -> bool:
+        """Whether the worker is there and moving: the coordinator counts a plan with a node that is
+        not as not ready (and /healthz says so)."""
+        alive = self.worker_thread is not None and self.worker_thread.is_alive()
+        return alive and (self.work.empty() or time.monotonic() - self.worker_beat < STUCK_S)
 
     def working(self) -> list[str]:
         """Requests with a step queued or running here: the coordinator counts them as progressing."""
@@ -267,6 +275,7 @@ class NodeAgent:
     def worker(self) -> None:
         swept = time.monotonic()
         while not self.stopping.is_set():
+            self.worker_beat = time.monotonic()
             if time.monotonic() - swept >= protocol.HEARTBEAT_S:   # on a timer, also under load
                 self.free_abandoned()
                 swept = time.monotonic()
