@@ -30,5 +30,5 @@ def test_a_case_that_fails_is_one_line_and_the_others_still_run():
     failed = [line for line in run.stderr.splitlines() if line.startswith("  failed: ")]
     assert [line.split(":")[1].strip() for line in failed] == ["onnxruntime f32 nodes=1 streams=1",
                                                                "onnxruntime f32 nodes=1 streams=2"]
-    assert all("past the KV capacity 512" in line for line in failed)
+    assert all("past the capacity of 512 positions" in line for line in failed)
     assert "Exception in thread" not in run.stderr and "exo bench: 2 case(s) failed" in run.stderr
