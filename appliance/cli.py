@@ -34,7 +34,8 @@ def _serving(p: argparse.ArgumentParser) -> None:
 def _capacity(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", dest="max_context", type=int, help="positions one request may hold (default 2048)")
     p.add_argument("--max-requests", dest="max_requests", type=int,
-                   help="requests a node holds at once (default 32)")
+                   help="requests a node holds at once (default 0: as many full KV caches as a quarter of "
+                        "its memory left after loading holds, at most 32)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ class Config:
     max_body_bytes: int = 4 * 1024 * 1024   # a larger request body is refused (413) before it is read
     queue_limit: int = 64               # requests that may wait for a place; more get 429
     max_context: int = 2048             # node: positions one request may hold
-    max_requests: int = 32              # node: requests whose caches it holds at once
+    max_requests: int = 0               # node: requests whose caches it holds at once; 0: as its memory allows
     local_nodes: int = 1
     api_keys: list[str] = field(default_factory=list)
     log_level: str = "INFO"
@@ -88,10 +88,15 @@ def _positive(value: int) -> None:
         raise ValueError(f"must be a positive number, not {value}")
 
 
+def _not_negative(value: int) -> None:
+    if value < 0:
+        raise ValueError(f"must be 0 or more, not {value}")
+
+
 # Checked when the config is built, so a bad value in a flag, an EXO_ variable or the file stops
 # the command before anything starts. The names come from the engines, not from a copy here.
 CHECKS = {"engine": _engine, "quant": _quant, "max_body_bytes": _positive, "max_context": _positive,
-          "max_requests": _positive, "queue_limit": _positive}
+          "max_requests": _not_negative, "queue_limit": _positive}
 
 
 def _check(values: dict, origins: dict) -> None:

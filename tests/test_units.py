@@ -224,6 +224,17 @@ def test_a_node_whose_worker_is_dead_or_stuck_says_it_is_not_serving(tmp_path):
     assert not agent.serving()
 
 
+def test_a_node_holds_as_many_requests_as_a_quarter_of_its_free_memory_fits():
+    from appliance.engines.base import MAX_REQUESTS, Engine, Shard
+    from tests.conftest import STORIES
+
+    engine = Engine(Shard(STORIES, 0, 2, 5))
+    c = engine.config
+    assert engine.kv_bytes() == 2 * 2 * c.num_kv_heads * c.head_dim * engine.capacity * 4
+    assert engine.request_room(engine.kv_bytes() * 4 * 3) == 3
+    assert engine.request_room(0) == 1 and engine.request_room(2**50) == MAX_REQUESTS
+
+
 def test_uncut_sampling_follows_the_distribution():
     rng = np.random.default_rng(1)
     draws = [sample(np.array([0.0, np.log(3.0)]), protocol.Sampling(1.0), rng) for _ in range(4000)]

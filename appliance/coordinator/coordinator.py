@@ -28,6 +28,7 @@ from appliance.bus.client import Bus
 from appliance.config import Config
 from appliance.coordinator.admission import Admission
 from appliance.coordinator.cluster import Cluster
+from appliance.engines.base import MAX_REQUESTS
 from appliance.models.config import ModelConfig
 from appliance.models.download import fetch_for_coordinator
 from appliance.models.store import models_dir, resolve_model_dir
@@ -301,7 +302,7 @@ class Coordinator:
         """Requests the cluster holds at once: the smallest node's, on the plan being served."""
         plan = self.cluster.ready_plan()
         held = self.cluster.capacity(plan, "requests") if plan else None
-        return held or self.config.max_requests
+        return held or self.config.max_requests or MAX_REQUESTS
 
     def context_limit(self) -> int:
         """Positions a request may use: the model's context, or less where the plan's engines hold fewer."""

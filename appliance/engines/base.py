@@ -38,6 +38,8 @@ class Step:
 
 
 MAX_CONTEXT = 2048   # positions a request may hold, unless an engine is told otherwise
+MAX_REQUESTS = 32    # requests a node holds at most when its memory decides (max_requests 0)
+KV_SHARE = 0.25      # ... which is as many full KV caches as a quarter of the memory left after loading
 
 
 class Engine:
@@ -62,3 +64,12 @@ class Engine:
 
     def requests(self) -> list[str]:
         return list(self.caches)
+
+    def kv_bytes(self) -> int:
+        """What one request's KV cache takes at full capacity (float32 keys and values)."""
+        c = self.config
+        return (self.shard.end - self.shard.start) * 2 * c.num_kv_heads * c.head_dim * self.capacity * 4
+
+    def request_room(self, memory_available: int) -> int:
+        """How many requests this engine can hold in `memory_available` bytes, 1 to MAX_REQUESTS."""
+        return max(1, min(MAX_REQUESTS, int(memory_available * KV_SHARE) // max(self.kv_bytes(), 1)))

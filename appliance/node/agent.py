@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from appliance import __version__
 from appliance.bus import protocol
@@ -50,6 +51,7 @@ class Loaded:
     plan: Plan
     engine: object
     next_node: str | None
+    requests: int          # requests this node holds at once (max_requests, or what its memory allows)
 
 
 class NodeAgent:
@@ -78,7 +80,7 @@ class NodeAgent:
             s = self.loaded.plan.shard_of(self.id)
             shard = {"plan_id": self.loaded.plan.plan_id, "model": self.loaded.plan.model,
                      "start": s.start, "end": s.end, "engine": self.loaded.engine.name,
-                     "capacity": {"positions": self.loaded.engine.capacity, "requests": self.config.max_requests}}
+                     "capacity": {"positions": self.loaded.engine.capacity, "requests": self.loaded.requests}}
         return {"id": self.id, "name": self.config.name, "online": True, "version": __version__,
                 "roles": ["node"], "engines": sorted(ENGINES), "engine": self.engine_name,
                 **system.machine_info(), "speed": None, "cached_models": [],
@@ -143,7 +145,8 @@ class NodeAgent:
                 options["max_seq"] = self.config.max_context
                 engine = load_engine(self.engine_name, Shard(model_dir, shard.start, shard.end, plan.num_layers),
                                      **options)
-                self.loaded, self.load_error = Loaded(plan, engine, plan.next_after(self.id)), None
+                room = self.config.max_requests or engine.request_room(psutil.virtual_memory().available)
+                self.loaded, self.load_error = Loaded(plan, engine, plan.next_after(self.id), room), None
                 log.info("plan %d: loaded layers [%d, %d) of %s", plan.plan_id, shard.start, shard.end, plan.model)
             except Exception as e:
                 log.exception("plan %d: cannot load my shard", plan.plan_id)
@@ -160,7 +163,7 @@ class NodeAgent:
             return False
         for request_id in loaded.engine.requests():
             loaded.engine.free(request_id)
-        self.loaded, self.last_used = Loaded(plan, loaded.engine, plan.next_after(self.id)), {}
+        self.loaded, self.last_used = Loaded(plan, loaded.engine, plan.next_after(self.id), loaded.requests), {}
         log.info("plan %d: kept layers [%d, %d) without reloading", plan.plan_id, shard.start, shard.end)
         self.announce()
         return True
@@ -233,7 +236,7 @@ class NodeAgent:
             if f.pos > 0:   # its cache is gone (evicted, or a plan adopted): the coordinator replays
                 return Refusal(f"node {name} holds no cache for this request", retry=True)
             if not self.make_room():
-                return Refusal(f"node {name} is full: {self.config.max_requests} requests in flight", retry=True)
+                return Refusal(f"node {name} is full: {loaded.requests} requests in flight", retry=True)
             self.last_used[f.request_id] = time.monotonic()
         return None
 
@@ -258,7 +261,7 @@ class NodeAgent:
 
     def make_room(self) -> bool:
         """Room for one more request: free, or made by evicting the least recently used idle one."""
-        if len(self.last_used) < self.config.max_requests:
+        if len(self.last_used) < self.loaded.requests:
             return True
         oldest = min(self.last_used, key=self.last_used.get)
         if self.last_used[oldest] > time.monotonic() - EVICTABLE_S:
