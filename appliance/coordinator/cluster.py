@@ -270,20 +270,23 @@ class Cluster:
             if plan is None:
                 return None
             for node in plan.nodes:
-                shard = (self.nodes.get(node) or {}).get("shard") or {}
-                if shard.get("plan_id") != plan.plan_id or (self.connections > 1 and node not in self.spoke):
+                if self.shard_info(node).get("plan_id") != plan.plan_id or (self.connections > 1 and node not in self.spoke):
                     return None
                 if (self.status.get(node) or {}).get("serving") is False:   # its worker died or is stuck
                     return None
             return plan
 
-    def capacity(self, plan: Plan, what: str) -> int | None:
-        """The smallest of `plan`'s nodes' capacities: "positions" one request may hold, or
-        "requests" held at once."""
+    def shard_info(self, node: str) -> dict:
+        """What a node's info says of the shard it holds ({} when none, or it is not online)."""
+        return (self.nodes.get(node) or {}).get("shard") or {}
+
+    def capacity(self, what: str) -> int | None:
+        """The smallest capacity of the ready plan's nodes: "positions" one request may hold, or
+        "requests" held at once. None without a ready plan, or when a node does not say."""
         with self.lock:
-            found = [((self.nodes.get(n) or {}).get("shard") or {}).get("capacity", {}).get(what)
-                     for n in plan.nodes]
-        return min(int(f) for f in found) if found and all(isinstance(f, int) for f in found) else None
+            plan = self.ready_plan()
+            found = [(self.shard_info(n).get("capacity") or {}).get(what) for n in plan.nodes] if plan else []
+        return min(found) if found and all(isinstance(f, int) for f in found) else None
 
     def load_errors(self) -> list[str]:
         with self.lock:

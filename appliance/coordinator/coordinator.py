@@ -300,15 +300,12 @@ class Coordinator:
 
     def cluster_requests(self) -> int:
         """Requests the cluster holds at once: the smallest node's, on the plan being served."""
-        plan = self.cluster.ready_plan()
-        held = self.cluster.capacity(plan, "requests") if plan else None
-        return held or self.config.max_requests or MAX_REQUESTS
+        return self.cluster.capacity("requests") or self.config.max_requests or MAX_REQUESTS
 
     def context_limit(self) -> int:
         """Positions a request may use: the model's context, or less where the plan's engines hold fewer."""
         limit = self.model.config.max_position_embeddings
-        plan = self.cluster.ready_plan()
-        held = self.cluster.capacity(plan, "positions") if plan else None
+        held = self.cluster.capacity("positions")
         return min(limit, held) if held else limit
 
     def recent_requests(self) -> list[dict]:

@@ -235,7 +235,7 @@ class NodeAgent:
         if f.request_id not in self.last_used:
             if f.pos > 0:   # its cache is gone (evicted, or a plan adopted): the coordinator replays
                 return Refusal(f"node {name} holds no cache for this request", retry=True)
-            if not self.make_room():
+            if not self.make_room(loaded.requests):
                 return Refusal(f"node {name} is full: {loaded.requests} requests in flight", retry=True)
             self.last_used[f.request_id] = time.monotonic()
         return None
@@ -259,9 +259,9 @@ class NodeAgent:
             self.loaded.engine.free(request_id)
         self.last_used.pop(request_id, None)
 
-    def make_room(self) -> bool:
-        """Room for one more request: free, or made by evicting the least recently used idle one."""
-        if len(self.last_used) < self.loaded.requests:
+    def make_room(self, room: int) -> bool:
+        """Room for one more of `room` requests: free, or made by evicting the least recently used idle one."""
+        if len(self.last_used) < room:
             return True
         oldest = min(self.last_used, key=self.last_used.get)
         if self.last_used[oldest] > time.monotonic() - EVICTABLE_S:
