@@ -29,6 +29,8 @@ class Config:
     broker_password: str = ""
     broker_tls: bool = False
     broker_ca_file: str = ""
+    cluster_key: str = ""               # the cluster's secret (see cluster_key.py); empty with `open`
+    open: bool = False                  # no key: an anonymous broker, for a trusted LAN only
     name: str = ""                      # node name; also salts the node id so one host can run several
     engine: str = "auto"                # auto: tinygrad where a GPU backend is present, else onnxruntime
     quant: str = ""                     # q4 | q8 | f16 | f32; empty: the engine's own default
