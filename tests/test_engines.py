@@ -260,3 +260,27 @@ def test_onnx_kv_pool_grows_and_skips_requests_left_out(tmp_path):
             np.testing.assert_allclose(got, alone.forward([step])[0], atol=1e-5)
     step = Step("r1", len(prompts["r1"]), np.array([11], np.int32))
     np.testing.assert_allclose(pooled.forward([step])[0], alone.forward([step])[0], atol=1e-5)
+
+
+# -- what the planner counts is what the engines hold (issue 13, point 3)
+def held_bytes(engine) -> int:
+    if engine.name == "onnxruntime":
+        return sum(a.nbytes for a in engine.weights.values())
+    arrays = [*engine.w.values(), engine.embed, getattr(engine, "head", None)]
+    distinct = {id(a): a for a in arrays if a is not None and not (a is engine.embed and not engine.shard.is_first)}
+    return sum(a.nbytes for a in distinct.values())   # a tied float32 head is the embedding's own map
+
+
+@pytest.mark.parametrize("name,quant", [("onnxruntime", "q4"), ("onnxruntime", "q8"), ("onnxruntime", "f16"),
+                                        ("numpy", "f32")])
+@pytest.mark.parametrize("part", ["first", "last"])
+def test_the_footprint_is_what_the_engine_holds(name, quant, part, tmp_path):
+    from appliance.engines.footprint import footprint
+
+    model_dir = synth_model("smollm2-135m", layers=4)
+    config = ModelConfig.load(model_dir)
+    shard = Shard(Path(model_dir), 0, 2, 4) if part == "first" else Shard(Path(model_dir), 2, 4, 4)
+    options = {"quant": quant, "cache_dir": tmp_path} if name == "onnxruntime" else {}
+    held = held_bytes(load_engine(name, shard, **options))
+    counted = footprint(config, name, quant).shard(2, part == "first", part == "last", requests=0)
+    assert counted == pytest.approx(held, rel=0.02)

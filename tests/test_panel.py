@@ -15,7 +15,6 @@ from appliance.coordinator.coordinator import Coordinator
 from appliance.models.catalog import CATALOG
 from appliance.panel import create_app
 from appliance.panel.pages import catalog_fit
-from appliance.planner import USABLE_FRACTION
 from tests.conftest import STORIES, LocalCluster
 from appliance.bus.protocol import Topics
 
@@ -88,19 +87,23 @@ def test_state_holds_nodes_plan_model_and_catalog(cluster):
     assert s["cluster"] == cluster.cluster and s["broker"] == cluster.broker
     assert [m["id"] for m in s["catalog"]] == [m.id for m in CATALOG] and len(s["catalog"]) >= 10
     assert all(isinstance(m["fits"], bool) and m["layers"] > 0 and m["bytes"] > 0 for m in s["catalog"])
-    usable = sum(int(n["memory_available"] * s["usable_fraction"]) for n in s["nodes"])
+    usable = sum(n["usable"] for n in s["nodes"])
     assert all(m["usable_bytes"] == usable for m in s["catalog"])
+    # both nodes run on this one machine: they share its memory instead of each counting all of it
+    assert len({n["host_id"] for n in s["nodes"]}) == 1
+    machine = max(n["memory_available"] for n in s["nodes"]) + sum(n["memory_held"] for n in s["nodes"])
+    assert usable <= machine * 0.8 < 2 * min(n["usable"] for n in s["nodes"]) + 2
     assert s["downloads"] == {} and isinstance(s["requests"], list)
 
 
 def test_catalog_fit_counts_whole_layers_per_node():
     small = CATALOG[0]                                   # SmolLM2 135M: 269 MB in 30 layers
     per_layer = -(-small.bytes // small.layers)
-    one_gb = {"memory_available": 10**9}                 # 800 MB usable
+    one_gb = {"usable": 8 * 10**8}
     fits = {m["id"]: m["fits"] for m in catalog_fit([one_gb])}
     assert fits[small.id] is True and fits["meta-llama/Llama-3.1-8B-Instruct"] is False
     # Enough memory in sum, but each node holds less than one layer: it does not fit.
-    crumbs = [{"memory_available": int(per_layer / USABLE_FRACTION) - 1000}] * (small.layers * 2)
+    crumbs = [{"usable": per_layer - 1000}] * (small.layers * 2)
     assert next(m for m in catalog_fit(crumbs) if m["id"] == small.id)["fits"] is False
     assert all(m["fits"] is False for m in catalog_fit([]))
 

@@ -10,7 +10,8 @@ from appliance.bus import protocol
 from appliance.config import load_config, parse_address
 from appliance.models.config import ModelConfig
 from appliance.panel.api import held_back
-from appliance.planner import NodeCapacity, PlanError, split_layers
+from appliance.engines.footprint import footprint
+from appliance.planner import NodeCapacity, PlanError, host_memory, split_layers
 from appliance.coordinator.coordinator import MAX_FRAME_BYTES, prefill_chunks
 from appliance.sampling import sample
 
@@ -64,6 +65,39 @@ def test_speed_refines_the_split_when_every_node_reports_it():
 def test_too_little_memory_is_a_clear_error():
     with pytest.raises(PlanError, match="needs .* GB"):
         split_layers([NodeCapacity("a", GB // 10)], model())
+
+
+def test_nodes_on_one_machine_share_its_memory():
+    one_box = [{"id": f"local-{i}", "host_id": "box", "memory_available": 24 * GB, "memory_held": 0} for i in range(3)]
+    pi = {"id": "pi", "host_id": "pi", "memory_available": 7 * GB, "memory_held": GB}
+    assert host_memory([*one_box, pi]) == {"local-0": 8 * GB, "local-1": 8 * GB, "local-2": 8 * GB, "pi": 8 * GB}
+
+
+def test_weights_count_as_the_engine_holds_them():
+    config = model(layers=22)
+    room = 2 * GB   # an f32 TinyLlama (4.4 GB) does not fit; at q4 (about 0.7 GB) it does
+    with pytest.raises(PlanError, match="needs 4.[0-9]+ GB"):
+        split_layers([NodeCapacity("a", room, footprint=footprint(config, "numpy"))], config)
+    shards = split_layers([NodeCapacity("a", room, footprint=footprint(config, "onnxruntime", "q4"))], config)
+    assert blocks(shards) == [("a", 22)]
+
+
+def test_the_kv_room_of_reserved_requests_is_counted():
+    config = model(layers=22)
+    fp = footprint(config, "onnxruntime", "q8", positions=2048)   # 1 GB weights, 45 MB KV per request
+    assert split_layers([NodeCapacity("a", 2 * GB, footprint=fp, requests=4)], config)
+    with pytest.raises(PlanError):
+        split_layers([NodeCapacity("a", 2 * GB, footprint=fp, requests=32)], config)
+
+
+def test_the_first_stage_counts_the_embedding_and_the_last_the_head():
+    config = model(layers=4)
+    fp = footprint(config, "onnxruntime", "q8")   # a float16 embedding of 131 MB, a q8 head of 66 MB
+    two_layers_and_head = int((2 * (fp.layer + fp.kv_layer) + fp.head) / 0.8) + 1
+    a = NodeCapacity("a", two_layers_and_head, speed=1.0, footprint=fp)   # equal speeds: two layers each
+    b = NodeCapacity("b", 8 * GB, speed=1.0, footprint=fp)
+    assert blocks(split_layers([a, b], config, keep_order=["b", "a"])) == [("b", 2), ("a", 2)]
+    assert dict(blocks(split_layers([a, b], config, keep_order=["a", "b"]))).get("a", 0) < 2
 
 
 # -- frames

@@ -23,7 +23,9 @@ from appliance.bus import protocol
 from appliance.bus.client import Bus
 from appliance.bus.protocol import parse_json
 from appliance.models.config import ModelConfig
-from appliance.planner import NodeCapacity, Plan, PlanError, split_layers
+from appliance.engines.base import MAX_CONTEXT
+from appliance.engines.footprint import DEFAULT_QUANT, Footprint, footprint
+from appliance.planner import NodeCapacity, Plan, PlanError, host_memory, split_layers
 
 log = logging.getLogger(__name__)
 
@@ -231,14 +233,28 @@ class Cluster:
             self._replan_timer.daemon = True
             self._replan_timer.start()
 
+    def capacities(self) -> list[NodeCapacity]:
+        """The online nodes as the planner sees them: each node's share of its machine's memory,
+        and the model as its engine would hold it with the KV room for the requests it reserves."""
+        with self.lock:
+            nodes = [{**n, "id": i} for i, n in sorted(self.nodes.items())]
+        memory = host_memory(nodes)
+        return [NodeCapacity(n["id"], memory[n["id"]], n.get("speed"), self._footprint(n), _reserved(n))
+                for n in nodes]
+
+    def _footprint(self, node: dict) -> Footprint | None:
+        if not self.model_config or node.get("engine") not in DEFAULT_QUANT:
+            return None   # a node of an older version: its weights count as stored
+        positions = int((node.get("limits") or {}).get("positions") or MAX_CONTEXT)
+        return footprint(self.model_config, node["engine"], str(node.get("quant") or ""), positions)
+
     def replan(self, force: bool = False) -> None:
         """Plan the online nodes. The same plan again is published only when `force`d (an admin's
         "plan again": every node takes the new plan id, drops its caches and reloads only what moved)."""
         with self.lock:
             if not self.model_config or not self.is_leader:
                 return
-            capacities = [NodeCapacity(i, int(n.get("memory_available", 0)), n.get("speed"))
-                          for i, n in sorted(self.nodes.items())]
+            capacities = self.capacities()
             try:
                 if not capacities:
                     raise PlanError("no nodes are online")
@@ -306,3 +322,8 @@ class Cluster:
                 if plan or left <= 0 or self.load_errors() or nobody:
                     return plan
                 self.changed.wait(left)
+
+
+def _reserved(node: dict) -> int:
+    """The full KV caches a node's plan must leave room for: its max_requests, or at least one."""
+    return max(1, int((node.get("limits") or {}).get("requests") or 0))

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from appliance.engines.footprint import DEFAULT_QUANT
 from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
 from appliance.models.config import ModelConfig
 from appliance.models.weights import as_float32, load_tensors, shard_tensor_names, weight_map
@@ -70,7 +71,7 @@ class KVCache:
 class NumpyEngine(Engine):
     name = "numpy"
 
-    def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = "f32",
+    def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = DEFAULT_QUANT["numpy"],
                  max_seq: int = MAX_CONTEXT):
         if quant != "f32":
             raise ValueError(f"the numpy engine computes in f32 only, not {quant!r}")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.engines.footprint import DEFAULT_QUANT
 from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
 from appliance.engines.onnx_graph import QUANTS, build_graph, convert_weights, padded_head_dim
 from appliance.models.config import ModelConfig
@@ -43,7 +44,7 @@ QUANTIZED_SHARDS = 0  # how many shards this process converted (tests check the 
 class OnnxEngine(Engine):
     name = "onnxruntime"
 
-    def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = "q8",
+    def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = DEFAULT_QUANT["onnxruntime"],
                  cache_dir: str | Path | None = None, max_seq: int = MAX_CONTEXT, slots: int = 8, threads: int = 0,
                  profile_prefix: str | None = None):
         import onnxruntime as ort

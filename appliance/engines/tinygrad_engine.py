@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 
+from appliance.engines.footprint import DEFAULT_QUANT
 from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
 from appliance.engines.numpy_engine import rope_inv_freq
 from appliance.models.config import ModelConfig
@@ -33,7 +34,7 @@ from appliance.models.weights import as_float32, load_tensors, shard_tensor_name
 class TinygradEngine(Engine):
     name = "tinygrad"
 
-    def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = "f32",
+    def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = DEFAULT_QUANT["tinygrad"],
                  cache_dir=None, max_seq: int = MAX_CONTEXT, device: str | None = None, jit: bool = True):
         from tinygrad import Device, dtypes
 

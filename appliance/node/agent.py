@@ -22,6 +22,7 @@ from appliance.bus.client import Bus
 from appliance.bus.protocol import parse_json
 from appliance.config import Config
 from appliance.engines import ENGINES, Shard, Step, load_engine, pick_default_engine
+from appliance.engines.footprint import DEFAULT_QUANT, footprint
 from appliance.models.download import Progress, fetch_shard
 from appliance.models.store import models_dir, resolve_model_dir
 from appliance.node import system
@@ -59,6 +60,7 @@ class NodeAgent:
         self.config = config
         self.id = node_id(config.state_dir, config.name)
         self.engine_name = pick_default_engine() if config.engine == "auto" else config.engine
+        self.quant = config.quant or DEFAULT_QUANT[self.engine_name]
         topics = protocol.Topics(config.cluster)
         self.bus = Bus(config, client_id=f"exo-node-{config.cluster}-{self.id}",
                        will=(topics.node_info(self.id), protocol.node_will(self.id)))
@@ -82,9 +84,19 @@ class NodeAgent:
                      "start": s.start, "end": s.end, "engine": self.loaded.engine.name,
                      "capacity": {"positions": self.loaded.engine.capacity, "requests": self.loaded.requests}}
         return {"id": self.id, "name": self.config.name, "online": True, "version": __version__,
-                "roles": ["node"], "engines": sorted(ENGINES), "engine": self.engine_name,
-                **system.machine_info(), "speed": None, "cached_models": [],
+                "roles": ["node"], "engines": sorted(ENGINES), "engine": self.engine_name, "quant": self.quant,
+                "limits": {"positions": self.config.max_context, "requests": self.config.max_requests},
+                **system.machine_info(), "memory_held": self.memory_held(), "speed": None, "cached_models": [],
                 "shard": shard, "load_error": self.load_error}
+
+    def memory_held(self) -> int:
+        """What the loaded shard holds (the planner may give it out again): its weights and its
+        requests' KV room, counted as the planner counts them."""
+        if not self.loaded:
+            return 0
+        engine, shard = self.loaded.engine, self.loaded.engine.shard
+        held = footprint(engine.config, self.engine_name, self.quant, engine.capacity)
+        return held.shard(shard.end - shard.start, shard.is_first, shard.is_last, self.loaded.requests)
 
     def announce(self) -> None:
         self.bus.publish_json(self.topics.node_info(self.id), self.info(), qos=1, retain=True)
@@ -141,8 +153,7 @@ class NodeAgent:
         else:
             try:
                 model_dir = self.model_files(plan.model, shard.start, shard.end)
-                options = {"quant": self.config.quant} if self.config.quant else {}
-                options["max_seq"] = self.config.max_context
+                options = {"quant": self.quant, "max_seq": self.config.max_context}
                 engine = load_engine(self.engine_name, Shard(model_dir, shard.start, shard.end, plan.num_layers),
                                      **options)
                 room = self.config.max_requests or engine.request_room(psutil.virtual_memory().available)

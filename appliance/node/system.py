@@ -34,10 +34,23 @@ def throttled() -> bool | None:
         return None
 
 
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def host_id() -> str:
+    """Which machine this is, as far as memory goes: processes under one kernel share its memory
+    (however many hostnames or network namespaces they have), so Linux says its boot id."""
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
 def machine_info() -> dict:
     memory = psutil.virtual_memory()
     return {
         "hostname": socket.gethostname(),
+        "host_id": host_id(),
         "device_model": device_model(),
         "cpu_count": psutil.cpu_count(),
         "memory_total": memory.total,

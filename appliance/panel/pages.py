@@ -11,7 +11,7 @@ from flask import Blueprint, current_app, jsonify, render_template
 from appliance.coordinator.coordinator import Coordinator
 from appliance.models.catalog import CATALOG
 from appliance.panel.events import hub
-from appliance.planner import USABLE_FRACTION
+from appliance.planner import USABLE_FRACTION, host_memory
 
 pages = Blueprint("pages", __name__)
 
@@ -38,9 +38,12 @@ for _endpoint, _path, _title in PAGES:
 
 
 # -- the snapshot
-def usable(node: dict) -> int:
-    """The memory the planner may fill on this node (as planner.NodeCapacity.usable)."""
-    return int(int(node.get("memory_available") or 0) * USABLE_FRACTION)
+def with_usable(nodes: list[dict]) -> list[dict]:
+    """Each node with `usable`: the memory the planner may fill on it (its share of its machine's
+    memory, as planner.NodeCapacity.usable), so nodes of one machine do not count it twice."""
+    online = [n for n in nodes if n.get("online")]
+    memory = host_memory(online)
+    return [{**n, "usable": int(memory.get(n.get("id"), 0) * USABLE_FRACTION)} for n in nodes]
 
 
 def catalog_fit(online: list[dict]) -> list[dict]:
@@ -48,11 +51,11 @@ def catalog_fit(online: list[dict]) -> list[dict]:
 
     A layer's size is taken as bytes / layers, which counts the embeddings in too: a little
     pessimistic, never optimistic."""
-    have = sum(usable(n) for n in online)
+    have = sum(n["usable"] for n in online)
     rows = []
     for m in CATALOG:
         per_layer = -(-m.bytes // m.layers)
-        fits_layers = sum(usable(n) // per_layer for n in online)
+        fits_layers = sum(n["usable"] // per_layer for n in online)
         rows.append({**m.to_dict(), "fits": fits_layers >= m.layers, "usable_bytes": have})
     return rows
 
@@ -68,7 +71,7 @@ def model_state(c: Coordinator) -> dict | None:
 def state() -> dict:
     c = coordinator()
     events = hub()
-    nodes = events.snapshot_nodes()
+    nodes = with_usable(events.snapshot_nodes())
     cluster = c.cluster
     with cluster.lock:
         plan = cluster.plan.to_dict() if cluster.plan else None
@@ -83,7 +86,6 @@ def state() -> dict:
         "plan_error": plan_error,
         "ready": ready is not None,
         "model": model_state(c),
-        "usable_fraction": USABLE_FRACTION,
         "catalog": catalog_fit([n for n in nodes if n.get("online")]),
         "downloads": events.snapshot_downloads(),
         "requests": c.recent_requests(),

@@ -155,7 +155,7 @@ function colorOf(st, id) {
   return PALETTE[Math.max(0, ids.indexOf(id)) % PALETTE.length];
 }
 const nodeName = (st, id) => { const n = st.nodes.find(x => x.id === id); return (n && (n.name || n.hostname)) || shortId(id); };
-const usable = (st, node) => Math.floor((node.memory_available || 0) * st.usable_fraction);
+const usable = (st, node) => node.usable || 0;
 const isReady = st => !!st.plan && st.plan.shards.every(s => {
   const node = st.nodes.find(n => n.id === s.node);
   return node && node.online && node.shard && node.shard.plan_id === st.plan.plan_id;
