@@ -172,6 +172,7 @@ def test_a_20_mb_body_is_413_while_small_requests_beside_it_succeed(cluster):
         started = time.monotonic()
         r = httpx.post(cluster.url + "/v1/completions", content=chunks() if chunked else big, timeout=30,
                        headers={"content-type": "application/json"})
+        assert "max_body_bytes" in assert_openai_error(r, 413)["message"]   # JSON, like every other error
         return r.status_code, time.monotonic() - started
 
     def send_small(i: int) -> str:

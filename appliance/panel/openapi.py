@@ -19,8 +19,7 @@ def _errors(*codes: int) -> dict:
             409: "Conflict with the cluster's state", 413: "The body is over the server's size limit (max_body_bytes)",
             503: "The cluster cannot serve now"}
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    plain = {"text/plain": {"schema": {"type": "string"}}}   # the server's 413, sent before the app sees the request
-    return {str(c): {"description": text[c], "content": {**error, **(plain if c == 413 else {})}} for c in codes}
+    return {str(c): {"description": text[c], "content": error} for c in codes}
 
 
 def _number(name: str) -> dict:

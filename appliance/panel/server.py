@@ -6,15 +6,19 @@ and only a complete request takes one of the worker threads. So a slow or idle c
 slowloris) costs a socket and never a thread; a thread-per-connection server (gunicorn's gthread,
 werkzeug's) is stalled by as many slow connections as it has threads. A body over
 `max_body_bytes` is refused with 413 from its Content-Length, or as soon as a chunked body
-passes it, before the application sees it. docs/architecture.md says more.
+passes it, before the application sees it, with the same OpenAI-style JSON error body as the
+API's own errors. docs/architecture.md says more.
 """
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import threading
 
-from waitress.server import create_server
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer, create_server
+from waitress.task import ErrorTask
 
 from appliance.config import Config
 from appliance.coordinator.coordinator import Coordinator
@@ -26,11 +30,35 @@ CONNECTIONS = 500           # open sockets at most (idle ones included); more wa
 IDLE_TIMEOUT_S = 30         # a connection that sends nothing for this long, between requests, is closed
 
 
+class JSONErrorTask(ErrorTask):
+    """waitress's own refusals (a body over the limit, a malformed request line) as an OpenAI-style
+    JSON error, like every error the app sends, instead of waitress's plain text."""
+
+    def execute(self):
+        error = self.request.error
+        message = f"{error.reason}: {error.body}" + (
+            f" (max_body_bytes {self.channel.adj.max_request_body_size})" if error.code == 413 else "")
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                     "code": "request_too_large" if error.code == 413 else None}}).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class Channel(HTTPChannel):
+    error_task_class = JSONErrorTask
+
+
 def make_server(config: Config, coordinator: Coordinator):
     app = create_app(coordinator)
-    server = create_server(app, host=config.host, port=config.port, threads=THREADS, connection_limit=CONNECTIONS,
+    sockets = {}
+    server = create_server(app, sockets, host=config.host, port=config.port, threads=THREADS, connection_limit=CONNECTIONS,
                            channel_timeout=IDLE_TIMEOUT_S, cleanup_interval=5, asyncore_use_poll=True,
                            max_request_body_size=config.max_body_bytes, ident="exo")
+    for listener in [s for s in sockets.values() if isinstance(s, BaseWSGIServer)]:   # one per address
+        listener.channel_class = Channel
     return app, server
 
 
