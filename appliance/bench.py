@@ -4,7 +4,7 @@ For each combination of engine, quant, node count and concurrency it starts that
 processes on a broker, plans the model over them, and drives the coordinator directly (no HTTP)
 with `concurrency` streams at once. Reported per case: prefill tok/s, decode tok/s (per stream
 and in aggregate), time to first token, the MQTT hop latency for a decode-sized message, and
-the peak RSS of each node process. With `repeat` > 1 every case runs that many times and each
+the RSS of each node process once loaded and warmed up (idle) and its peak. With `repeat` > 1 every case runs that many times and each
 figure is the median: a shared machine's neighbours move single runs by a fifth or more.
 """
 from __future__ import annotations
@@ -44,6 +44,7 @@ class CaseResult:
     decode_tok_s_per_stream: float
     decode_tok_s_total: float
     hop_ms: float
+    idle_rss_mb: list[float]
     peak_rss_mb: list[float]
     repeats: int = 1
 
@@ -56,6 +57,10 @@ def peak_rss_mb(pid: int) -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
@@ -90,14 +95,15 @@ def hop_latency_ms(broker: str, payload_bytes: int, rounds: int = 200) -> float:
 class BenchCluster:
     """`nodes` node processes of one engine and quant, and a coordinator in this process."""
 
-    def __init__(self, broker: str, model_dir: Path, engine: str, quant: str, nodes: int):
+    def __init__(self, broker: str, model_dir: Path, engine: str, quant: str, nodes: int, **limits: int):
         from appliance.cli import spawn_node, stop_part
 
         self.stop_part = stop_part
         self.config = Config(broker=broker, cluster=f"bench{time.monotonic_ns()}", engine=engine, quant=quant,
-                             model=str(model_dir), log_level="WARNING")
+                             model=str(model_dir), log_level="WARNING", **limits)
         self.processes = [spawn_node(self.config, f"bench-{i}") for i in range(nodes)]
         self.coordinator = Coordinator(self.config).start()
+        self.idle_rss_mb: list[float] = []
 
     def wait_ready(self, nodes: int, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
@@ -158,9 +164,9 @@ def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, 
 
 def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: list[int],
           concurrencies: list[int], prompt_tokens: int, gen_tokens: int, broker: str = "",
-          report=print, repeat: int = 1, failed=print) -> list[CaseResult]:
+          report=print, repeat: int = 1, failed=print, **limits: int) -> list[CaseResult]:
     """Measure every case; `report` gets each result, `failed` one line for each case that failed,
-    and the other cases still run."""
+    and the other cases still run. `limits` (max_context, max_requests) go to every node."""
     from appliance.models.config import ModelConfig
 
     config = ModelConfig.load(model_dir)
@@ -172,10 +178,11 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
         for engine, quant, nodes in itertools.product(engines, quants, node_counts):
             if quant not in ENGINE_QUANTS.get(engine, []):
                 continue
-            cluster = BenchCluster(broker, model_dir, engine, quant, nodes)
+            cluster = BenchCluster(broker, model_dir, engine, quant, nodes, **limits)
             try:
                 cluster.wait_ready(nodes)
                 run_streams(cluster.coordinator, 1, 8, 4, config.vocab_size)   # warm-up: JIT, caches, pages
+                cluster.idle_rss_mb = [round(rss_mb(p.pid), 1) for p in cluster.processes]
                 for concurrency in concurrencies:
                     case = f"{engine} {quant} nodes={nodes} streams={concurrency}"
                     try:
@@ -204,14 +211,15 @@ def measure(cluster: BenchCluster, engine: str, quant: str, nodes: int, concurre
     total = statistics.median(run_total for _, _, run_total in runs)
     return CaseResult(engine, quant, nodes, concurrency, prompt_tokens, gen_tokens, round(ttft, 4),
                       round(prompt_tokens / ttft, 1), round(per_stream, 2), round(total, 2), round(hop, 3),
-                      [round(peak_rss_mb(p.pid), 1) for p in cluster.processes], repeat)
+                      cluster.idle_rss_mb, [round(peak_rss_mb(p.pid), 1) for p in cluster.processes], repeat)
 
 
 def table(results: list[CaseResult]) -> str:
     head = ("engine", "quant", "nodes", "streams", "TTFT s", "prefill tok/s", "decode tok/s/stream",
-            "decode tok/s total", "hop ms", "peak RSS MB per node")
+            "decode tok/s total", "hop ms", "idle RSS MB per node", "peak RSS MB per node")
     rows = [(r.engine, r.quant, r.nodes, r.concurrency, r.ttft_s, r.prefill_tok_s, r.decode_tok_s_per_stream,
-             r.decode_tok_s_total, r.hop_ms, " ".join(f"{m:.0f}" for m in r.peak_rss_mb)) for r in results]
+             r.decode_tok_s_total, r.hop_ms, " ".join(f"{m:.0f}" for m in r.idle_rss_mb),
+             " ".join(f"{m:.0f}" for m in r.peak_rss_mb)) for r in results]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -237,7 +245,8 @@ def main(args) -> None:
 
     results = bench(model_dir, split(args.engines), split(args.quants), [int(n) for n in split(args.nodes)],
                     [int(c) for c in split(args.concurrency)], args.prompt_tokens, args.gen_tokens, args.broker or "",
-                    repeat=args.repeat, report=progress, failed=failed)
+                    repeat=args.repeat, report=progress, failed=failed,
+                    max_context=args.max_context, max_requests=args.max_requests)
     print(json.dumps([asdict(r) for r in results], indent=2) if args.json else table(results))
     if failures:
         sys.exit(f"exo bench: {len(failures)} case(s) failed")

@@ -83,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--gen-tokens", dest="gen_tokens", type=int, default=32)
     bench.add_argument("--repeat", type=int, default=1, help="run every case N times and report the medians")
     bench.add_argument("--broker", help="use this broker instead of an embedded one")
+    bench.add_argument("--max-context", dest="max_context", type=int, default=2048,
+                       help="positions each node's engine holds per request")
+    bench.add_argument("--max-requests", dest="max_requests", type=int, default=0,
+                       help="requests each node holds at once (0: as its memory allows)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     broker = sub.add_parser("broker", help="the embedded MQTT broker alone")

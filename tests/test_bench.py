@@ -17,6 +17,7 @@ def test_bench_reports_each_case_as_json():
     for r in results:
         assert r["decode_tok_s_total"] > 0 and r["ttft_s"] > 0 and r["hop_ms"] > 0 and r["repeats"] == 2
         assert len(r["peak_rss_mb"]) == r["nodes"] and all(m > 10 for m in r["peak_rss_mb"])
+        assert len(r["idle_rss_mb"]) == r["nodes"] and all(10 < i <= p for i, p in zip(r["idle_rss_mb"], r["peak_rss_mb"]))
 
 
 def test_a_case_that_fails_is_one_line_and_the_others_still_run():
