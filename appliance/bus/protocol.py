@@ -139,6 +139,8 @@ HEADER = struct.Struct("<4sBBBB16s16sIIIffiqI")
 DTYPES = {0: np.dtype("<i4"), 1: np.dtype("<f4"), 2: np.dtype("<f2")}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 TOKEN_IDS = DTYPES[0]     # a first stage's input: token ids, shape (n,); others: activations (n, hidden)
+WIRE_ACTIVATIONS = DTYPES[2]   # hidden states travel between stages as float16: half the bytes of float32
+FLOAT16_MAX = 65504.0
 MAX_PLAN_ID = 2**32 - 1
 
 SAMPLE = 1          # flag: the last stage samples a token from this step's final position
@@ -171,6 +173,12 @@ class Frame:
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def wire_activations(hidden: np.ndarray) -> np.ndarray:
+    """Hidden states as a stage sends them on: float16, clipped to its range so that a rare outlier
+    arrives as its largest value rather than as inf. Engines take float16 or float32 alike."""
+    return np.clip(hidden, -FLOAT16_MAX, FLOAT16_MAX).astype(WIRE_ACTIVATIONS)
 
 
 def encode_frame(frame: Frame) -> bytes:

@@ -218,7 +218,8 @@ class NodeAgent:
         batch_us = int((now - started) * 1e6)   # every frame of the batch waited for all of it
         for f, out in zip(batch, outputs):
             self.last_used[f.request_id] = now
-            f = replace(f, tensor=out, compute_us=f.compute_us + batch_us)
+            sent = protocol.wire_activations(out) if loaded.next_node is not None else out
+            f = replace(f, tensor=sent, compute_us=f.compute_us + batch_us)
             if loaded.next_node is not None:
                 self.bus.publish(self.topics.node_inbox(loaded.next_node), protocol.encode_frame(f))
             elif f.flags & protocol.SAMPLE:
