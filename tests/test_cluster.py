@@ -121,14 +121,14 @@ def test_malformed_frames_and_json_are_dropped_and_the_node_keeps_serving(local_
     t = protocol.Topics(cluster.cluster)
     good = protocol.encode_frame(protocol.Frame(protocol.new_id(), protocol.new_id(), 1, 0, 0, __import__("numpy").zeros(3, "int32")))
     garbage = {
-        t.node_inbox(first): [b"", b"\x00" * 3, b"nonsense" * 20, good[:40], good[:-2], b"EXOX" + good[4:],
+        t.node_inbox(first, cluster.watcher.plans[-1]["coordinator"]): [b"", b"\x00" * 3, b"nonsense" * 20, good[:40], good[:-2], b"EXOX" + good[4:],
                                     good[:7] + b"\x09" + good[8:]],
         t.plan: [b"{", b"[]", b'{"plan_id": "x"}', b"\xff\xfe"],
         t.ctl("free"): [b"not json", b"{}", b"[1,2]"],
         # and what the coordinator reads
         t.node_info("fake"): [b"{", b'{"online": true, "memory_available": "lots"}', b'{"online": true}'],
         t.node_status("fake"): [b"\x00", b"3"],
-        t.coord_out(cluster.watcher.plans[-1]["coordinator"]): [b"{", b'{"request_id": 5}'],
+        t.coord_out(cluster.watcher.plans[-1]["coordinator"], first): [b"{", b'{"request_id": 5}'],
     }
     for topic, payloads in garbage.items():
         cluster.publish(topic, payloads)

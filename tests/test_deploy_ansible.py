@@ -160,12 +160,18 @@ def test_broker_refuses_anonymous_and_enforces_the_acl(deployed, mosquitto):
         publish(client, f"{prefix}/plan", '{"plan_id": 999}', retain=True)   # denied: panel only
         publish(client, f"{prefix}/ctl/load", "{}")                           # denied: panel only
         publish(client, f"{prefix}/node/someone-else/info", "{}")             # denied: not its own
-        publish(client, f"{prefix}/node/someone-else/in", b"frame")           # allowed: an inbox
+        publish(client, f"{prefix}/node/someone-else/in/{me}", b"frame")      # allowed: an inbox, as itself
+        publish(client, f"{prefix}/node/someone-else/in/another", b"frame")   # denied: as another node
+        publish(client, f"{prefix}/coord/c0ffee/out/another", b"token")       # denied: tokens as another node
+        publish(client, f"{prefix}/coord/c0ffee/info", '{"online": true}')    # denied: a leader's claim
         publish(client, f"{prefix}/node/{me}/status", "marker")               # allowed: its own
         watcher.wait_for(lambda t, p: t == f"{prefix}/node/{me}/status" and p == b"marker", 10,
                          "marker on the node's own status topic")
         topics = [t for t, _ in watcher.messages]
-        assert f"{prefix}/node/someone-else/in" in topics
+        assert f"{prefix}/node/someone-else/in/{me}" in topics
+        assert f"{prefix}/node/someone-else/in/another" not in topics
+        assert f"{prefix}/coord/c0ffee/out/another" not in topics
+        assert f"{prefix}/coord/c0ffee/info" not in topics
         assert f"{prefix}/plan" not in topics
         assert f"{prefix}/ctl/load" not in topics
         assert f"{prefix}/node/someone-else/info" not in topics

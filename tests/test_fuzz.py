@@ -33,19 +33,19 @@ def hostile(rng: random.Random, plan: dict, coordinator: str, hidden: int):
     first, second = plan["nodes"]
     good_ids = np.arange(3, dtype=np.int32)
     kinds = [
-        lambda: (t.node_inbox(rng.choice(plan["nodes"])), rng.randbytes(rng.randrange(200))),             # random bytes
-        lambda: (t.node_inbox(first), frame(rng, plan["plan_id"], coordinator, good_ids)[:rng.randrange(1, 60)]),  # truncated
-        lambda: (t.node_inbox(first), frame(rng, plan["plan_id"], coordinator, good_ids) + b"\0" * 9),  # over-long
-        lambda: (t.node_inbox(first), frame(rng, plan["plan_id"], coordinator, good_ids, o7=("<B", 0))),   # 0-d
-        lambda: (t.node_inbox(second), frame(rng, plan["plan_id"], coordinator, np.zeros((1, 2, hidden // 2), np.float32)[0],
+        lambda: (t.node_inbox(rng.choice(plan["nodes"]), coordinator), rng.randbytes(rng.randrange(200))),             # random bytes
+        lambda: (t.node_inbox(first, coordinator), frame(rng, plan["plan_id"], coordinator, good_ids)[:rng.randrange(1, 60)]),  # truncated
+        lambda: (t.node_inbox(first, coordinator), frame(rng, plan["plan_id"], coordinator, good_ids) + b"\0" * 9),  # over-long
+        lambda: (t.node_inbox(first, coordinator), frame(rng, plan["plan_id"], coordinator, good_ids, o7=("<B", 0))),   # 0-d
+        lambda: (t.node_inbox(second, first), frame(rng, plan["plan_id"], coordinator, np.zeros((1, 2, hidden // 2), np.float32)[0],
                                              o7=("<B", 3))),                                            # 3-d claimed
-        lambda: (t.node_inbox(first), frame(rng, plan["plan_id"], coordinator, good_ids, o5=("<B", 9))),   # bad dtype
-        lambda: (t.node_inbox(second), frame(rng, plan["plan_id"], coordinator, np.zeros((2, hidden + 1), np.float32))),  # wrong width
-        lambda: (t.node_inbox(first), frame(rng, plan["plan_id"], coordinator, np.array([10**9], np.int32))),  # id past vocab
-        lambda: (t.node_inbox(second), frame(rng, plan["plan_id"], coordinator,
+        lambda: (t.node_inbox(first, coordinator), frame(rng, plan["plan_id"], coordinator, good_ids, o5=("<B", 9))),   # bad dtype
+        lambda: (t.node_inbox(second, first), frame(rng, plan["plan_id"], coordinator, np.zeros((2, hidden + 1), np.float32))),  # wrong width
+        lambda: (t.node_inbox(first, coordinator), frame(rng, plan["plan_id"], coordinator, np.array([10**9], np.int32))),  # id past vocab
+        lambda: (t.node_inbox(second, first), frame(rng, plan["plan_id"], coordinator,
                                              np.full((1, hidden), rng.choice([np.nan, np.inf, -np.inf]), np.float32))),  # NaN/inf
-        lambda: (t.node_inbox(first), frame(rng, plan["plan_id"] + rng.choice([-5, 1, 7]), coordinator, good_ids)),  # stale plan
-        lambda: (t.node_inbox(first), protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION, 1, 0, 2, b"\0" * 16,
+        lambda: (t.node_inbox(first, coordinator), frame(rng, plan["plan_id"] + rng.choice([-5, 1, 7]), coordinator, good_ids)),  # stale plan
+        lambda: (t.node_inbox(first, coordinator), protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION, 1, 0, 2, b"\0" * 16,
                                                             b"\0" * 16, 1, 0, 0, 1.0, 1.0, 0, -1, 0)
                  + struct.pack("<2I", 2**31, 2**31)),                                                  # huge shape
         lambda: (t.plan, rng.choice([b"{", b"[]", b"null", json.dumps({"plan_id": 2**32 + rng.randrange(9), "model": "x",
@@ -53,7 +53,9 @@ def hostile(rng: random.Random, plan: dict, coordinator: str, hidden: int):
                                      b'{"plan_id": "x"}', rng.randbytes(40)])),                       # plans
         lambda: (t.ctl(rng.choice(["free", "load", "x"])), rng.choice([b"not json", b"{}", b"[1]", rng.randbytes(30)])),
         lambda: (t.coord_info(rng.choice(["fake", coordinator])), rng.choice([b"{", b"[]", b'{"online": "x"}', rng.randbytes(20)])),
-        lambda: (t.coord_out(coordinator), rng.choice([b"{", b'{"request_id": 5}', b'{"request_id": "x", "step": "y"}',
+        lambda: (t.node_inbox(second, rng.choice(["stranger", second])), frame(rng, plan["plan_id"], coordinator,
+                                                                              np.zeros((1, hidden), np.float32))),  # not the stage before
+        lambda: (t.coord_out(coordinator, rng.choice([second, first])), rng.choice([b"{", b'{"request_id": 5}', b'{"request_id": "x", "step": "y"}',
                                                       json.dumps({"request_id": protocol.new_id(), "step": 0, "token": 1}).encode()])),
         lambda: (t.node_info(rng.choice(["fake", first])), rng.choice([b"{", b'{"online": true, "memory_available": "lots"}',
                                                                        b"[]", rng.randbytes(25)])),
@@ -62,7 +64,7 @@ def hostile(rng: random.Random, plan: dict, coordinator: str, hidden: int):
     for i in range(PAYLOADS):
         yield kinds[i % len(kinds)]()
     for node in plan["nodes"]:   # oversized: 5 MB each
-        yield t.node_inbox(node), frame(rng, plan["plan_id"], coordinator, np.zeros((5 * 2**20 // (4 * hidden), hidden), np.float32))
+        yield t.node_inbox(node, coordinator), frame(rng, plan["plan_id"], coordinator, np.zeros((5 * 2**20 // (4 * hidden), hidden), np.float32))
 
 
 def rss_mb(process) -> float:
@@ -105,6 +107,7 @@ def test_ten_thousand_hostile_messages_kill_nothing_and_grow_nothing(local_clust
     assert all(g < MAX_GROWTH_MB for g in growth.values()), growth
     log = cluster.log("n0") + cluster.log("n1")
     assert "dropped a malformed frame" in log and "refused a frame" in log
+    assert "dropped a frame from stranger" in log   # a frame from neither the stage before nor a coordinator
     # the late node reads the retained plan once it has started (slow on a busy machine): dropped, and said why
     wait_for(lambda: "plan id 1099511627776 is out of range" in cluster.log("late"), 120,
              "the late node to drop the retained plan past 2**32")
@@ -133,10 +136,11 @@ def flood(cluster) -> None:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
     client.connect(host, int(port))
     client.loop_start()
-    topic = protocol.Topics(cluster.cluster).node_inbox(plan["shards"][0]["node"])
+    coordinator = plan["coordinator"]   # frames as the coordinator sends them (a stranger's are dropped unread)
+    topic = protocol.Topics(cluster.cluster).node_inbox(plan["shards"][0]["node"], coordinator)
     try:
         for _ in range(2048):
-            f = protocol.Frame(protocol.new_id(), protocol.new_id(), plan["plan_id"], 0, 0, np.arange(8, dtype=np.int32))
+            f = protocol.Frame(protocol.new_id(), coordinator, plan["plan_id"], 0, 0, np.arange(8, dtype=np.int32))
             client.publish(topic, protocol.encode_frame(f), qos=1).wait_for_publish(10)
     finally:
         client.loop_stop()

@@ -8,6 +8,11 @@ coordinator's claim, the leader's plan) is registered with `on_connect` and publ
 every (re)connect. A broker that restarts has sent our Last Will and, without persistence,
 forgotten every retained message; the hooks put them back.
 
+A member of a keyed cluster logs in as itself (`user`: its node or coordinator id) with a
+password derived from the cluster key. A broker of ours knows no member at first: before
+connecting, and whenever the broker refuses the login (a new broker after the old one's host
+left), the bus asks to join on `join/<role>/<user>` with the joiner login, and tries again.
+
 Frames are QoS 0: a publish while disconnected is lost. `publish` says so (it returns False) and
 `on_disconnect` hooks hear of a lost connection at once, so a caller can resume instead of waiting.
 """
@@ -20,6 +25,7 @@ from typing import Callable
 
 import paho.mqtt.client as mqtt
 
+from appliance import cluster_key
 from appliance.bus.protocol import Topics
 from appliance.config import Config
 
@@ -28,14 +34,18 @@ Handler = Callable[[str, bytes], None]
 
 
 class Bus:
-    def __init__(self, config: Config, client_id: str, will: tuple[str, bytes] | None = None):
+    def __init__(self, config: Config, client_id: str, will: tuple[str, bytes] | None = None,
+                 user: str = "", role: str = "node"):
         self.config = config
         self.topics = Topics(config.cluster)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv311)
         self.client.enable_logger(logging.getLogger("paho"))
-        if config.broker_username:
-            self.client.username_pw_set(config.broker_username, config.broker_password or None)
+        self.login = cluster_key.login(config, user)
+        # a login of our own derived from the key: the broker must be asked to let it in
+        self.joins_as = (role, user) if user and config.cluster_key and not config.broker_username else None
+        if self.login:
+            self.client.username_pw_set(self.login[0], self.login[1] or None)
         if config.broker_tls:
             self.client.tls_set(ca_certs=config.broker_ca_file or None)
         if will:
@@ -45,12 +55,17 @@ class Bus:
         self.connect_hooks: list[Callable[[], None]] = []
         self.disconnect_hooks: list[Callable[[], None]] = []
         self.connected = threading.Event()
+        self.patient = False
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
+            if self.joins_as:   # a broker of ours that does not know our login yet (a new one)
+                log.info("the broker does not know our login yet (%s): asking to join", reason_code)
+                threading.Thread(target=self.ask_to_join, name="join", daemon=True).start()
+            else:
+                log.error("broker refused the connection: %s", reason_code)
             return
         for topic, qos in self.subscriptions.items():  # subscriptions do not survive a reconnect
             client.subscribe(topic, qos)
@@ -93,9 +108,41 @@ class Bus:
     def publish_json(self, topic: str, data: dict, qos: int = 0, retain: bool = False) -> bool:
         return self.publish(topic, json.dumps(data, separators=(",", ":")), qos=qos, retain=retain)
 
-    def start(self, timeout: float = 10.0) -> "Bus":
+    def ask_to_join(self) -> bool:
+        """Ask the broker, with the joiner login, to let our own login in. True once it took the request."""
+        role, user = self.joins_as
         host, port = self.config.broker_address
+        joiner = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        joiner.username_pw_set(cluster_key.JOINER, cluster_key.password(self.config, cluster_key.JOINER))
+        accepted = threading.Event()
+        joiner.on_connect = lambda client, userdata, flags, reason_code, properties=None: (
+            None if reason_code.is_failure else accepted.set())
         try:
+            joiner.connect(host, port, keepalive=5)
+            joiner.loop_start()
+            if not accepted.wait(5):
+                raise RuntimeError("the joiner login was refused")
+            sent = joiner.publish(self.topics.join(role, user), b"", qos=1)
+            sent.wait_for_publish(5)
+            return sent.is_published()
+        except (OSError, RuntimeError, ValueError) as e:
+            log.warning("could not ask the broker at %s:%d to let us in: %s", host, port, e)
+            return False
+        finally:
+            joiner.disconnect()
+            joiner.loop_stop()
+
+    def start(self, timeout: float = 10.0) -> "Bus":
+        """Connect, waiting up to `timeout` for the broker to accept us; a `patient` bus (one that
+        follows discovery, which may move it) does not wait and keeps trying in the background."""
+        host, port = self.config.broker_address
+        if self.patient:
+            self.client.connect_async(host, port, keepalive=5)
+            self.client.loop_start()
+            return self
+        try:
+            if self.joins_as:
+                self.ask_to_join()
             self.client.connect(host, port, keepalive=5)
         except OSError as e:
             raise ConnectionError(f"cannot reach the MQTT broker at {host}:{port}: {e}") from e
@@ -104,6 +151,19 @@ class Bus:
             self.stop()
             raise ConnectionError(f"the MQTT broker at {host}:{port} did not accept us within {timeout:.0f} s")
         return self
+
+    def move_to(self, address: str) -> None:
+        """Leave this broker for the one at `address` (discovery found a better one): the on-disconnect
+        hooks run (requests in flight resume), and the on-connect hooks announce us there."""
+        if self.connected.is_set():
+            self.client.disconnect()
+        self.client.loop_stop()
+        self.config.broker = address
+        host, port = self.config.broker_address
+        if self.joins_as:
+            self.ask_to_join()
+        self.client.connect_async(host, port, keepalive=5)
+        self.client.loop_start()
 
     def stop(self) -> None:
         # paho 2.2's network thread may run one more loop on the closed socket and log it as an

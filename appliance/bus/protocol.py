@@ -47,21 +47,24 @@ class Topics:
     def node_download(self, node_id: str = "+") -> str:  # retained, QoS 1: download progress
         return f"{self.root}/node/{node_id}/download"
 
-    def node_inbox(self, node_id: str) -> str:          # binary activation frames, QoS 0
-        return f"{self.root}/node/{node_id}/in"
+    def node_inbox(self, node_id: str, sender: str = "+") -> str:   # binary activation frames, QoS 0
+        return f"{self.root}/node/{node_id}/in/{sender}"
 
     @property
     def plan(self) -> str:                              # retained, QoS 1
         return f"{self.root}/plan"
 
-    def coord_out(self, coord_id: str) -> str:          # tokens and errors back to a coordinator
-        return f"{self.root}/coord/{coord_id}/out"
+    def coord_out(self, coord_id: str, sender: str = "+") -> str:   # tokens and errors back to a coordinator
+        return f"{self.root}/coord/{coord_id}/out/{sender}"
 
     def coord_info(self, coord_id: str = "+") -> str:   # retained, QoS 1, Last Will: who may plan
         return f"{self.root}/coord/{coord_id}/info"
 
     def ctl(self, command: str = "#") -> str:           # QoS 1 commands: free, ...
         return f"{self.root}/ctl/{command}"
+
+    def join(self, role: str = "+", user: str = "+") -> str:   # a member asks a keyed broker to let it in
+        return f"{self.root}/join/{role}/{user}"
 
     def bench_hop(self, tag: str) -> str:               # `exo bench`'s echo of one hop
         return f"{self.root}/bench/hop/{tag}"
@@ -73,6 +76,12 @@ class Topics:
     def coord_id_of(self, topic: str) -> str:
         """The <id> of a `.../coord/<id>/...` topic."""
         return self._id_after(topic, "coord")
+
+    @staticmethod
+    def sender_of(topic: str) -> str:
+        """Who sent a message on `node/<to>/in/<from>` or `coord/<to>/out/<from>`: a keyed broker's
+        ACL lets a login write only under its own name there."""
+        return topic.rsplit("/", 1)[1]
 
     def _id_after(self, topic: str, kind: str) -> str:
         parts = topic[len(self.root) + 1:].split("/")

@@ -124,7 +124,8 @@ class Coordinator:
         self.config = config
         self.id = protocol.new_id()
         self.bus = Bus(config, client_id=f"exo-coord-{self.id[:12]}",
-                       will=(protocol.Topics(config.cluster).coord_info(self.id), protocol.COORD_WILL))
+                       will=(protocol.Topics(config.cluster).coord_info(self.id), protocol.COORD_WILL),
+                       user=self.id, role="coord")
         self.topics = self.bus.topics
         self.cluster = Cluster(self.bus, self.id)
         self.cluster.listeners.append(self.on_cluster_event)
@@ -169,6 +170,10 @@ class Coordinator:
         attempt = self.active.get(reply.request_id)
         if attempt is None:
             log.debug("reply for a finished request dropped")
+            return
+        sender = self.topics.sender_of(topic)
+        if sender not in (attempt.nodes if reply.error is not None else attempt.nodes[-1:]):
+            log.warning("dropped a reply from %s: tokens come from the plan's last node, errors from its nodes", sender)
             return
         attempt.replies.put(reply)
 
@@ -256,7 +261,7 @@ class Coordinator:
         attempt = Attempt(protocol.new_id(), plan.plan_id, plan.nodes)
         self.active[attempt.id] = attempt
         eos = set(self.model.config.eos_token_ids)
-        first_node = self.topics.node_inbox(plan.nodes[0])
+        first_node = self.topics.node_inbox(plan.nodes[0], self.id)
 
         def send(step: int, pos: int, ids: list[int], flags: int) -> None:
             frame = protocol.Frame(attempt.id, self.id, plan.plan_id, step, pos,

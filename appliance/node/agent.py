@@ -63,7 +63,7 @@ class NodeAgent:
         self.quant = config.quant or DEFAULT_QUANT[self.engine_name]
         topics = protocol.Topics(config.cluster)
         self.bus = Bus(config, client_id=f"exo-node-{config.cluster}-{self.id}",
-                       will=(topics.node_info(self.id), protocol.node_will(self.id)))
+                       will=(topics.node_info(self.id), protocol.node_will(self.id)), user=self.id, role="node")
         self.topics = self.bus.topics
         self.work: queue.Queue = queue.Queue()
         self.loaded: Loaded | None = None
@@ -74,6 +74,7 @@ class NodeAgent:
         self.worker_beat = time.monotonic()            # when the worker last came round its loop
         self.stopping = threading.Event()
         self.frames_run, self.frame_seconds = 0, 0.0   # for /metrics: this node's time per frame
+        self.coordinators: set[str] = set()            # coordinators with a claim: they may send first stages frames
 
     # -- what the node tells the cluster
     def info(self) -> dict:
@@ -133,9 +134,32 @@ class NodeAgent:
 
     def on_frame(self, topic: str, payload: bytes) -> None:
         try:
-            self.work.put(("frame", protocol.decode_frame(payload)))
+            frame = protocol.decode_frame(payload)
         except protocol.FrameError as e:
             log.warning("dropped a malformed frame on %s: %s", topic, e)
+            return
+        sender = self.topics.sender_of(topic)
+        if not self.may_send(sender, frame):
+            log.warning("dropped a frame from %s: neither the stage before this node nor its coordinator", sender)
+            return
+        self.work.put(("frame", frame))
+
+    def may_send(self, sender: str, frame: protocol.Frame) -> bool:
+        """Frames come from the coordinator the replies go to, or from the stage before this one."""
+        if sender == frame.coordinator_id and sender in self.coordinators:
+            return True
+        loaded = self.loaded
+        if loaded is None:
+            return False
+        nodes = loaded.plan.nodes
+        return self.id in nodes and nodes.index(self.id) > 0 and nodes[nodes.index(self.id) - 1] == sender
+
+    def on_coordinator(self, topic: str, payload: bytes) -> None:
+        coord_id = self.topics.coord_id_of(topic)
+        if payload and parse_json(payload).get("online"):
+            self.coordinators.add(coord_id)
+        else:
+            self.coordinators.discard(coord_id)
 
     def on_free(self, topic: str, payload: bytes) -> None:
         self.work.put(("free", str(parse_json(payload)["request_id"])))
@@ -221,7 +245,7 @@ class NodeAgent:
             sent = protocol.wire_activations(out) if loaded.next_node is not None else out
             f = replace(f, tensor=sent, compute_us=f.compute_us + batch_us)
             if loaded.next_node is not None:
-                self.bus.publish(self.topics.node_inbox(loaded.next_node), protocol.encode_frame(f))
+                self.bus.publish(self.topics.node_inbox(loaded.next_node, self.id), protocol.encode_frame(f))
             elif f.flags & protocol.SAMPLE:
                 self.reply_token(f, out)
         self.frames_run += len(batch)
@@ -260,11 +284,11 @@ class NodeAgent:
         k = protocol.TOP_LOGPROBS
         top = np.argpartition(-logprobs, k - 1)[:k] if len(logprobs) > k else np.arange(len(logprobs))
         top = top[np.argsort(-logprobs[top])]
-        self.bus.publish_json(self.topics.coord_out(f.coordinator_id), protocol.token_reply(
+        self.bus.publish_json(self.topics.coord_out(f.coordinator_id, self.id), protocol.token_reply(
             f, token, float(logprobs[token]), [(int(i), float(logprobs[i])) for i in top]))
 
     def reply_error(self, f: protocol.Frame, message: str, retry: bool = False) -> None:
-        self.bus.publish_json(self.topics.coord_out(f.coordinator_id), protocol.error_reply(f, message, retry))
+        self.bus.publish_json(self.topics.coord_out(f.coordinator_id, self.id), protocol.error_reply(f, message, retry))
 
     def free(self, request_id: str) -> None:
         if self.loaded:
@@ -352,6 +376,7 @@ class NodeAgent:
         self.bus.on(t.plan, self.on_plan, qos=1)
         self.bus.on(t.node_inbox(self.id), self.on_frame)
         self.bus.on(t.ctl("free"), self.on_free, qos=1)
+        self.bus.on(t.coord_info(), self.on_coordinator, qos=1)
         self.bus.on_connect(self.announce)
         self.bus.start()
         self.start_worker()
