@@ -21,6 +21,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ...")
 
 
+def _membership(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--join", dest="cluster_key", metavar="KEY",
+                   help="the cluster key another machine's `exo` printed (or EXO_CLUSTER_KEY)")
+    p.add_argument("--open", action="store_true", default=None,
+                   help="no key: an anonymous broker any machine on the network may use (a trusted LAN only)")
+
+
 def _serving(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a local Hugging Face model folder or a catalog id")
     p.add_argument("--host", help="address the API listens on (default 0.0.0.0)")
@@ -42,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="exo", description="Run one language model across many small machines.")
     top.add_argument("--version", action="version", version=f"exo appliance {__version__}")
     _common(top)
+    _membership(top)
     _serving(top)
     top.add_argument("--local-nodes", dest="local_nodes", type=int, help="node processes to start here (default 1)")
     top.add_argument("--engine", help="engine of the local nodes")
@@ -51,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
 
     node = sub.add_parser("node", help="one node agent (what a Pi runs)")
     _common(node)
+    _membership(node)
     node.add_argument("--name", help="node name; several nodes on one host need different names")
     node.add_argument("--engine", help="engine for this node's shard")
     node.add_argument("--quant", help="weights: q4, q8, f16 or f32 (default: the engine's)")
@@ -58,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
 
     panel = sub.add_parser("panel", help="the coordinator, API and panel, without local nodes")
     _common(panel)
+    _membership(panel)
     _serving(panel)
 
     models = sub.add_parser("models", help="list the catalog, download a model, or make a synthetic one")
@@ -92,11 +102,15 @@ def parser() -> argparse.ArgumentParser:
     broker = sub.add_parser("broker", help="the embedded MQTT broker alone")
     broker.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for the LAN)")
     broker.add_argument("--port", type=int, default=1883)
+    broker.add_argument("--config", help="YAML config file (default /etc/exo/config.yaml when present)")
+    broker.add_argument("--cluster", help="cluster name (topic prefix exo/<cluster>/)")
+    _membership(broker)
     return top
 
 
 def config_from(args: argparse.Namespace) -> Config:
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    skip = {"command", "config"} | ({"host", "port"} if args.command == "broker" else set())  # the broker's own
+    flags = {k: v for k, v in vars(args).items() if k not in skip}
     return load_config(getattr(args, "config", None), **flags)
 
 
@@ -108,15 +122,15 @@ def main(argv: list[str] | None = None) -> None:
         logging.basicConfig(level="WARNING")
         return bench_main(args)
     try:
-        config = config_from(args) if command != "broker" else None
+        config = config_from(args)
     except (ValueError, OSError) as e:   # a usage error: one line, exit status 2 as argparse's
         print(f"exo: bad configuration: {e}", file=sys.stderr)
         sys.exit(2)
-    level = config.log_level.upper() if config else "INFO"
+    level = config.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        {"all": run_all, "node": run_node, "panel": run_panel, "broker": lambda _: run_broker(args),
+        {"all": run_all, "node": run_node, "panel": run_panel, "broker": lambda c: run_broker(c, args),
          "models": lambda c: run_models(c, args)}[command](config)
     except KeyboardInterrupt:
         pass
@@ -127,30 +141,61 @@ def main(argv: list[str] | None = None) -> None:
 def run_node(config: Config) -> None:
     from appliance.node.agent import NodeAgent
 
-    if not config.broker:
-        sys.exit("exo node: no broker given: pass --broker HOST:PORT or set `broker` in the config")
-    agent = NodeAgent(config).start()
+    discovery = discover_broker(config, "node")
+    agent = NodeAgent(config)
+    follower = discovery and follow(agent.bus, discovery)
+    agent.start()
     log.info("node %s (%s) on broker %s, cluster %s", agent.id, config.name or "-", config.broker, config.cluster)
     try:
         agent.serve_forever()
     finally:
-        agent.stop()
+        for part in (follower, agent, discovery):
+            if part:
+                part.stop()
 
 
 def run_panel(config: Config) -> None:
     from appliance.coordinator.coordinator import Coordinator
     from appliance.panel.server import serve
 
-    if not config.broker:
-        sys.exit("exo panel: no broker given: pass --broker HOST:PORT or set `broker` in the config")
     check_port_free(config)
+    discovery = discover_broker(config, "panel")
     check_broker_reachable(config)   # one clear line, not the MQTT client's traceback
     print_admin_token(config)
-    coordinator = Coordinator(config).start()
+    coordinator = Coordinator(config)
+    follower = discovery and follow(coordinator.bus, discovery)
+    coordinator.start()
     try:
         serve(config, coordinator)
     finally:
-        coordinator.stop()
+        for part in (follower, coordinator, discovery):
+            if part:
+                part.stop()
+
+
+def discover_broker(config: Config, command: str):
+    """A node or a panel with no broker address finds its cluster's advertised broker (waiting
+    for one as long as it takes) and returns the Discovery to follow it with; None when given one."""
+    from appliance.discovery import Discovery
+
+    if config.broker:
+        return None
+    if not (config.cluster_key or config.open):
+        sys.exit(f"exo {command}: no broker given and no cluster key to find one with: pass --join KEY "
+                 "(or EXO_CLUSTER_KEY), --open for an open cluster, or --broker HOST:PORT")
+    discovery = Discovery(config).start()
+    print(f"exo: looking for the broker of cluster {config.cluster} on the network", flush=True)
+    config.broker = discovery.wait_for_broker(None).address
+    return discovery
+
+
+def follow(bus, discovery):
+    """Keep `bus` on the cluster's advertised broker, wherever it moves (the bus does not wait for
+    its first connection: the broker found may retire before it answers)."""
+    from appliance.discovery import Follower
+
+    bus.patient = True
+    return Follower(bus, discovery).start()
 
 
 def check_port_free(config: Config) -> None:
@@ -205,10 +250,11 @@ def run_models(config: Config, args: argparse.Namespace) -> None:
     print(fetch_all(args.model, cache=cache), flush=True)
 
 
-def run_broker(args: argparse.Namespace) -> None:
+def run_broker(config: Config, args: argparse.Namespace) -> None:
     from appliance.broker import EmbeddedBroker
 
-    broker = EmbeddedBroker(args.host, args.port).start()
+    announce_key(config)
+    broker = EmbeddedBroker(args.host, args.port, config=config).start()
     print(f"broker listening on {broker.address}", flush=True)
     try:
         broker.wait()
@@ -217,22 +263,25 @@ def run_broker(args: argparse.Namespace) -> None:
 
 
 def run_all(config: Config) -> None:
-    """Broker (embedded unless one is configured), N node processes, coordinator and API here."""
-    from appliance.broker import EmbeddedBroker
+    """A broker (the configured one, the cluster's advertised one, or our own), N node processes,
+    and a coordinator with the API here."""
     from appliance.coordinator.coordinator import Coordinator
     from appliance.panel.server import serve
 
     check_port_free(config)
+    announce_key(config)
     started: list = []
     try:
-        if not config.broker:
-            broker = EmbeddedBroker().start()
-            started.append(broker)
-            config.broker = broker.address
+        keeper = find_or_start_broker(config, started)
         for i in range(config.local_nodes):
-            started.append(spawn_node(config, f"local-{i + 1}"))
-        coordinator = Coordinator(config).start()
+            started.append(spawn_node(config, f"local-{i + 1}", discover=keeper is not None))
+        coordinator = Coordinator(config)
+        if keeper:
+            started.append(follow(coordinator.bus, keeper.discovery))
+        coordinator.start()
         started.append(coordinator)
+        if keeper:
+            keeper.watch(coordinator.cluster)
         print_admin_token(config)
         print(f"exo: API and panel on http://localhost:{config.port} (broker {config.broker}, "
               f"{config.local_nodes} local node(s))", flush=True)
@@ -242,13 +291,53 @@ def run_all(config: Config) -> None:
             stop_part(part)
 
 
-def spawn_node(config: Config, name: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "appliance", "node", "--broker", config.broker, "--cluster", config.cluster,
+def find_or_start_broker(config: Config, started: list):
+    """With no broker given: on the LAN, the keeper finds the cluster's broker or starts one (and
+    is returned); with the API on loopback only (--host 127.0.0.1), a private broker of our own."""
+    from appliance.broker import EmbeddedBroker
+
+    if config.broker:
+        return None
+    if config.host.startswith("127.") or config.host in ("localhost", "::1"):
+        broker = EmbeddedBroker(config=config).start()
+        started.append(broker)
+        config.broker = broker.address
+        return None
+    from appliance.discovery import Discovery
+    from appliance.keeper import Keeper
+
+    keeper = Keeper(config, Discovery(config).start())
+    started.append(keeper)
+    print(f"exo: looking for the broker of cluster {config.cluster} on the network", flush=True)
+    keeper.find_or_start()
+    return keeper
+
+
+def announce_key(config: Config) -> None:
+    """A closed cluster gets its key (created on first start) and says how to join it."""
+    from appliance.cluster_key import KEY_FILE, ensure_key
+
+    if config.open:
+        print("exo: open cluster: any machine on this network may join it, read its prompts and answer them "
+              "(--open is for a trusted LAN only)", flush=True)
+        return
+    origin = ensure_key(config)
+    if origin != "given":
+        origin = f"{origin}, in {os.path.join(config.state_dir, KEY_FILE)}"
+    print(f"exo: cluster key {config.cluster_key} ({origin})", flush=True)
+    print(f"exo: to add a machine, run on it: exo --join {config.cluster_key}   (or set EXO_CLUSTER_KEY)", flush=True)
+
+
+def spawn_node(config: Config, name: str, discover: bool = False) -> subprocess.Popen:
+    """A local node: on our broker, or (`discover`) on whichever broker the cluster advertises."""
+    where = [] if discover else ["--broker", config.broker]
+    command = [sys.executable, "-m", "appliance", "node", *where, "--cluster", config.cluster,
                "--name", name, "--engine", config.engine, "--log-level", config.log_level,
                "--max-context", str(config.max_context), "--max-requests", str(config.max_requests)]
     if config.quant:
         command += ["--quant", config.quant]
-    env = {**os.environ, "EXO_STATE_DIR": config.state_dir, "EXO_MODELS_DIR": config.models_dir}
+    env = {**os.environ, "EXO_STATE_DIR": config.state_dir, "EXO_MODELS_DIR": config.models_dir,
+           "EXO_CLUSTER_KEY": config.cluster_key, "EXO_OPEN": "1" if config.open else ""}
     return subprocess.Popen(command, env=env)
 
 

@@ -30,6 +30,9 @@ STORY = ("Once upon a time, there was a little girl named Lily. She loved to pla
 _EMPTY_CONFIG = Path(tempfile.mkdtemp(prefix="exo-test-config-")) / "config.yaml"
 _EMPTY_CONFIG.write_text("{}\n")
 os.environ["EXO_CONFIG"] = str(_EMPTY_CONFIG)
+# Nor do they look for brokers on the machine's network: a plain `exo` with its API on loopback runs
+# a private broker (the discovery tests set their own host, inside network namespaces).
+os.environ["EXO_HOST"] = "127.0.0.1"
 
 
 def wait_for(predicate, timeout: float, what: str):

@@ -2,7 +2,8 @@
 client that records when each token arrived.
 
 Hosts: each host a network namespace, joined by a veth pair to a bridge in a
-"switch" namespace of its own. Unplugging a host is `ip link set eth0 down` on its side: no FIN,
+"switch" namespace of its own. The bridge floods multicast (no snooping), so DNS-SD works between
+hosts, and each host has a machine id of its own (`ip netns exec` mounts /etc/netns/<host>/ over /etc). Unplugging a host is `ip link set eth0 down` on its side: no FIN,
 no RST, its TCP connections left half-open, as a pulled cable. Needs root (CI runs as root).
 
 Addresses are only inside the namespaces made here (10.<a>.<b>.0/24, picked per lab).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +54,15 @@ class Host:
     def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.command(*argv), **kwargs)
 
+    def kill(self) -> None:
+        """The host is gone at once, as a power cut: its cable first (no FIN, no RST), then every process."""
+        self.unplug()
+        for pid in subprocess.run(["ip", "netns", "pids", self.namespace], capture_output=True, text=True).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def unplug(self) -> None:
         ip("-n", self.namespace, "link", "set", "eth0", "down")
 
@@ -76,7 +87,7 @@ class Lab:
         self.switch = f"{self.tag}-sw"
         self.hosts: dict[str, Host] = {}
         ip("netns", "add", self.switch)
-        ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        ip("-n", self.switch, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
         ip("-n", self.switch, "link", "set", "br0", "up")
 
     def add_host(self, name: str) -> Host:
@@ -88,6 +99,9 @@ class Lab:
         ip("-n", namespace, "addr", "add", f"{self.subnet}.{index}/24", "dev", "eth0")
         ip("-n", namespace, "link", "set", "eth0", "up")
         ip("-n", namespace, "link", "set", "lo", "up")
+        etc = Path("/etc/netns") / namespace
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "machine-id").write_text(uuid.uuid4().hex + "\n")
         self.hosts[name] = Host(namespace, f"{self.subnet}.{index}", port)
         return self.hosts[name]
 
@@ -100,6 +114,7 @@ class Lab:
                 except ProcessLookupError:
                     pass
             subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True)
+            shutil.rmtree(Path("/etc/netns") / host.namespace, ignore_errors=True)
         subprocess.run(["ip", "netns", "del", self.switch], capture_output=True)
 
 

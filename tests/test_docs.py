@@ -124,11 +124,13 @@ def sh_blocks() -> list[Block]:
 
 def env() -> dict:
     """Commands run against this checkout (not another one pip may have installed), with an
-    empty config (never the machine's /etc/exo/config.yaml) and a free port."""
-    config = Path(tempfile.mkdtemp(prefix="exo-doc-test-")) / "config.yaml"
-    config.write_text("{}\n")
+    empty config (never the machine's /etc/exo/config.yaml), a state dir of their own, and a
+    free port on loopback (so `exo` runs a private broker and looks for no other on the network)."""
+    folder = Path(tempfile.mkdtemp(prefix="exo-doc-test-"))
+    (folder / "config.yaml").write_text("{}\n")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-            "EXO_CONFIG": str(config), "EXO_PORT": str(free_port())}
+            "EXO_CONFIG": str(folder / "config.yaml"), "EXO_STATE_DIR": str(folder / "state"),
+            "EXO_HOST": "127.0.0.1", "EXO_PORT": str(free_port())}
 
 
 def free_port() -> int:

@@ -54,6 +54,10 @@ class Cluster:
         self._replan_timer: threading.Timer | None = None
         self.started = time.time()
         self.coordinators: dict[str, float] = {}   # online coordinators: id -> start time
+        self.claims: dict[str, dict] = {}          # online coordinators: id -> their claim
+        self.can_host = False                      # our machine may start the cluster's broker (keeper.py)
+        self.hosts_broker = False                  # our machine runs the broker we are on
+        self.broker = ""                           # the broker of our last connection
         self.announced = False                     # our own announcement came back: leadership is known
         self.is_leader = False
         self.leaders_plan: Plan | None = None
@@ -71,7 +75,8 @@ class Cluster:
         """On every (re)connect: our claim, retained so coordinators that start later see it, and,
         if we lead, our plan again (a restarted broker may have forgotten it)."""
         self.bus.publish_json(self.topics.coord_info(self.coordinator_id),
-                              {"id": self.coordinator_id, "online": True, "started": self.started}, qos=1, retain=True)
+                              {"id": self.coordinator_id, "online": True, "started": self.started,
+                               "can_host": self.can_host, "hosts_broker": self.hosts_broker}, qos=1, retain=True)
         with self.lock:
             plan = self.plan if self.is_leader and self.plan and self.plan.coordinator == self.coordinator_id else None
         if plan:
@@ -158,6 +163,19 @@ class Cluster:
             self.heard = {i: now for i in self.heard}
             self.connections += 1
             self.spoke = set()
+            if self.broker and self.bus.config.broker != self.broker:
+                self.forget_old_broker()
+            self.broker = self.bus.config.broker
+
+    def forget_old_broker(self) -> None:
+        """On another broker (the old one's host left, or two merged), what the old one told us is
+        history: whoever is still here announces itself again, and the dead send no Will here."""
+        log.info("on the broker at %s now: forgetting the nodes and coordinators of the old one", self.bus.config.broker)
+        self.nodes, self.status, self.silent = {}, {}, {}
+        self.coordinators = {i: t for i, t in self.coordinators.items() if i == self.coordinator_id}
+        self.claims = {i: c for i, c in self.claims.items() if i == self.coordinator_id}
+        self.schedule_replan()
+        self.changed.notify_all()
 
     def on_retained_plan(self, topic: str, payload: bytes) -> None:
         """Plans published by others (the leader, or a coordinator before us): keep plan ids
@@ -189,8 +207,10 @@ class Cluster:
         with self.lock:
             if info.get("online"):
                 self.coordinators[coord_id] = float(info.get("started", 0))
+                self.claims[coord_id] = info
             else:
                 self.coordinators.pop(coord_id, None)
+                self.claims.pop(coord_id, None)
             self.announced = self.announced or coord_id == self.coordinator_id
             was, self.is_leader = self.is_leader, self.announced and self.leader() == self.coordinator_id
         if self.is_leader != was:
