@@ -7,6 +7,7 @@ import signal
 import subprocess
 import os
 import sys
+import time
 
 from appliance import __version__
 from appliance.config import Config, load_config
@@ -180,7 +181,7 @@ def discover_broker(config: Config, command: str):
 
     if config.broker:
         return None
-    if not (config.cluster_key or config.open):
+    if not (config.cluster_key or config.open or config.broker_username):
         sys.exit(f"exo {command}: no broker given and no cluster key to find one with: pass --join KEY "
                  "(or EXO_CLUSTER_KEY), --open for an open cluster, or --broker HOST:PORT")
     discovery = Discovery(config).start()
@@ -256,9 +257,16 @@ def run_broker(config: Config, args: argparse.Namespace) -> None:
     announce_key(config)
     broker = EmbeddedBroker(args.host, args.port, config=config).start()
     print(f"broker listening on {broker.address}", flush=True)
+    discovery = None
+    if not args.host.startswith("127."):   # on the LAN: tell the cluster's machines where it is
+        from appliance.discovery import Discovery
+        discovery = Discovery(config).start()
+        discovery.advertise(broker.port, time.time())
     try:
         broker.wait()
     finally:
+        if discovery:
+            discovery.stop()
         broker.stop()
 
 

@@ -65,6 +65,17 @@ class Advert:
                    float(props.get("since") or 0))
 
 
+def avahi_service(config: Config, port: int) -> str:
+    """The same advert as an avahi service file, for a mosquitto that exo does not run (a broker
+    card of the image). `since` 0: a broker set up to stay outranks any that `exo` starts."""
+    txt = "".join(f"    <txt-record>{k}={v}</txt-record>\n"
+                  for k, v in {"cluster": config.cluster, "hash": cluster_hash(config), "since": 0}.items())
+    return ("<?xml version=\"1.0\" standalone='no'?>\n<!DOCTYPE service-group SYSTEM \"avahi-service.dtd\">\n"
+            f"<service-group>\n  <name replace-wildcards=\"yes\">exo-{config.cluster} on %h</name>\n  <service>\n"
+            f"    <type>{SERVICE.removesuffix('.local.')}</type>\n    <port>{port}</port>\n{txt}"
+            "  </service>\n</service-group>\n")
+
+
 def lan_addresses() -> list[str]:
     """This machine's IPv4 addresses other than loopback."""
     return [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips

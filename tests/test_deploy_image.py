@@ -80,6 +80,11 @@ def test_stage_install_in_a_debootstrap_chroot(tmp_path):
     assert "ssid=Lab" in wifi.read_text() and oct(wifi.stat().st_mode & 0o777) == "0o600"
     assert "listener 1883" in (root / "etc/mosquitto/conf.d/exo.conf").read_text()
     assert (root / "etc/mosquitto/exo.passwd").read_text().startswith("exo:$7$")
+    from appliance.cluster_key import cluster_hash   # the broker card advertises itself: nodes need no address
+    from appliance.config import Config
+    advert = (root / "etc/avahi/services/exo-mqtt.service").read_text()
+    assert "<type>_exo-mqtt._tcp</type>" in advert and "<port>1883</port>" in advert
+    assert f"hash={cluster_hash(Config(cluster='kitchen'))}" in advert
     enabled = in_chroot(root, "systemctl is-enabled mosquitto.service exo-node.service exo-panel.service "
                               "|| true").stdout.split()
     assert enabled == ["enabled", "enabled", "disabled"]

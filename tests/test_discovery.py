@@ -38,12 +38,14 @@ class Hosts:
         self.tmp, self.lab, self.exo, self.started = tmp, Lab(), {}, {}
         (tmp / "none.yaml").write_text("{}\n")
 
-    def start(self, name: str, key: str = KEY) -> None:
+    def start(self, name: str, key: str = KEY, argv: list[str] | None = None, env: dict | None = None) -> None:
+        """Plain `exo --model M` (or `argv`) on a host of its own, with `key` and no broker address."""
         host = self.lab.hosts.get(name) or self.lab.add_host(name)
         env = {**os.environ, "EXO_STATE_DIR": str(self.tmp / name), "EXO_CONFIG": str(self.tmp / "none.yaml"),
-               "EXO_CLUSTER_KEY": key, "EXO_HOST": "0.0.0.0"}
+               "EXO_CLUSTER_KEY": key, "EXO_HOST": "0.0.0.0", **(env or {})}
+        argv = argv or ["--model", str(STORIES), "--engine", "numpy"]
         log = open(self.tmp / f"{name}.log", "wb")
-        self.exo[name] = host.popen([sys.executable, "-m", "appliance", "--model", str(STORIES), "--engine", "numpy"],
+        self.exo[name] = host.popen([sys.executable, "-m", "appliance", *argv],
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
         self.started[name] = time.time()   # the probes on the lab's hosts say when they were served on this clock
 
@@ -166,6 +168,21 @@ def test_strangers_and_a_members_login_cannot_hijack_the_cluster(hosts):
     print(f"\nhijack: anonymous refused, another key refused; a member's login answered "
           f"{attack['replies_answered_with_fakes']} replies with fake tokens (as itself and as the last node) and "
           "published a retained leader claim and plan: the stream's text was unchanged and the plan is the leader's")
+
+
+def test_nodes_with_no_broker_address_find_an_advertised_broker(hosts):
+    """As on Pis: one host runs `exo broker` on the LAN (which advertises it), the others `exo node`
+    and `exo panel` with the key and no broker line."""
+    key, env = cluster_key.new_key(), {"EXO_CLUSTER": "pis"}
+    hosts.start("pi-broker", key=key, argv=["broker", "--host", "0.0.0.0"], env=env)
+    hosts.start("pi-a", key=key, argv=["node", "--engine", "numpy", "--name", "a"], env=env)
+    hosts.start("pi-b", key=key, argv=["node", "--engine", "numpy", "--name", "b"], env=env)
+    hosts.start("pi-panel", key=key, argv=["panel", "--model", str(STORIES)], env=env)
+    results = hosts.probe(["pi-panel"], 2, FORM_WITHIN_S)
+    served(results, "its 2 nodes")
+    assert hosts.host_at(results["pi-panel"]["health"]["broker"]) == "pi-broker"
+    print(f"\n`exo broker`, 2 `exo node` and `exo panel` with no broker address: served "
+          f"{results['pi-panel']['at'] - hosts.started['pi-panel']:.1f} s after the panel started")
 
 
 def alive(hosts) -> list[str]:
