@@ -25,7 +25,12 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
+
+from appliance import cluster_key
+from appliance.bus.client import Bus
+from appliance.bus.protocol import Topics
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +84,6 @@ class Members:
     """The logins a keyed broker knows, and its password file and ACL, written from them."""
 
     def __init__(self, config, folder: Path):
-        from appliance import cluster_key
-        from appliance.bus.protocol import Topics
-
         self.config, self.folder, self.topics = config, folder, Topics(config.cluster)
         self.roles: dict[str, str] = {}     # user -> "node" | "coord"
         self.fixed = {user: cluster_key.password(config, user) for user in (cluster_key.JOINER, cluster_key.REGISTRAR)}
@@ -97,8 +99,6 @@ class Members:
         return True
 
     def write(self) -> None:
-        from appliance import cluster_key
-
         users = {**self.fixed, **{u: cluster_key.password(self.config, u) for u in self.roles}}
         self.passwords.write_text("".join(f"{u}:{password_hash(p)}\n" for u, p in users.items()))
         self.acl.write_text(self.acl_text())
@@ -106,8 +106,6 @@ class Members:
             give_to_mosquitto(path, 0o600)
 
     def acl_text(self) -> str:
-        from appliance import cluster_key
-
         t, root = self.topics, self.topics.root
         lines = ["# A member writes as itself only (%u is its login: a node id or a coordinator id).",
                  f"pattern write {t.node_info('%u')}", f"pattern write {t.node_status('%u')}",
@@ -168,10 +166,6 @@ class EmbeddedBroker:
 
     def _start_registrar(self) -> None:
         """Our own client: reads `join/<role>/<user>` and lets that member in."""
-        from appliance import cluster_key
-        from appliance.bus.client import Bus
-        from dataclasses import replace
-
         config = replace(self.members.config, broker=self.local_address, broker_username=cluster_key.REGISTRAR,
                          broker_password=self.members.fixed[cluster_key.REGISTRAR])
         self.registrar = Bus(config, client_id=f"exo-registrar-{os.getpid()}")

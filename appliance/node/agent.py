@@ -74,7 +74,7 @@ class NodeAgent:
         self.worker_beat = time.monotonic()            # when the worker last came round its loop
         self.stopping = threading.Event()
         self.frames_run, self.frame_seconds = 0, 0.0   # for /metrics: this node's time per frame
-        self.coordinators: set[str] = set()            # coordinators with a claim: they may send first stages frames
+        self.coordinators: set[str] = set()            # coordinators with a claim: they may send a first stage its frames
 
     # -- what the node tells the cluster
     def info(self) -> dict:
