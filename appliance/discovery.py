@@ -176,7 +176,7 @@ class Follower:
                 log.exception("discovery: could not check the broker")
 
     def check(self) -> None:
-        current = self.bus.config.broker
+        current = self.bus.address
         here = self.discovery.advert_at(current)
         if self.bus.connected.is_set() and here is not None:
             with self.discovery.changed:
@@ -184,6 +184,8 @@ class Follower:
             if not older:
                 return   # on the oldest broker there is: nothing to do
         best = self.discovery.best()
+        log.debug("discovery: follower check: on %s (connected %s), best %s", current, self.bus.connected.is_set(),
+                 best and best.address)
         if best is None or best.address == current:
             return
         if self.bus.connected.is_set() and here is not None and best.rank >= here.rank:

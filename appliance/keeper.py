@@ -10,8 +10,8 @@ none it starts the embedded broker on the LAN and advertises it. Then it watches
   machines that remain elect a new host without talking: every coordinator's claim says whether
   its machine can host a broker and whether it hosts the one we were on, so each keeper orders
   the same candidates the same way (the coordinators that started first first, the old host's
-  left out), and the n-th waits n times ELECT_S before it starts one. The first one's advert
-  stops the others; if two start anyway, the older wins as above.
+  left out), and the first waits ELECT_S before it starts one, each next one STAGGER_S more.
+  The first one's advert stops the others; if two start anyway, the older wins as above.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from appliance.discovery import FOLLOW_S, Discovery
 log = logging.getLogger(__name__)
 
 DISCOVERY_S = 3.0    # how long `exo` browses for its cluster's broker before it starts one
-ELECT_S = 2.0        # the wait, per place in the order of candidates, before starting a broker
+ELECT_S = 2.0        # how long the first candidate waits for a broker to answer before starting one
+STAGGER_S = 5.0      # how much longer each next candidate waits: time for the one before to start and advertise
 MQTT_PORT = 1883
 
 
@@ -42,7 +43,7 @@ class Keeper:
         self.lock = threading.Lock()
 
     def find_or_start(self) -> str:
-        """The broker to use: the advertised one, else one of our own. Sets config.broker."""
+        """At start, the broker to use: the advertised one, else one of our own. Sets config.broker."""
         advert = self.discovery.wait_for_broker(DISCOVERY_S)
         if advert:
             log.info("joining the broker of cluster %s at %s", self.config.cluster, advert.address)
@@ -52,10 +53,12 @@ class Keeper:
         return self.config.broker
 
     def start_broker(self) -> None:
+        """Start and advertise a broker. At start we go on it; later our follower moves us there."""
         with self.lock:
             self.broker = EmbeddedBroker("0.0.0.0", MQTT_PORT, config=self.config).start()
             self.advert = self.discovery.advertise(self.broker.port, time.time())
-            self.config.broker = self.advert.address
+            if self.cluster is None:
+                self.config.broker = self.advert.address
         print(f"exo: this machine runs the broker of cluster {self.config.cluster} on {self.advert.address}", flush=True)
         self.claim()
 
@@ -101,16 +104,15 @@ class Keeper:
             return
         if self.lost_at is None:
             self.lost_at = time.monotonic()
-            log.warning("lost the broker at %s: waiting for another, or for our turn to start one", self.config.broker)
+            log.warning("lost the broker at %s: waiting for another, or for our turn to start one", self.cluster.bus.address)
         if self.discovery.best():
             return   # a broker answers (ours, still taking us back, or another): the follower sees to it
         me = self.cluster.coordinator_id
         place = self.candidates.index(me) if me in self.candidates else len(self.candidates)
-        if time.monotonic() - self.lost_at >= ELECT_S * (place + 1):
+        if time.monotonic() - self.lost_at >= ELECT_S + STAGGER_S * place:
             log.warning("no broker for %.0f s and this machine is candidate %d: starting one",
                         time.monotonic() - self.lost_at, place + 1)
-            self.start_broker()
-            self.cluster.bus.move_to(self.config.broker)
+            self.start_broker()   # the follower moves our bus to it, the only one that answers
 
     def order_candidates(self) -> list[str]:
         """The coordinators that may host the next broker, in the order they try: the ones that

@@ -27,7 +27,7 @@ import paho.mqtt.client as mqtt
 
 from appliance import cluster_key
 from appliance.bus.protocol import Topics
-from appliance.config import Config
+from appliance.config import Config, parse_address
 
 log = logging.getLogger(__name__)
 Handler = Callable[[str, bytes], None]
@@ -56,6 +56,8 @@ class Bus:
         self.disconnect_hooks: list[Callable[[], None]] = []
         self.connected = threading.Event()
         self.patient = False
+        self.address = config.broker      # the broker this bus is on (HOST:PORT); move_to changes it
+        self.moving = threading.Lock()    # one move at a time
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
 
@@ -111,7 +113,7 @@ class Bus:
     def ask_to_join(self) -> bool:
         """Ask the broker, with the joiner login, to let our own login in. True once it took the request."""
         role, user = self.joins_as
-        host, port = self.config.broker_address
+        host, port = parse_address(self.address)
         joiner = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
         joiner.username_pw_set(cluster_key.JOINER, cluster_key.password(self.config, cluster_key.JOINER))
         accepted = threading.Event()
@@ -135,7 +137,8 @@ class Bus:
     def start(self, timeout: float = 10.0) -> "Bus":
         """Connect, waiting up to `timeout` for the broker to accept us; a `patient` bus (one that
         follows discovery, which may move it) does not wait and keeps trying in the background."""
-        host, port = self.config.broker_address
+        self.address = self.config.broker
+        host, port = parse_address(self.address)
         if self.patient:
             self.client.connect_async(host, port, keepalive=5)
             self.client.loop_start()
@@ -155,15 +158,16 @@ class Bus:
     def move_to(self, address: str) -> None:
         """Leave this broker for the one at `address` (discovery found a better one): the on-disconnect
         hooks run (requests in flight resume), and the on-connect hooks announce us there."""
-        if self.connected.is_set():
-            self.client.disconnect()
-        self.client.loop_stop()
-        self.config.broker = address
-        host, port = self.config.broker_address
-        if self.joins_as:
-            self.ask_to_join()
-        self.client.connect_async(host, port, keepalive=5)
-        self.client.loop_start()
+        with self.moving:
+            if self.connected.is_set():
+                self.client.disconnect()
+            self.client.loop_stop()
+            self.address = self.config.broker = address   # the config too: what the panel shows
+            host, port = parse_address(address)
+            if self.joins_as:
+                self.ask_to_join()
+            self.client.connect_async(host, port, keepalive=5)
+            self.client.loop_start()
 
     def stop(self) -> None:
         # paho 2.2's network thread may run one more loop on the closed socket and log it as an

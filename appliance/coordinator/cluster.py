@@ -84,7 +84,10 @@ class Cluster:
 
     def withdraw(self) -> None:
         """Clear our claim before a clean exit (a crash clears it through the Last Will)."""
-        self.bus.client.publish(self.topics.coord_info(self.coordinator_id), b"", qos=1, retain=True).wait_for_publish(2)
+        try:
+            self.bus.client.publish(self.topics.coord_info(self.coordinator_id), b"", qos=1, retain=True).wait_for_publish(2)
+        except RuntimeError:   # not connected: our Last Will, or a broker that forgot us, clears it
+            pass
 
     def name_of(self, node_id: str) -> str:
         return self.names.get(node_id, node_id)
@@ -163,19 +166,23 @@ class Cluster:
             self.heard = {i: now for i in self.heard}
             self.connections += 1
             self.spoke = set()
-            if self.broker and self.bus.config.broker != self.broker:
-                self.forget_old_broker()
-            self.broker = self.bus.config.broker
+            forgotten = self.forget_old_broker() if self.broker and self.bus.address != self.broker else []
+            self.broker = self.bus.address
+        for node_id in forgotten:   # offline until they announce themselves here
+            self.emit("node", {"id": node_id, "online": False})
 
-    def forget_old_broker(self) -> None:
+    def forget_old_broker(self) -> list[str]:
         """On another broker (the old one's host left, or two merged), what the old one told us is
-        history: whoever is still here announces itself again, and the dead send no Will here."""
-        log.info("on the broker at %s now: forgetting the nodes and coordinators of the old one", self.bus.config.broker)
+        history: whoever is still here announces itself again, and the dead send no Will here.
+        Returns the nodes forgotten."""
+        log.info("on the broker at %s now: forgetting the nodes and coordinators of the old one", self.bus.address)
+        forgotten = list(self.nodes)
         self.nodes, self.status, self.silent = {}, {}, {}
         self.coordinators = {i: t for i, t in self.coordinators.items() if i == self.coordinator_id}
         self.claims = {i: c for i, c in self.claims.items() if i == self.coordinator_id}
         self.schedule_replan()
         self.changed.notify_all()
+        return forgotten
 
     def on_retained_plan(self, topic: str, payload: bytes) -> None:
         """Plans published by others (the leader, or a coordinator before us): keep plan ids
