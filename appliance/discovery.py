@@ -22,7 +22,7 @@ import ifaddr
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
 from appliance.cluster_key import cluster_hash
-from appliance.config import Config
+from appliance.config import Config, parse_address
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,7 @@ class Advert:
         return self.since, self.name
 
     def reachable(self) -> bool:
-        try:
-            socket.create_connection((self.addresses[0], self.port), timeout=REACH_TIMEOUT_S).close()
-            return True
-        except OSError:
-            return False
+        return answers(self.address)
 
     @classmethod
     def from_info(cls, info: ServiceInfo) -> "Advert | None":
@@ -63,6 +59,17 @@ class Advert:
             return None
         return cls(info.name, props.get("cluster", ""), props["hash"], addresses, info.port,
                    float(props.get("since") or 0))
+
+
+def answers(address: str) -> bool:
+    """Whether something takes a TCP connection at HOST:PORT. A broker whose host vanished is
+    found out this way within a second, long before MQTT's keepalive gives up on it."""
+    host, port = parse_address(address)
+    try:
+        socket.create_connection((host, port), timeout=REACH_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
 
 
 def avahi_service(config: Config, port: int) -> str:
@@ -181,14 +188,14 @@ class Follower:
         if self.bus.connected.is_set() and here is not None:
             with self.discovery.changed:
                 older = [a for a in self.discovery.adverts.values() if a.rank < here.rank]
-            if not older:
-                return   # on the oldest broker there is: nothing to do
+            if not older and answers(current):
+                return   # on the oldest broker there is, and it is there: nothing to do
         best = self.discovery.best()
         log.debug("discovery: follower check: on %s (connected %s), best %s", current, self.bus.connected.is_set(),
                  best and best.address)
         if best is None or best.address == current:
             return
-        if self.bus.connected.is_set() and here is not None and best.rank >= here.rank:
+        if self.bus.connected.is_set() and here is not None and best.rank >= here.rank and answers(current):
             return
         log.info("discovery: moving from the broker at %s to %s", current, best.address)
         self.bus.move_to(best.address)

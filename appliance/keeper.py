@@ -6,7 +6,8 @@ none it starts the embedded broker on the LAN and advertises it. Then it watches
 - A machine that hosts the broker retires it when an older broker of the cluster is advertised
   (two machines started at once, or a network split healed): its clients, and everyone else's,
   move to the older one, so there are two brokers for a few seconds at most.
-- When the broker is lost (our connection to it is down and no other is advertised), the
+- When the broker is lost (our connection to it is down, or its address takes no TCP connection,
+  and no other broker is advertised), the
   machines that remain elect a new host without talking: every coordinator's claim says whether
   its machine can host a broker and whether it hosts the one we were on, so each keeper orders
   the same candidates the same way (the coordinators that started first first, the old host's
@@ -21,7 +22,7 @@ import time
 
 from appliance.broker import EmbeddedBroker
 from appliance.config import Config
-from appliance.discovery import FOLLOW_S, Discovery
+from appliance.discovery import FOLLOW_S, Discovery, answers
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Keeper:
             if best and best.rank < self.advert.rank:
                 self.retire_broker()
             return
-        if self.cluster.bus.connected.is_set():
+        if self.cluster.bus.connected.is_set() and answers(self.cluster.bus.address):
             self.lost_at = None
             self.candidates = self.order_candidates()
             return

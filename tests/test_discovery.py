@@ -54,9 +54,15 @@ class Hosts:
 
     def probe(self, names: list[str], nodes: int, timeout: float) -> dict[str, dict]:
         """Wait on each host at once until its API serves `nodes` nodes; what each probe saw."""
+        return self.probe_wait(self.probe_start(names, nodes, timeout))
+
+    def probe_start(self, names: list[str], nodes: int, timeout: float) -> dict[str, subprocess.Popen]:
         argv = [sys.executable, "-m", "tests.lab_probe"]
-        probes = {n: self.lab.hosts[n].popen([*argv, self.url(n), str(STORIES), str(nodes), str(timeout)],
-                                             stdout=subprocess.PIPE, text=True) for n in names}
+        return {n: self.lab.hosts[n].popen([*argv, self.url(n), str(STORIES), str(nodes), str(timeout)],
+                                           stdout=subprocess.PIPE, text=True) for n in names}
+
+    @staticmethod
+    def probe_wait(probes: dict[str, subprocess.Popen]) -> dict[str, dict]:
         return {n: json.loads(p.communicate()[0]) for n, p in probes.items()}
 
     def host_at(self, address: str) -> str:
@@ -92,10 +98,14 @@ def served(results: dict[str, dict], what: str) -> None:
 
 
 def test_three_hosts_running_plain_exo_form_one_cluster(hosts):
-    for name in ("h0", "h1", "h2"):   # at once: each finds no broker, starts one, and two of them retire theirs
+    names = ["h0", "h1", "h2"]
+    for name in names:
+        hosts.lab.add_host(name)
+    probes = hosts.probe_start(names, 3, FORM_WITHIN_S + 10)   # up and asking before exo starts: their time is exo's
+    for name in names:   # at once: each finds no broker, starts one, and two of them retire theirs
         hosts.start(name)
     last = max(hosts.started.values())
-    results = hosts.probe(["h0", "h1", "h2"], 3, FORM_WITHIN_S)
+    results = hosts.probe_wait(probes)
     served(results, "a cluster of 3")
     after = max(r["at"] for r in results.values()) - last
     assert after < FORM_WITHIN_S
