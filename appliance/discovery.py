@@ -185,20 +185,16 @@ class Follower:
     def check(self) -> None:
         current = self.bus.address
         here = self.discovery.advert_at(current)
-        if self.bus.connected.is_set() and here is not None:
+        settled = self.bus.connected.is_set() and here is not None and answers(current)
+        if settled:
             with self.discovery.changed:
-                older = [a for a in self.discovery.adverts.values() if a.rank < here.rank]
-            if not older and answers(current):
-                return   # on the oldest broker there is, and it is there: nothing to do
-        best = self.discovery.best()
-        log.debug("discovery: follower check: on %s (connected %s), best %s", current, self.bus.connected.is_set(),
-                 best and best.address)
-        if best is None or best.address == current:
-            return
-        if self.bus.connected.is_set() and here is not None and best.rank >= here.rank and answers(current):
-            return
-        log.info("discovery: moving from the broker at %s to %s", current, best.address)
-        self.bus.move_to(best.address)
+                if not any(a.rank < here.rank for a in self.discovery.adverts.values()):
+                    return   # on the oldest broker there is, and it is there
+        best = self.discovery.best()   # the oldest that answers: if ours still does, one older than ours
+        log.debug("discovery: on %s (settled %s), best %s", current, settled, best and best.address)
+        if best is not None and best.address != current:
+            log.info("discovery: moving from the broker at %s to %s", current, best.address)
+            self.bus.move_to(best.address)
 
     def stop(self) -> None:
         self.stopping.set()
