@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from appliance.processes import child_process
+
 log = logging.getLogger(__name__)
 
 SEARCH_PATH = ["/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin", "/usr/local/opt/mosquitto/sbin"]
@@ -112,7 +114,7 @@ class EmbeddedBroker:
         conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
                         "log_dest stderr\nlog_type error\nlog_type warning\nset_tcp_nodelay true\n")
         conf.chmod(0o644)
-        self.process = subprocess.Popen([binary, "-c", str(conf)])
+        self.process = subprocess.Popen([binary, "-c", str(conf)], **child_process())
         wait_for_port(self.host, self.port, 10, self.process)
         log.info("embedded mosquitto listening on %s", self.address)
 

@@ -243,8 +243,7 @@ class Coordinator:
         if not self.bus.connected.wait(READY_WAIT_S):
             reason = "the MQTT broker is unreachable"
         elif (plan := self.cluster.wait_ready(READY_WAIT_S, patient=bool(after))) is None:
-            errors = self.cluster.load_errors()
-            reason = "; ".join(errors) if errors else self.cluster.plan_error or "the cluster's plan is still loading"
+            reason = self.cluster.not_ready_reason()
         if reason:
             raise Unavailable(f"{after}the cluster cannot serve now: {reason}")
         return plan
@@ -297,6 +296,14 @@ class Coordinator:
             record.ttft_s = elapsed
         elif elapsed > record.ttft_s:
             record.tokens_per_s = (record.completion_tokens - 1) / (elapsed - record.ttft_s)
+
+    def unready_reason(self) -> str | None:
+        """None when a request would be served now, else why not (what /healthz says)."""
+        if not self.bus.connected.is_set():
+            return "the MQTT broker is unreachable"
+        if self.model is None:
+            return "no model is loaded"
+        return None if self.cluster.ready_plan() else self.cluster.not_ready_reason()
 
     def cluster_requests(self) -> int:
         """Requests the cluster holds at once: the smallest node's, on the plan being served."""

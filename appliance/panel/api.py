@@ -360,8 +360,13 @@ def models():
 
 @api.get("/healthz")
 def healthz():
+    """200 when a request would be served now; 503 and the reason until then (as llama-server does),
+    so a load balancer or a start script can wait on it."""
     cluster = coordinator().cluster
+    reason = coordinator().unready_reason()
     plan = cluster.ready_plan()
-    return jsonify({"status": "ok", "nodes": len(cluster.nodes), "ready": plan is not None,
+    return jsonify({"status": "ok" if reason is None else "unavailable", "reason": reason,
+                    "nodes": len(cluster.nodes), "ready": reason is None,
                     "coordinator": {"id": cluster.coordinator_id, "leader": cluster.is_leader},
-                    "plan": plan.to_dict() if plan else None, "plan_error": cluster.plan_error})
+                    "plan": plan.to_dict() if plan else None, "plan_error": cluster.plan_error}), \
+        200 if reason is None else 503
