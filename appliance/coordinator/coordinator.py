@@ -69,6 +69,7 @@ class LoadedModel:
     path: Path
     config: ModelConfig
     tokenizer: Tokenizer
+    created: int = field(default_factory=lambda: int(time.time()))   # when it was loaded: /v1/models says so
 
 
 @dataclass
@@ -85,6 +86,11 @@ class RequestRecord:
     status: str = "running"          # running, done, error, stopped (by a stop string or a client gone)
     error: str | None = None
     resumes: int = 0                 # times the request was replayed on a new plan
+    endpoint: str = ""               # the API path it came in on
+    max_tokens: int = 0
+    sampling: dict = field(default_factory=dict)
+    finish_reason: str | None = None  # the API's: stop (end of text or a stop string), length (max_tokens)
+    duration_s: float | None = None   # from arrival to its end
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +117,9 @@ class Observer:
 
     def finished(self, record: RequestRecord) -> None:
         pass
+
+    def rejected(self, status: int) -> None:
+        """A request refused before it was run (a 4xx: invalid, unknown model, the queue full)."""
 
 
 def prefill_chunks(prompt: list[int], hidden_size: int) -> list[tuple[int, list[int]]]:
@@ -193,24 +202,29 @@ class Coordinator:
                 attempt.replies.put(Interrupted(reason))
 
     # -- generation
-    def generate(self, prompt: list[int], max_tokens: int, sampling: protocol.Sampling) -> Iterator[Token]:
+    def generate(self, prompt: list[int], max_tokens: int, sampling: protocol.Sampling,
+                 record: RequestRecord | None = None) -> Iterator[Token]:
         """Yield sampled tokens until an end-of-sequence token or `max_tokens`, resuming on a new
         plan when interrupted. Closing the generator early (a client gone, a stop string) frees the
-        request on every node."""
+        request on every node. `record`: what the Requests page shows of it, where the caller
+        wants to add to it (the endpoint, the finish reason)."""
         if self.model is None:
             raise Unavailable("no model is loaded")
         if sampling.seed is None:   # a seed of our own keeps a resumed request's draws the same
             sampling = replace(sampling, seed=secrets.randbits(62))
+        record = record or RequestRecord(protocol.new_id(), self.model.id, [], len(prompt))
+        record.max_tokens, record.sampling = max_tokens, asdict(sampling)
         with self.admission.place():
-            yield from self._generate(prompt, max_tokens, sampling)
+            yield from self._generate(prompt, max_tokens, sampling, record)
 
-    def _generate(self, prompt: list[int], max_tokens: int, sampling: protocol.Sampling) -> Iterator[Token]:
-        plan = self._wait_for_plan()
-        record = RequestRecord(protocol.new_id(), self.model.id, plan.nodes, len(prompt))
+    def _generate(self, prompt: list[int], max_tokens: int, sampling: protocol.Sampling,
+                  record: RequestRecord) -> Iterator[Token]:
         self.history.append(record)
         generated: list[int] = []
-        started = time.monotonic()
         try:
+            plan = self._wait_for_plan()
+            record.nodes = plan.nodes
+            started = time.monotonic()
             while True:
                 try:
                     with contextlib.closing(self._attempt(plan, prompt + generated, len(generated),
@@ -235,6 +249,7 @@ class Coordinator:
         finally:
             if record.status == "running":
                 record.status = "stopped"   # the consumer closed the generator early
+            record.duration_s = time.time() - record.created
             self.observer.finished(record)
 
     def _wait_for_plan(self, after: str = ""):

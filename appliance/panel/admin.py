@@ -13,6 +13,7 @@ from flask import Blueprint, current_app, jsonify
 
 from appliance.panel.api import ApiError, json_body
 from appliance.panel.auth import check_admin
+from appliance.panel.schema import Invalid, ModelBody, validate
 
 admin = Blueprint("admin", __name__)
 admin.before_request(check_admin)
@@ -35,10 +36,10 @@ def _leader_only():
 
 
 def _model_arg() -> str:
-    model = json_body().get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise ApiError(400, "the body must be a JSON object with a 'model' string", "model")
-    return model.strip()
+    try:
+        return validate(ModelBody, json_body()).model.strip()
+    except Invalid as e:
+        raise ApiError(400, e.message, e.param) from None
 
 
 @admin.post("/api/models/load")
