@@ -28,6 +28,7 @@ from appliance.bus.client import Bus
 from appliance.config import Config
 from appliance.coordinator.admission import Admission
 from appliance.coordinator.cluster import Cluster
+from appliance.coordinator.throughput import Throughput
 from appliance.engines.base import MAX_REQUESTS
 from appliance.models.config import ModelConfig
 from appliance.models.download import fetch_for_coordinator
@@ -142,6 +143,7 @@ class Coordinator:
         self.history: collections.deque[RequestRecord] = collections.deque(maxlen=100)
         self.lock = threading.Lock()
         self.observer = Observer()
+        self.throughput = Throughput()
         self.admission = Admission(config.queue_limit, self.cluster_requests)
 
     def start(self) -> "Coordinator":
@@ -299,12 +301,13 @@ class Coordinator:
             self.bus.publish_json(self.topics.ctl("free"), protocol.free_command(attempt.id), qos=1)
 
     def _observe_round_trip(self, round_trip: float, token: Token, nodes: int) -> None:
+        hop = max(0.0, round_trip - token.compute_s) / (nodes + 1)   # coordinator -> nodes -> coordinator
         self.observer.step_done(round_trip)
-        # coordinator -> first node -> ... -> last node -> coordinator
-        self.observer.hop_done(max(0.0, round_trip - token.compute_s) / (nodes + 1))
+        self.observer.hop_done(hop)
+        self.throughput.step(round_trip, hop)
 
-    @staticmethod
-    def _count(record: RequestRecord, started: float) -> None:
+    def _count(self, record: RequestRecord, started: float) -> None:
+        self.throughput.token()
         record.completion_tokens += 1
         elapsed = time.monotonic() - started
         if record.ttft_s is None:
