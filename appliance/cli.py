@@ -279,6 +279,7 @@ def run_all(config: Config) -> None:
         coordinator = Coordinator(config).start()
         started.append(coordinator)
         print_admin_token(config)
+        log_downloads(coordinator)
         announce_when_ready(config, coordinator)
         serve(config, coordinator, watch=[p for p in started if isinstance(p, subprocess.Popen)])
     finally:
@@ -309,6 +310,36 @@ def announce_when_ready(config: Config, coordinator) -> threading.Thread:
     return thread
 
 
+DOWNLOAD_LOG_S = 5.0   # a node's download progress is logged this often at most
+
+
+def log_downloads(coordinator) -> None:
+    """The local nodes' downloads in the terminal, a line per node every few seconds (their own
+    progress bars would draw over each other), and the end of each."""
+    from appliance.bus.protocol import parse_json
+
+    said: dict[str, tuple[str, float]] = {}
+
+    def on_progress(topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        node, p = coordinator.topics.node_id_of(topic), parse_json(payload)
+        state, now = p.get("state"), time.monotonic()
+        last_state, last_at = said.get(node, ("", 0.0))
+        if state == last_state and (state != "downloading" or now - last_at < DOWNLOAD_LOG_S):
+            return
+        said[node] = (state, now)
+        name = coordinator.cluster.name_of(node)
+        if state == "downloading":
+            log.info("%s: downloading %s, %.0f of %.0f MB at %.1f MB/s", name, p.get("model"),
+                     (p.get("bytes") or 0) / 1e6, (p.get("total") or 0) / 1e6, (p.get("speed") or 0) / 1e6)
+        elif state == "error":
+            log.error("%s: cannot download %s: %s", name, p.get("model"), p.get("error"))
+        elif state == "done":
+            log.info("%s: has the files of its layers of %s (%.0f MB)", name, p.get("model"), (p.get("total") or 0) / 1e6)
+    coordinator.bus.on(coordinator.topics.node_download(), on_progress, qos=1)
+
+
 def panel_urls(config: Config) -> list[str]:
     """http://localhost:PORT, and the LAN address too when the API listens beyond this machine."""
     urls = [f"http://localhost:{config.port}"]
@@ -337,7 +368,8 @@ def spawn_node(config: Config, name: str) -> subprocess.Popen:
                "--max-context", str(config.max_context), "--max-requests", str(config.max_requests)]
     if config.quant:
         command += ["--quant", config.quant]
-    env = {**os.environ, "EXO_STATE_DIR": config.state_dir, "EXO_MODELS_DIR": config.models_dir}
+    env = {**os.environ, "EXO_STATE_DIR": config.state_dir, "EXO_MODELS_DIR": config.models_dir,
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}   # several nodes' bars would draw over each other: log_downloads
     return subprocess.Popen(command, env=env, **child_process())
 
 

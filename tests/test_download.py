@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
 
@@ -168,3 +169,39 @@ def test_models_download_fetches_everything_and_list_shows_the_catalog(tmp_path,
     listed = subprocess.run([sys.executable, "-m", "appliance", "models", "list"], capture_output=True, text=True,
                             env=env, timeout=30)
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in listed.stdout
+
+
+def test_no_network_is_one_clear_line_after_a_few_tries_each_said(tmp_path):
+    from appliance.broker import free_port
+
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "EXO_MODELS_DIR": str(tmp_path / "cache"),
+           "EXO_CONFIG": str(tmp_path / "none.yaml")}                  # nothing listens there: refused
+    env.pop("HF_HUB_OFFLINE", None)
+    (tmp_path / "none.yaml").write_text("{}\n")
+    run = subprocess.run([sys.executable, "-m", "appliance", "models", "download", REPO_ID],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert [line for line in lines if "does not answer" in line and "try " in line] == lines[:-1]
+    assert len(lines) == 3 and "try 2 of 3" in lines[0] and "try 3 of 3" in lines[1]   # bounded, and said
+    assert lines[-1].startswith("exo: cannot reach the hub at") and "after 3 tries" in lines[-1]
+    assert len(set(lines)) == len(lines)                               # nothing printed twice
+
+
+def test_loading_a_hub_model_without_network_is_a_504(broker, tmp_path):
+    from appliance.broker import free_port
+
+    c = LocalCluster(broker, tmp_path)
+    c.env = {**c.env, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "EXO_MODELS_DIR": str(tmp_path / "cache")}
+    c.env.pop("HF_HUB_OFFLINE", None)
+    try:
+        c.start_panel()
+        token = (tmp_path / "state" / "admin_token").read_text().strip()
+        r = httpx.post(c.url + "/api/models/load", json={"model": REPO_ID}, timeout=60,
+                       headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 504, r.text
+        error = r.json()["error"]
+        assert error["type"] == "upstream_unreachable" and "cannot reach the hub" in error["message"]
+        assert "\n" not in error["message"]
+    finally:
+        c.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 
 from playwright.sync_api import Page, sync_playwright
 
-from tests.conftest import REPO, LocalCluster
+from tests.conftest import REPO, STORIES, LocalCluster
 from tests.system import chromium, needs
 from appliance.bus.protocol import Topics
 
@@ -380,3 +381,40 @@ def test_live_update_when_a_node_dies(browser_context, broker, tmp_path):
     finally:
         b.close()
         c.stop()
+
+
+def test_loading_a_hub_model_shows_each_nodes_download_and_then_that_it_loaded(browser_context, broker, tmp_path):
+    from tests.fake_hub import FakeHub, sharded_stories
+
+    repo = "exo-test/stories-slow"
+    files = sharded_stories(STORIES, tmp_path / "hub")
+    hub = FakeHub({repo: tmp_path / "hub"}, chunk_delay=0.2).start()
+    c = LocalCluster(broker, tmp_path / "cluster")
+    c.env = {**c.env, "HF_ENDPOINT": hub.url, "EXO_MODELS_DIR": str(tmp_path / "cache")}
+    c.env.pop("HF_HUB_OFFLINE", None)
+    for name in ("dl0", "dl1"):
+        c.add_node(name)
+    c.start_panel()
+    c.watcher.wait(lambda w: w.ready(2), 60, "a plan over two loaded nodes")
+    b = Browser(browser_context, c.url)
+    try:
+        cluster_page, models = b.open("/"), b.open("/models")
+        models.fill("#token", (c.tmp / "state" / "admin_token").read_text().strip())
+        models.click("#token-form button[type=submit]")
+        models.fill("#folder", repo)
+        models.click("#folder-form button[type=submit]")
+        models.wait_for_function("document.querySelector('#flash').textContent.startsWith('Loading')")
+        card = cluster_page.locator(".card.node .download").first       # a node's bytes and rate, as they come
+        card.wait_for()
+        assert re.search(r"\d+ % · [\d.]+ [KM]B of [\d.]+ [KM]B · [\d.]+ [KM]B/s", card.inner_text()), card.inner_text()
+        shot(cluster_page, "cluster-downloading-live")
+        models.wait_for_function("document.querySelector('#flash').textContent.startsWith('Loaded')", timeout=60_000)
+        assert "ready to chat" in models.inner_text("#flash")
+        models.wait_for_selector("#flash", state="hidden", timeout=10_000)   # the banner goes once it has said so
+        assert cluster_page.locator(".card.node .download").count() == 0
+        assert len(files) == 7 and c.health()["plan"]["model"] == repo
+        assert [e for e in b.errors if "Failed to load resource" not in e] == []
+    finally:
+        b.close()
+        c.stop()
+        hub.stop()

@@ -11,6 +11,7 @@ import shutil
 
 from flask import Blueprint, current_app, jsonify
 
+from appliance.models.download import HubFailed, HubUnreachable
 from appliance.panel.api import ApiError, json_body
 from appliance.panel.auth import check_admin
 from appliance.panel.schema import Invalid, ModelBody, validate
@@ -48,6 +49,10 @@ def load():
     model = _model_arg()
     try:
         loaded = _coordinator().load_model(model)
+    except HubUnreachable as e:         # no network: the hub is the upstream that did not answer
+        raise ApiError(504, str(e), "model", "upstream_unreachable") from e
+    except HubFailed as e:
+        raise ApiError(502, str(e), "model", "upstream_error") from e
     except FileNotFoundError as e:      # not a folder, not on the hub, or offline with nothing cached
         raise ApiError(404, str(e), "model", "not_found_error") from e
     except (ValueError, OSError) as e:  # a folder or config that is not a model we can run

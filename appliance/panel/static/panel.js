@@ -138,7 +138,7 @@ async function loadState() {
   } catch (e) {
     flash(`Cannot read the cluster's state: ${e.message}`);
   }
-  const pending = S.pending;
+  const pending = S.pending || [];   // two loads may overlap: the first one to finish applies them
   S.pending = null;
   if (S.state) {
     for (const [kind, data] of pending) apply(S.state, kind, data);
