@@ -60,9 +60,10 @@ class EventHub:
                 seconds = float(status["time"]) - float(before["time"])
                 frames = int(status["frames"]) - int(before["frames"])
                 spent = float(status["frame_seconds"]) - float(before["frame_seconds"])
-                if seconds > 0 and frames >= 0:
+                if seconds > 0 and frames >= 0:   # idle, a node's time per frame is the last one it had
                     rates = {"tokens_per_s": round(frames / seconds, 2),
-                             "ms_per_frame": round(1000 * spent / frames, 2) if frames else None}
+                             "ms_per_frame": round(1000 * spent / frames, 2) if frames
+                             else self.rates.get(status["id"], {}).get("ms_per_frame")}
             except (KeyError, TypeError, ValueError):   # the first heartbeat, or a node of another version
                 pass
             self.rates[status["id"]] = rates

@@ -34,7 +34,8 @@ function fmtBytes(n) {
   return `${n.toFixed(n >= 100 || i === 0 ? 0 : 1)} ${units[i]}`;
 }
 const fmtParams = n => n >= 1e9 ? `${(n / 1e9).toFixed(1)}B` : `${Math.round(n / 1e6)}M`;
-const fmtSeconds = s => s === null || s === undefined ? "—" : s < 1 ? `${Math.round(s * 1000)} ms` : `${s.toFixed(2)} s`;
+const fmtSeconds = s => s === null || s === undefined ? "—" : s < 0.01 ? `${(s * 1000).toFixed(1)} ms`
+  : s < 1 ? `${Math.round(s * 1000)} ms` : `${s.toFixed(2)} s`;
 const fmtRate = r => r === null || r === undefined ? "—" : r.toFixed(1);
 const shortId = id => String(id).slice(0, 8);
 const layerRange = s => s.end - s.start === 1 ? `layer ${s.start}` : `layers ${s.start}–${s.end - 1}`;
@@ -249,7 +250,7 @@ function drawThroughput(st) {
 
 // The cluster's tokens/s over the last minutes: one point per bucket, newest on the right.
 function chart(t) {
-  const W = 720, H = 130, PAD = 28, series = t.series, n = series.length;
+  const W = 900, H = 120, PAD = 40, series = t.series, n = series.length;
   const top = Math.max(1, ...series);
   const x = i => PAD + ((W - PAD - 4) * i) / Math.max(1, n - 1);
   const y = v => H - 16 - ((H - 24) * v) / top;
@@ -259,7 +260,7 @@ function chart(t) {
                       "aria-label": `tokens per second over the last ${minutes} minutes` },
     svg("line", { x1: PAD, y1: y(0), x2: W - 4, y2: y(0), class: "axis" }),
     svg("line", { x1: PAD, y1: y(top), x2: W - 4, y2: y(top), class: "grid" }),
-    svg("text", { x: PAD - 4, y: y(top) + 4, "text-anchor": "end" }, fmtRate(top)),
+    svg("text", { x: PAD - 4, y: y(top) + 4, "text-anchor": "end" }, top >= 10 ? Math.round(top) : fmtRate(top)),
     svg("text", { x: PAD - 4, y: y(0) + 4, "text-anchor": "end" }, "0"),
     svg("text", { x: PAD, y: H - 2 }, `${minutes} min ago`),
     svg("text", { x: W - 4, y: H - 2, "text-anchor": "end" }, "now"),
