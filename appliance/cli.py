@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
          "models": lambda c: run_models(c, args)}[command](config)
     except KeyboardInterrupt as e:
         if getattr(e, "signum", signal.SIGINT) == signal.SIGINT:   # Ctrl-C: one line, exit status 0
-            print(f"\nexo{'' if command == 'all' else ' ' + command}: stopped", file=sys.stderr, flush=True)
+            after_echo = "\n" if sys.stderr.isatty() else ""   # the terminal has echoed ^C
+            print(f"{after_echo}exo{'' if command == 'all' else ' ' + command}: stopped", file=sys.stderr, flush=True)
     except (FileNotFoundError, ConnectionError, ValueError) as e:
         sys.exit(f"exo: {e}")
 

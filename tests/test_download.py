@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -205,3 +206,30 @@ def test_loading_a_hub_model_without_network_is_a_504(broker, tmp_path):
         assert "\n" not in error["message"]
     finally:
         c.stop()
+
+
+def test_exo_says_in_the_terminal_how_each_nodes_download_goes(tmp_path, served):
+    from appliance.broker import free_port
+    from tests.conftest import wait_for
+
+    hub, _ = served
+    hub.chunk_delay = 0.2                                              # a slow line, so progress is seen
+    (tmp_path / "none.yaml").write_text("{}\n")
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "EXO_MODELS_DIR": str(tmp_path / "cache"),
+           "EXO_CONFIG": str(tmp_path / "none.yaml"), "EXO_STATE_DIR": str(tmp_path / "state")}
+    env.pop("HF_HUB_OFFLINE", None)
+    out = tmp_path / "exo.log"
+    exo = subprocess.Popen([sys.executable, "-m", "appliance", "--model", REPO_ID, "--local-nodes", "2",
+                            "--port", str(free_port())], stdout=out.open("wb"), stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: "exo: ready" in out.read_text(), 60, "exo to be ready")
+    finally:
+        hub.chunk_delay = 0.0
+        exo.send_signal(2)
+        exo.wait(30)
+    log = out.read_text()
+    progress = re.findall(r"(local-\d): downloading \S+, (\d+) of (\d+) MB at [\d.]+ MB/s", log)
+    assert progress, log
+    done = set(re.findall(r"(local-\d): has the files of its layers of " + re.escape(REPO_ID), log))
+    assert done == {"local-1", "local-2"}, log
+    assert "%|" not in log                                             # no progress bars drawn over each other
