@@ -248,9 +248,11 @@ function drawThroughput(st) {
   $("#chart").replaceChildren(chart(t));
 }
 
-// The cluster's tokens/s over the last minutes: one point per bucket, newest on the right.
+// The cluster's tokens/s over the last minutes: one point per bucket, newest on the right. Drawn
+// at the width it is shown at, so its text keeps its size on a phone.
 function chart(t) {
-  const W = 900, H = 120, PAD = 40, series = t.series, n = series.length;
+  const W = Math.max(280, Math.round($("#chart").clientWidth || 900)), H = 120, PAD = 40;
+  const series = t.series, n = series.length;
   const top = Math.max(1, ...series);
   const x = i => PAD + ((W - PAD - 4) * i) / Math.max(1, n - 1);
   const y = v => H - 16 - ((H - 24) * v) / top;
