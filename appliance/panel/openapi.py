@@ -20,7 +20,8 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
 def _errors(*codes: int) -> dict:
     text = {400: "Invalid request", 401: "Missing or wrong bearer token", 404: "Unknown model or route",
             409: "Conflict with the cluster's state", 413: "The body is over the server's size limit (max_body_bytes)",
-            503: "The cluster cannot serve now"}
+            429: "The cluster is full and its queue too (Retry-After)", 502: "The model hub answered with an error",
+            503: "The cluster cannot serve now", 504: "The model hub cannot be reached"}
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     return {str(c): {"description": text[c], "content": error} for c in codes}
 
@@ -60,12 +61,15 @@ def document(model_id: str | None, context: int | None = None) -> dict:
         "paths": {
             "/v1/models": {"get": {"summary": "Models served", "security": [{"apiKey": []}],
                                    "responses": {"200": ok, **_errors(401)}}},
-            "/v1/completions": {"post": _post("Text completion", "CompletionRequest", 400, 401, 404, 413, 503)},
-            "/v1/chat/completions": {"post": _post("Chat completion", "ChatCompletionRequest", 400, 401, 404, 413, 503)},
-            "/healthz": {"get": {"summary": "Liveness and plan", "security": [], "responses": {"200": ok}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "security": [],
-                                 "responses": {"200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-            "/api/models/load": {"post": _post("Load a model", "ModelBody", 400, 401, 404, 409, 413, auth="admin")},
+            "/v1/completions": {"post": _post("Text completion", "CompletionRequest", 400, 401, 404, 413, 429, 503)},
+            "/v1/chat/completions": {"post": _post("Chat completion", "ChatCompletionRequest", 400, 401, 404, 413, 429, 503)},
+            "/healthz": {"get": {"summary": "Ready to serve (200), or not yet and why (503, `reason`)", "security": [],
+                                 "responses": {"200": ok, "503": {**ok, "description": "Not ready: `reason` says why"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (an API key when api_keys are set, unless metrics_public)",
+                                 "security": [{"apiKey": []}, {}],
+                                 "responses": {"200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                               **_errors(401)}}},
+            "/api/models/load": {"post": _post("Load a model", "ModelBody", 400, 401, 404, 409, 413, 502, 504, auth="admin")},
             "/api/models/unload": {"post": {"summary": "Unload the model", "security": [{"admin": []}],
                                             "responses": {"200": ok, **_errors(401, 409)}}},
             "/api/models/delete": {"post": _post("Delete a cached model", "ModelBody", 400, 401, 404, 409, 413, auth="admin")},
