@@ -37,6 +37,7 @@ class FakeHub:
     token: str | None = None                    # when set, requests must carry "Bearer <token>"
     drop_once: set[str] = field(default_factory=set)   # file names whose first GET breaks half way
     chunk_delay: float = 0.0                    # seconds between 64 KB chunks of a file: a slow line
+    fail_status: int | None = None              # when set, every request gets this error status
     seen: list[Seen] = field(default_factory=list)
 
     def start(self) -> "FakeHub":
@@ -75,6 +76,8 @@ class FakeHub:
     # -- serving
     def handle(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         self.seen.append(Seen(h.command, h.path, h.headers.get("Range"), h.headers.get("Authorization")))
+        if self.fail_status:
+            return self.error(h, self.fail_status, "ServerError", "the hub is broken")
         if self.token and h.headers.get("Authorization") != f"Bearer {self.token}":
             return self.error(h, 401, "RepoNotFound", "Invalid credentials")
         if m := RESOLVE.match(h.path):

@@ -233,3 +233,21 @@ def test_exo_says_in_the_terminal_how_each_nodes_download_goes(tmp_path, served)
     done = set(re.findall(r"(local-\d): has the files of its layers of " + re.escape(REPO_ID), log))
     assert done == {"local-1", "local-2"}, log
     assert "%|" not in log                                             # no progress bars drawn over each other
+
+
+def test_a_hub_that_answers_with_a_server_error_is_a_502(broker, tmp_path, served):
+    hub, _ = served
+    c = LocalCluster(broker, tmp_path)
+    c.env = {**c.env, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "EXO_MODELS_DIR": str(tmp_path / "cache")}
+    c.env.pop("HF_HUB_OFFLINE", None)
+    try:
+        c.start_panel()
+        token = (tmp_path / "state" / "admin_token").read_text().strip()
+        hub.fail_status = 501                 # a status huggingface_hub does not retry, so the test is quick
+        r = httpx.post(c.url + "/api/models/load", json={"model": REPO_ID}, timeout=60,
+                       headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 502, r.text
+        assert r.json()["error"]["type"] == "upstream_error" and "answered 501" in r.json()["error"]["message"]
+    finally:
+        hub.fail_status = None
+        c.stop()

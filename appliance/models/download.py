@@ -194,15 +194,26 @@ def _fetch_one(repo: str, f: str, progress: Progress, revision: str, cache: Path
             where = cache / ("models--" + repo.replace("/", "--"))
             raise DownloadError(f"model {repo!r}: {f} is not on disk under {where} and HF_HUB_OFFLINE is set, "
                                 f"so it cannot be downloaded; unset HF_HUB_OFFLINE or copy the model there") from e
+        if (status := _server_error(e)) is not None:   # huggingface_hub reports a failed HEAD as "not cached"
+            raise HubFailed(f"cannot download {f} of {repo}: the hub at {_hub_name()} answered {status}") from e
         raise HubUnreachable(f"cannot download {f} of {repo}: the hub at {_hub_name()} cannot be reached and "
                              f"the file is not cached ({_first_line(e)})") from e
     except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else None
-        if status is not None and status >= 500:
+        if (status := _server_error(e)) is not None:
             raise HubFailed(f"cannot download {f} of {repo}: the hub at {_hub_name()} answered {status}") from e
         raise DownloadError(f"cannot download {f} of {repo}: {_first_line(e)}") from e
     except Exception as e:  # refused tokens, a repo that does not exist
         raise DownloadError(f"cannot download {f} of {repo}: {_first_line(e)}") from e
+
+
+def _server_error(e: BaseException | None) -> int | None:
+    """The 5xx status of the hub's answer behind `e` (or what caused it), if that is what it was."""
+    while e is not None:
+        response = getattr(e, "response", None) if isinstance(e, HfHubHTTPError) else None
+        if response is not None and response.status_code >= 500:
+            return response.status_code
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _first_line(e: Exception) -> str:
