@@ -233,3 +233,37 @@ def test_close_all_ends_open_streams(app_without_model):
     drain.join(5)
     assert not drain.is_alive(), "the stream is still open"
     assert rest == [] and hub.streams == []
+
+
+def test_catalog_rows_say_which_models_are_cached_here(tmp_path):
+    small = CATALOG[0]
+    assert not any(m["cached"] for m in catalog_fit([], tmp_path))
+    (tmp_path / ("models--" + small.id.replace("/", "--")) / "snapshots" / "abc").mkdir(parents=True)
+    assert {m["id"] for m in catalog_fit([], tmp_path) if m["cached"]} == {small.id}
+
+
+def test_hosts_group_nodes_of_one_machine_and_add_up_their_shares():
+    from appliance.panel.pages import hosts
+
+    nodes = [{"id": "a", "host_id": "pi", "hostname": "pi5", "usable": 2, "memory_total": 8},
+             {"id": "b", "host_id": "pi", "hostname": "pi5", "usable": 2, "memory_total": 8},
+             {"id": "c", "host_id": "mac", "hostname": "mac", "usable": 5, "memory_total": 16},
+             {"id": "d", "usable": 1}]                                  # an older node: a machine of its own
+    assert [(h["hostname"], h["nodes"], h["usable"]) for h in hosts(nodes)] == [
+        ("pi5", ["a", "b"], 4), ("mac", ["c"], 5), (None, ["d"], 1)]
+
+
+def test_throughput_counts_tokens_per_bucket_over_the_window():
+    from appliance.coordinator.throughput import BUCKET_S, WINDOW_S, Throughput
+
+    t, start = Throughput(), 1_000_000.0                               # a bucket boundary
+    for i in range(50):
+        t.token(start + i * 0.1)                                       # 50 tokens in the first 5 s
+    for i in range(10):
+        t.token(start + BUCKET_S + i * 0.1)                            # 10 in the next 1 s
+    t.step(0.004, 0.001)
+    snap = t.snapshot(now=start + BUCKET_S + 2)
+    assert len(snap["series"]) == WINDOW_S // BUCKET_S
+    assert snap["series"][-2:] == [10.0, 5.0]                          # 50 / 5 s; 10 over the 2 s that passed
+    assert snap["tokens_per_s"] == 5.0 and (snap["step_s"], snap["hop_s"]) == (0.004, 0.001)
+    assert Throughput().snapshot()["series"] == [0.0] * (WINDOW_S // BUCKET_S)
