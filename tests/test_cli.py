@@ -6,6 +6,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import uuid
 
 import httpx
@@ -43,6 +44,25 @@ class Terminal:
         subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
 
 
+class EventStream:
+    """An /api/events stream read on a thread, until the server ends it."""
+
+    def __init__(self, url: str):
+        self.opened, self.ended = threading.Event(), threading.Event()
+        threading.Thread(target=self.read, args=(url,), daemon=True).start()
+        assert self.opened.wait(10)
+
+    def read(self, url: str) -> None:
+        try:
+            with httpx.stream("GET", url, timeout=httpx.Timeout(5, read=60)) as r:
+                for line in r.iter_lines():
+                    if line.startswith("event: hello"):
+                        self.opened.set()
+        except httpx.HTTPError:
+            pass
+        self.ended.set()
+
+
 @pytest.fixture
 def terminal(tmp_path):
     t = Terminal(tmp_path)
@@ -68,6 +88,7 @@ def test_exo_says_where_once_ready_and_ctrl_c_ends_it_cleanly(terminal, tmp_path
     started = terminal.screen()
     assert " WARNING " not in started and "Traceback" not in started, started
 
+    panel_tab = EventStream(f"http://127.0.0.1:{port}/api/events")   # a panel left open, as people do
     exo = [p for p in psutil.Process(terminal.shell_pid()).children() if "appliance" in " ".join(p.cmdline())]
     assert len(exo) == 1
     family = [exo[0], *exo[0].children(recursive=True)]
@@ -81,6 +102,7 @@ def test_exo_says_where_once_ready_and_ctrl_c_ends_it_cleanly(terminal, tmp_path
     assert "Traceback" not in screen
     gone, alive = psutil.wait_procs(family, timeout=5)
     assert alive == [], f"left running: {alive}"
+    assert panel_tab.ended.wait(5)                                     # its stream was closed, not cut
     with capsys.disabled():
         print(f"\nexo: ready {ready.group(1)} s after it started (stories260K, 2 local nodes)")
 
