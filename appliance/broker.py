@@ -31,6 +31,7 @@ from pathlib import Path
 from appliance import cluster_key
 from appliance.bus.client import Bus
 from appliance.bus.protocol import Topics
+from appliance.processes import child_process
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class EmbeddedBroker:
         conf.write_text(f"listener {self.port} {self.host}\n{access}persistence false\n"
                         "log_dest stderr\nlog_type error\nlog_type warning\nset_tcp_nodelay true\n")
         conf.chmod(0o644)
-        self.process = subprocess.Popen([binary, "-c", str(conf)])
+        self.process = subprocess.Popen([binary, "-c", str(conf)], **child_process())
         wait_for_port(self.host, self.port, 10, self.process)
         log.info("embedded mosquitto listening on %s", self.address)
 

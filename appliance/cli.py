@@ -4,13 +4,16 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import subprocess
 import os
 import sys
+import threading
 import time
 
 from appliance import __version__
 from appliance.config import Config, load_config
+from appliance.processes import child_process
 
 log = logging.getLogger("exo")
 
@@ -129,20 +132,42 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     level = config.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, _stop)
     try:
         {"all": run_all, "node": run_node, "panel": run_panel, "broker": lambda c: run_broker(c, args),
          "models": lambda c: run_models(c, args)}[command](config)
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt as e:
+        if getattr(e, "signum", signal.SIGINT) == signal.SIGINT:   # Ctrl-C: one line, exit status 0
+            after_echo = "\n" if sys.stderr.isatty() else ""   # the terminal has echoed ^C
+            print(f"{after_echo}exo{'' if command == 'all' else ' ' + command}: stopped", file=sys.stderr, flush=True)
     except (FileNotFoundError, ConnectionError, ValueError) as e:
         sys.exit(f"exo: {e}")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)   # Ctrl-C, a service stop, a closed terminal
+
+
+class Stopped(KeyboardInterrupt):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame) -> None:
+    """End through the `finally` blocks that stop what we started. Further signals are ignored
+    from here on, so a second Ctrl-C cannot cut that clean-up short."""
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
+    raise Stopped(signum)
 
 
 def run_node(config: Config) -> None:
     from appliance.node.agent import NodeAgent
 
     discovery = discover_broker(config, "node")
+    if discovery is None:   # a broker given by address: it may not be up yet
+        wait_for_broker(config)
     agent = NodeAgent(config)
     follower = discovery and follow(agent.bus, discovery)
     agent.start()
@@ -207,6 +232,26 @@ def check_port_free(config: Config) -> None:
                               "or pass --port")
 
 
+BROKER_RETRY_S = (1, 2, 4, 8, 15)   # waits between tries; the last repeats
+
+
+def wait_for_broker(config: Config) -> None:
+    """A node may start before its broker (at boot, or a Pi that is up first): try again, with one
+    log line per try, until the broker answers."""
+    host, port = config.broker_address
+    for attempt in range(1, 1 << 30):
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+            if attempt > 1:
+                log.info("the broker at %s:%d answers", host, port)
+            return
+        except OSError as e:
+            wait = BROKER_RETRY_S[min(attempt, len(BROKER_RETRY_S)) - 1]
+            log.warning("waiting for the broker at %s:%d (%s): try %d again in %d s",
+                        host, port, e.strerror or e, attempt + 1, wait)
+            time.sleep(wait)   # nothing to wait on but the clock: the broker is not there to tell us
+
+
 def check_broker_reachable(config: Config) -> None:
     import socket
 
@@ -221,7 +266,8 @@ def print_admin_token(config: Config) -> None:
     from appliance.panel.auth import ADMIN_TOKEN_FILE, admin_token
 
     token = admin_token(config.state_dir)
-    print(f"exo: admin token {token} (kept in {os.path.join(config.state_dir, ADMIN_TOKEN_FILE)})", flush=True)
+    sys.stdout.write(f"exo: admin token {token} (kept in {os.path.join(config.state_dir, ADMIN_TOKEN_FILE)})\n")
+    sys.stdout.flush()
 
 
 def run_models(config: Config, args: argparse.Namespace) -> None:
@@ -291,8 +337,8 @@ def run_all(config: Config) -> None:
         if keeper:
             keeper.watch(coordinator.cluster)
         print_admin_token(config)
-        print(f"exo: API and panel on http://localhost:{config.port} (broker {config.broker}, "
-              f"{config.local_nodes} local node(s))", flush=True)
+        log_downloads(coordinator)
+        announce_when_ready(config, coordinator)
         serve(config, coordinator, watch=[p for p in started if isinstance(p, subprocess.Popen)])
     finally:
         for part in reversed(started):
@@ -336,6 +382,81 @@ def announce_key(config: Config) -> None:
     print(f"exo: to add a machine, run on it: exo --join {config.cluster_key}   (or set EXO_CLUSTER_KEY)", flush=True)
 
 
+def announce_when_ready(config: Config, coordinator) -> threading.Thread:
+    """Print where the API is once it can answer: every node of the plan has loaded its layers (at
+    once when no model is configured: the panel is then where one is loaded). Until then /healthz
+    says 503 and why."""
+
+    def wait() -> None:
+        import psutil
+
+        if config.model:
+            cluster = coordinator.cluster
+            with cluster.changed:
+                cluster.changed.wait_for(lambda: cluster.ready_plan() is not None)
+        where = " and ".join(panel_urls(config))
+        took = time.time() - psutil.Process().create_time()
+        # one write, so that no log line of another thread lands inside it
+        sys.stdout.write(f"exo: ready in {took:.1f} s: API and panel on {where} (broker {config.broker}, "
+                         f"{config.local_nodes} local node(s)); Ctrl-C stops\n")
+        sys.stdout.flush()
+    thread = threading.Thread(target=wait, name="announce", daemon=True)
+    thread.start()
+    return thread
+
+
+DOWNLOAD_LOG_S = 5.0   # a node's download progress is logged this often at most
+
+
+def log_downloads(coordinator) -> None:
+    """The local nodes' downloads in the terminal, a line per node every few seconds (their own
+    progress bars would draw over each other), and the end of each."""
+    from appliance.bus.protocol import parse_json
+
+    said: dict[str, tuple[str, float]] = {}
+
+    def on_progress(topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        node, p = coordinator.topics.node_id_of(topic), parse_json(payload)
+        state, now = p.get("state"), time.monotonic()
+        last_state, last_at = said.get(node, ("", 0.0))
+        if state == last_state and (state != "downloading" or now - last_at < DOWNLOAD_LOG_S):
+            return
+        said[node] = (state, now)
+        name = coordinator.cluster.name_of(node)
+        if state == "downloading":
+            log.info("%s: downloading %s, %.0f of %.0f MB at %.1f MB/s", name, p.get("model"),
+                     (p.get("bytes") or 0) / 1e6, (p.get("total") or 0) / 1e6, (p.get("speed") or 0) / 1e6)
+        elif state == "error":
+            log.error("%s: cannot download %s: %s", name, p.get("model"), p.get("error"))
+        elif state == "done":
+            log.info("%s: has the files of its layers of %s (%.0f MB)", name, p.get("model"), (p.get("total") or 0) / 1e6)
+    coordinator.bus.on(coordinator.topics.node_download(), on_progress, qos=1)
+
+
+def panel_urls(config: Config) -> list[str]:
+    """http://localhost:PORT, and the LAN address too when the API listens beyond this machine."""
+    urls = [f"http://localhost:{config.port}"]
+    if config.host in ("0.0.0.0", "::", ""):
+        lan = lan_address()
+        urls += [f"http://{lan}:{config.port}"] if lan else []
+    elif config.host not in ("127.0.0.1", "localhost", "::1"):
+        urls = [f"http://{config.host}:{config.port}"]
+    return urls
+
+
+def lan_address() -> str | None:
+    """The address this machine's default route leaves from (a UDP socket sends nothing to connect)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))   # TEST-NET-1: never reached, only routed
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
 def spawn_node(config: Config, name: str, discover: bool = False) -> subprocess.Popen:
     """A local node: on our broker, or (`discover`) on whichever broker the cluster advertises."""
     where = [] if discover else ["--broker", config.broker]
@@ -345,8 +466,9 @@ def spawn_node(config: Config, name: str, discover: bool = False) -> subprocess.
     if config.quant:
         command += ["--quant", config.quant]
     env = {**os.environ, "EXO_STATE_DIR": config.state_dir, "EXO_MODELS_DIR": config.models_dir,
-           "EXO_CLUSTER_KEY": config.cluster_key, "EXO_OPEN": "1" if config.open else ""}
-    return subprocess.Popen(command, env=env)
+           "EXO_CLUSTER_KEY": config.cluster_key, "EXO_OPEN": "1" if config.open else "",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}   # several nodes' bars would draw over each other: log_downloads
+    return subprocess.Popen(command, env=env, **child_process())
 
 
 def stop_part(part) -> None:

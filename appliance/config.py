@@ -45,6 +45,7 @@ class Config:
     max_requests: int = 0               # node: requests whose caches it holds at once; 0: as its memory allows
     local_nodes: int = 1
     api_keys: list[str] = field(default_factory=list)
+    metrics_public: bool = False        # with api_keys: let /metrics be scraped without a key
     log_level: str = "INFO"
 
     @property

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,6 +36,8 @@ class FakeHub:
     repos: dict[str, Path]                      # repo id -> model folder
     token: str | None = None                    # when set, requests must carry "Bearer <token>"
     drop_once: set[str] = field(default_factory=set)   # file names whose first GET breaks half way
+    chunk_delay: float = 0.0                    # seconds between 64 KB chunks of a file: a slow line
+    fail_status: int | None = None              # when set, every request gets this error status
     seen: list[Seen] = field(default_factory=list)
 
     def start(self) -> "FakeHub":
@@ -73,6 +76,8 @@ class FakeHub:
     # -- serving
     def handle(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         self.seen.append(Seen(h.command, h.path, h.headers.get("Range"), h.headers.get("Authorization")))
+        if self.fail_status:
+            return self.error(h, self.fail_status, "ServerError", "the hub is broken")
         if self.token and h.headers.get("Authorization") != f"Bearer {self.token}":
             return self.error(h, 401, "RepoNotFound", "Invalid credentials")
         if m := RESOLVE.match(h.path):
@@ -134,7 +139,11 @@ class FakeHub:
             h.close_connection = True
             h.connection.shutdown(2)       # the connection drops half way through the file
             return
-        h.wfile.write(data[start:])
+        for i in range(start, len(data), 1 << 16):
+            h.wfile.write(data[i:i + (1 << 16)])
+            if self.chunk_delay:
+                h.wfile.flush()
+                time.sleep(self.chunk_delay)   # the line's speed, not a wait for an event
 
 
 def _etag(path: Path) -> str:

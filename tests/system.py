@@ -46,6 +46,7 @@ PROVIDERS = {
     "libOpenCL.so.1": (_opencl_loader, "ocl-icd-libopencl1"),          # the OpenCL ICD loader
     "an OpenCL driver": (_opencl_driver, "pocl-opencl-icd"),           # pocl: OpenCL on the CPU
     "chromium": (lambda: chromium() is not None, "chromium"),
+    "tmux": (_command("tmux"), "tmux"),                               # a real terminal for `exo` and Ctrl-C
     "shellcheck": (_command("shellcheck"), "shellcheck"),
     "debootstrap": (_command("debootstrap"), "debootstrap"),
     "systemd-analyze": (_command("systemd-analyze"), "systemd"),

@@ -291,3 +291,67 @@ def test_async_client_plain_and_streamed_chat(cluster):
     plain, chunks = asyncio.run(go())
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+CHAT = [{"role": "user", "content": "Once upon a time"}]
+UNSUPPORTED = [   # (endpoint, extra fields, the field the 400 must name)
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ("chat", {"tool_choice": "auto"}, "tool_choice"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"n": 2}, "n"),
+    ("text", {"n": 3}, "n"),
+    ("text", {"best_of": 2}, "best_of"),
+    ("text", {"echo": True}, "echo"),
+    ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("chat", {"logit_bias": {"5": 10}}, "logit_bias"),
+    ("chat", {"no_such_field": 1}, "no_such_field"),
+]
+
+
+@pytest.mark.parametrize("endpoint,extra,field", UNSUPPORTED, ids=[u[2] for u in UNSUPPORTED])
+def test_what_the_cluster_does_not_do_is_a_400_naming_the_field(client, endpoint, extra, field):
+    with pytest.raises(openai.BadRequestError) as e:
+        if endpoint == "chat":
+            client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, extra_body=extra)
+        else:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body=extra)
+    assert e.value.body["param"] == field and field in e.value.body["message"]
+
+
+def test_what_changes_nothing_is_accepted(client):
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, temperature=0, n=1, user="me",
+                                       response_format={"type": "text"}, presence_penalty=0, frequency_penalty=0,
+                                       tool_choice="none", metadata={"k": "v"})
+    assert r.choices[0].message.content
+
+
+def test_error_messages_name_the_field_and_the_range(cluster):
+    r = httpx.post(cluster.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 0})
+    assert r.json()["error"]["message"] == "'max_tokens' must be an integer of at least 1"
+    r = httpx.post(cluster.url + "/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "temperature": 3})
+    assert r.json()["error"]["message"] == "'temperature' must be a finite number between 0 and 2"
+
+
+def test_models_says_when_the_model_was_loaded(client, cluster):
+    created = client.models.list().data[0].created
+    assert abs(created - time.time()) < 3600 and created <= time.time()
+
+
+def test_refused_and_failed_requests_are_counted(cluster, client):
+    rejected = metric(cluster.url, "exo_requests_total", status="rejected")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    assert metric(cluster.url, "exo_requests_total", status="rejected") == rejected + 2
+
+
+def test_openapi_request_bodies_are_the_validating_schema(cluster):
+    from appliance.panel.schema import ChatCompletionRequest
+
+    doc = httpx.get(cluster.url + "/openapi.json").json()
+    chat = doc["components"]["schemas"]["ChatCompletionRequest"]
+    assert set(chat["properties"]) == set(ChatCompletionRequest.model_fields)
+    assert chat["properties"]["model"]["enum"] == [MODEL] and chat["additionalProperties"] is False
+    temperature = next(b for b in chat["properties"]["temperature"]["anyOf"] if b["type"] == "number")
+    assert (temperature["minimum"], temperature["maximum"]) == (0, 2)

@@ -98,7 +98,7 @@ def test_chat_prompt_is_what_the_template_renders(chat_cluster, client):
     assert admin(chat_cluster)["Authorization"].split()[1] in chat_cluster.log("panel")
 
 
-def test_api_keys_guard_v1_only(chat_cluster, client):
+def test_api_keys_guard_v1_and_the_panels_data(chat_cluster, client):
     assert [m.id for m in client.models.list()] == [chat_cluster.model]
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + API_KEY}):
         r = httpx.get(chat_cluster.url + "/v1/models", headers=headers)
@@ -107,7 +107,27 @@ def test_api_keys_guard_v1_only(chat_cluster, client):
         openai.OpenAI(base_url=chat_cluster.url + "/v1", api_key="nope", max_retries=0).models.list()
     assert httpx.get(chat_cluster.url + "/v1/models", headers={"Authorization": "Bearer other-key"}).status_code == 200
     assert httpx.get(chat_cluster.url + "/healthz").status_code == 200          # not behind the key
-    assert httpx.get(chat_cluster.url + "/metrics").status_code == 200
+    assert httpx.get(chat_cluster.url + "/").status_code == 200                 # nor the pages: they hold no data
+    for path in ("/api/state", "/api/events", "/metrics"):                     # node names, hosts, requests
+        assert httpx.get(chat_cluster.url + path).status_code == 401, path
+        with httpx.stream("GET", chat_cluster.url + path, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+            assert r.status_code == 200, path
+    # the panel's own GETs may carry the key as a cookie (an EventSource sends no header); the API may not
+    cookie = {"Cookie": f"exo_api_key={API_KEY}"}
+    assert httpx.get(chat_cluster.url + "/api/state", headers=cookie).status_code == 200
+    assert httpx.get(chat_cluster.url + "/v1/models", headers=cookie).status_code == 401
+    assert httpx.get(chat_cluster.url + "/metrics", headers=cookie).status_code == 401
+
+
+def test_metrics_public_lets_a_scraper_in_without_a_key(broker, tmp_path):
+    c = LocalCluster(broker, tmp_path)
+    (c.tmp / "none.yaml").write_text(f"api_keys: [{API_KEY}]\nmetrics_public: true\n")
+    try:
+        c.start_panel()
+        assert httpx.get(c.url + "/metrics").status_code == 200
+        assert httpx.get(c.url + "/api/state").status_code == 401
+    finally:
+        c.stop()
 
 
 def test_admin_actions_need_the_admin_token(chat_cluster):

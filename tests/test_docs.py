@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,10 +195,12 @@ def test_serve_blocks(block):
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
                     health = json.load(r)
-                if health.get("ready") or "--model" not in line:
-                    break
+            except urllib.error.HTTPError as e:   # 503 until the cluster can answer, saying why
+                health = json.load(e)
             except OSError:
                 pass
+            if health and (health.get("ready") or "--model" not in line):
+                break
             time.sleep(0.2)  # polling a server coming up: there is no event to wait on
         assert health is not None, f"{block.where}: `{line}` never answered /healthz"
         if "--model" in line:

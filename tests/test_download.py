@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
 
@@ -168,3 +170,84 @@ def test_models_download_fetches_everything_and_list_shows_the_catalog(tmp_path,
     listed = subprocess.run([sys.executable, "-m", "appliance", "models", "list"], capture_output=True, text=True,
                             env=env, timeout=30)
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in listed.stdout
+
+
+def test_no_network_is_one_clear_line_after_a_few_tries_each_said(tmp_path):
+    from appliance.broker import free_port
+
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "EXO_MODELS_DIR": str(tmp_path / "cache"),
+           "EXO_CONFIG": str(tmp_path / "none.yaml")}                  # nothing listens there: refused
+    env.pop("HF_HUB_OFFLINE", None)
+    (tmp_path / "none.yaml").write_text("{}\n")
+    run = subprocess.run([sys.executable, "-m", "appliance", "models", "download", REPO_ID],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert [line for line in lines if "does not answer" in line and "try " in line] == lines[:-1]
+    assert len(lines) == 3 and "try 2 of 3" in lines[0] and "try 3 of 3" in lines[1]   # bounded, and said
+    assert lines[-1].startswith("exo: cannot reach the hub at") and "after 3 tries" in lines[-1]
+    assert len(set(lines)) == len(lines)                               # nothing printed twice
+
+
+def test_loading_a_hub_model_without_network_is_a_504(broker, tmp_path):
+    from appliance.broker import free_port
+
+    c = LocalCluster(broker, tmp_path)
+    c.env = {**c.env, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "EXO_MODELS_DIR": str(tmp_path / "cache")}
+    c.env.pop("HF_HUB_OFFLINE", None)
+    try:
+        c.start_panel()
+        token = (tmp_path / "state" / "admin_token").read_text().strip()
+        r = httpx.post(c.url + "/api/models/load", json={"model": REPO_ID}, timeout=60,
+                       headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 504, r.text
+        error = r.json()["error"]
+        assert error["type"] == "upstream_unreachable" and "cannot reach the hub" in error["message"]
+        assert "\n" not in error["message"]
+    finally:
+        c.stop()
+
+
+def test_exo_says_in_the_terminal_how_each_nodes_download_goes(tmp_path, served):
+    from appliance.broker import free_port
+    from tests.conftest import wait_for
+
+    hub, _ = served
+    hub.chunk_delay = 0.2                                              # a slow line, so progress is seen
+    (tmp_path / "none.yaml").write_text("{}\n")
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "EXO_MODELS_DIR": str(tmp_path / "cache"),
+           "EXO_CONFIG": str(tmp_path / "none.yaml"), "EXO_STATE_DIR": str(tmp_path / "state")}
+    env.pop("HF_HUB_OFFLINE", None)
+    out = tmp_path / "exo.log"
+    exo = subprocess.Popen([sys.executable, "-m", "appliance", "--model", REPO_ID, "--local-nodes", "2",
+                            "--port", str(free_port())], stdout=out.open("wb"), stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: "exo: ready" in out.read_text(), 60, "exo to be ready")
+    finally:
+        hub.chunk_delay = 0.0
+        exo.send_signal(2)
+        exo.wait(30)
+    log = out.read_text()
+    progress = re.findall(r"(local-\d): downloading \S+, (\d+) of (\d+) MB at [\d.]+ MB/s", log)
+    assert progress, log
+    done = set(re.findall(r"(local-\d): has the files of its layers of " + re.escape(REPO_ID), log))
+    assert done == {"local-1", "local-2"}, log
+    assert "%|" not in log                                             # no progress bars drawn over each other
+
+
+def test_a_hub_that_answers_with_a_server_error_is_a_502(broker, tmp_path, served):
+    hub, _ = served
+    c = LocalCluster(broker, tmp_path)
+    c.env = {**c.env, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "EXO_MODELS_DIR": str(tmp_path / "cache")}
+    c.env.pop("HF_HUB_OFFLINE", None)
+    try:
+        c.start_panel()
+        token = (tmp_path / "state" / "admin_token").read_text().strip()
+        hub.fail_status = 501                 # a status huggingface_hub does not retry, so the test is quick
+        r = httpx.post(c.url + "/api/models/load", json={"model": REPO_ID}, timeout=60,
+                       headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 502, r.text
+        assert r.json()["error"]["type"] == "upstream_error" and "answered 501" in r.json()["error"]["message"]
+    finally:
+        hub.fail_status = None
+        c.stop()

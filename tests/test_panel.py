@@ -19,7 +19,10 @@ from tests.conftest import STORIES, LocalCluster
 from appliance.bus.protocol import Topics
 
 PAGES = ["/", "/split", "/models", "/chat", "/requests"]
-ASSETS = ["/static/panel.js", "/static/panel.css", "/static/markdown.js"]
+ASSETS = ["/static/panel.js", "/static/panel.css"]
+# Vendored as published: their URLs are a licence comment, a bug-report hint and XML namespaces.
+VENDORED = {"/static/vendor/marked.umd.js": ("github.com/markedjs/marked",),
+            "/static/vendor/purify.min.js": ("github.com/babel/babel", "www.w3.org/")}
 URL = re.compile(r"""(?:https?:)?//[\w.-]+\.[a-z]{2,}[^\s"'<>)]*""", re.I)
 NOT_FETCHED = {"http://www.w3.org/2000/svg"}   # the SVG namespace: a name, never requested
 
@@ -96,14 +99,20 @@ def test_state_holds_nodes_plan_model_and_catalog(cluster):
     assert s["downloads"] == {} and isinstance(s["requests"], list)
 
 
-def test_catalog_fit_counts_whole_layers_per_node():
-    small = CATALOG[0]                                   # SmolLM2 135M: 269 MB in 30 layers
-    per_layer = -(-small.bytes // small.layers)
-    one_gb = {"usable": 8 * 10**8}
-    fits = {m["id"]: m["fits"] for m in catalog_fit([one_gb])}
-    assert fits[small.id] is True and fits["meta-llama/Llama-3.1-8B-Instruct"] is False
+def test_catalog_fit_counts_whole_layers_per_node_in_its_own_quant():
+    small = CATALOG[0]                                   # SmolLM2 135M: 135 M weights in 30 layers
+    rows = {m["id"]: m for m in catalog_fit([{"id": "a", "usable": 8 * 10**8, "engine": "numpy"}])}
+    assert rows[small.id]["fits"] is True and rows["meta-llama/Llama-3.1-8B-Instruct"]["fits"] is False
+    sizes = rows[small.id]["sizes"]                      # q4 in 4-bit blocks of 32 with a float32 scale
+    assert sizes["f32"] == 4 * small.params and sizes["f16"] == 2 * small.params
+    assert sizes["q8"] == small.params and sizes["q4"] == int(small.params * 0.625)
+    # 300 MB holds the model in q8 (onnxruntime's default) but not in f32 (numpy's)
+    room = {"id": "a", "usable": 3 * 10**8}
+    assert next(m for m in catalog_fit([{**room, "engine": "onnxruntime"}]) if m["id"] == small.id)["fits"] is True
+    assert next(m for m in catalog_fit([{**room, "engine": "numpy"}]) if m["id"] == small.id)["fits"] is False
     # Enough memory in sum, but each node holds less than one layer: it does not fit.
-    crumbs = [{"usable": per_layer - 1000}] * (small.layers * 2)
+    per_layer = -(-sizes["f32"] // small.layers)
+    crumbs = [{"id": str(i), "usable": per_layer - 1000, "engine": "numpy"} for i in range(small.layers * 2)]
     assert next(m for m in catalog_fit(crumbs) if m["id"] == small.id)["fits"] is False
     assert all(m["fits"] is False for m in catalog_fit([]))
 
@@ -169,6 +178,10 @@ def test_pages_are_served_with_no_outside_urls(cluster):
         response = httpx.get(cluster.url + path, timeout=5)
         assert response.status_code == 200, path
         assert set(URL.findall(response.text)) <= NOT_FETCHED, path
+    for path, allowed in VENDORED.items():
+        response = httpx.get(cluster.url + path, timeout=5)
+        assert response.status_code == 200, path
+        assert all(any(a in url for a in allowed) for url in URL.findall(response.text)), path
     html = httpx.get(cluster.url + "/", timeout=5).text
     for ref in re.findall(r"""(?:src|href)="([^"]+)\"""", html):
         assert ref.startswith(("/", "data:")), ref
@@ -220,3 +233,37 @@ def test_close_all_ends_open_streams(app_without_model):
     drain.join(5)
     assert not drain.is_alive(), "the stream is still open"
     assert rest == [] and hub.streams == []
+
+
+def test_catalog_rows_say_which_models_are_cached_here(tmp_path):
+    small = CATALOG[0]
+    assert not any(m["cached"] for m in catalog_fit([], tmp_path))
+    (tmp_path / ("models--" + small.id.replace("/", "--")) / "snapshots" / "abc").mkdir(parents=True)
+    assert {m["id"] for m in catalog_fit([], tmp_path) if m["cached"]} == {small.id}
+
+
+def test_hosts_group_nodes_of_one_machine_and_add_up_their_shares():
+    from appliance.panel.pages import hosts
+
+    nodes = [{"id": "a", "host_id": "pi", "hostname": "pi5", "usable": 2, "memory_total": 8},
+             {"id": "b", "host_id": "pi", "hostname": "pi5", "usable": 2, "memory_total": 8},
+             {"id": "c", "host_id": "mac", "hostname": "mac", "usable": 5, "memory_total": 16},
+             {"id": "d", "usable": 1}]                                  # an older node: a machine of its own
+    assert [(h["hostname"], h["nodes"], h["usable"]) for h in hosts(nodes)] == [
+        ("pi5", ["a", "b"], 4), ("mac", ["c"], 5), (None, ["d"], 1)]
+
+
+def test_throughput_counts_tokens_per_bucket_over_the_window():
+    from appliance.coordinator.throughput import BUCKET_S, WINDOW_S, Throughput
+
+    t, start = Throughput(), 1_000_000.0                               # a bucket boundary
+    for i in range(50):
+        t.token(start + i * 0.1)                                       # 50 tokens in the first 5 s
+    for i in range(10):
+        t.token(start + BUCKET_S + i * 0.1)                            # 10 in the next 1 s
+    t.step(0.004, 0.001)
+    snap = t.snapshot(now=start + BUCKET_S + 2)
+    assert len(snap["series"]) == WINDOW_S // BUCKET_S
+    assert snap["series"][-2:] == [10.0, 5.0]                          # 50 / 5 s; 10 over the 2 s that passed
+    assert snap["tokens_per_s"] == 5.0 and (snap["step_s"], snap["hop_s"]) == (0.004, 0.001)
+    assert Throughput().snapshot()["series"] == [0.0] * (WINDOW_S // BUCKET_S)

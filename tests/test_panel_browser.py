@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 
 from playwright.sync_api import Page, sync_playwright
 
-from tests.conftest import REPO, LocalCluster
+from tests.conftest import REPO, STORIES, LocalCluster
 from tests.system import chromium, needs
 from appliance.bus.protocol import Topics
 
@@ -107,14 +108,41 @@ def test_cluster_page_shows_a_card_per_node_and_the_ring(browser, cluster):
     page.wait_for_function("document.querySelectorAll('.card.node').length === 3")
     plan = plan_of(cluster)
     assert cards(page) == {s["node"]: "true" for s in plan["shards"]}
+    order = page.eval_on_selector_all(".card.node", "els => els.map(e => e.dataset.nodeId)")
+    assert order == [s["node"] for s in plan["shards"]]                 # in the plan's order
     text = page.inner_text("#nodes")
     assert all(name in text for name in ("n0", "n1", "n2")) and "Memory" in text and "CPU" in text
+    assert "Tokens/s" in text and "Queue" in text and "SoC temp." in text
     page.wait_for_function("[...document.querySelectorAll('.card.node dd')].some(d => d.textContent.includes('%'))")
     members = page.eval_on_selector_all(".topology-svg g.member", "els => els.map(e => e.dataset.nodeId)")
     assert members == ["coordinator", *[s["node"] for s in plan["shards"]]]
     assert page.locator(".topology-svg path.ring").count() == 4       # coordinator -> 3 nodes -> back
+    assert label_collisions(page) == []
+    assert page.eval_on_selector("#chart svg", "e => +e.dataset.points") == 120   # 10 minutes of 5 s
     shot(page, "cluster")
     assert browser.errors == []
+
+
+def label_collisions(page: Page) -> list:
+    """Topology labels that overlap each other, a node's circle or the ring's arrows."""
+    return page.evaluate("""() => {
+        const svg = document.querySelector('.topology-svg');
+        const boxes = [...svg.querySelectorAll('g.member text')].map(t => [t.textContent, t.getBBox()]);
+        const circles = [...svg.querySelectorAll('g.member circle')].map(c => c.getBBox());
+        const ring = [...svg.querySelectorAll('path.ring')].flatMap(p => {
+            const n = Math.ceil(p.getTotalLength() / 2);
+            return [...Array(n + 1).keys()].map(i => p.getPointAtLength(p.getTotalLength() * i / n));
+        });
+        const meet = (a, b) => a.x < b.x + b.width && b.x < a.x + a.width && a.y < b.y + b.height && b.y < a.y + a.height;
+        const inside = (pt, b) => pt.x > b.x && pt.x < b.x + b.width && pt.y > b.y && pt.y < b.y + b.height;
+        const found = [];
+        boxes.forEach(([name, box], i) => {
+            boxes.slice(i + 1).forEach(([other, b]) => meet(box, b) && found.push([name, other]));
+            circles.forEach(c => meet(box, c) && found.push([name, 'a circle']));
+            if (ring.some(pt => inside(pt, box))) found.push([name, 'the ring']);
+        });
+        return found;
+    }""")
 
 
 def test_split_bar_matches_the_plan(browser, cluster):
@@ -138,13 +166,23 @@ def test_models_page_lists_the_catalog_and_shows_api_errors(browser, cluster):
     for m in state["catalog"]:
         row = page.locator(f'#catalog tr[data-model="{m["id"]}"]')
         assert m["name"] in row.inner_text() and ("fits" in row.inner_text()) == m["fits"]
+        assert row.locator("td.sizes [data-quant]").count() == 3                # q4, q8, f16
+        assert row.locator("button.danger").count() == (1 if m["cached"] else 0)   # Delete only what is cached
+    # three nodes on this one machine: one host, whose memory they share
+    assert page.locator("#hosts li").count() == len(state["hosts"]) == 1
+    assert "3 node(s) online on 1 machine(s)" in page.inner_text("#fit-summary")
     with download_progress(cluster, "n0", {"model": state["catalog"][0]["id"], "state": "downloading",
                                             "bytes": 3 * 10**8, "total": 10**9, "speed": 2.5e7, "eta": 28.0}):
         node = cluster.node_id("n0")
         item = page.locator(f'#catalog tr[data-model="{state["catalog"][0]["id"]}"] li[data-node="{node}"]')
         item.wait_for()
-        assert item.get_attribute("data-state") == "downloading" and "30 %" in item.inner_text()
+        assert item.get_attribute("data-state") == "downloading"
+        assert all(part in item.inner_text() for part in ("30 %", "300 MB of 1.0 GB", "25.0 MB/s", "28 s left"))
         shot(page, "models")
+        cluster_page = browser.open("/")                                # and on the node's card
+        cluster_page.locator(f'.card.node[data-node-id="{node}"] .download').wait_for()
+        assert "300 MB of 1.0 GB" in cluster_page.inner_text(f'.card.node[data-node-id="{node}"]')
+        shot(cluster_page, "cluster-downloading")
 
     page.click("#folder-form button[type=submit]")                    # no folder typed
     page.wait_for_selector("#flash.error")
@@ -168,10 +206,17 @@ def test_models_page_lists_the_catalog_and_shows_api_errors(browser, cluster):
     assert [e for e in browser.errors if "Failed to load resource" not in e] == []
 
 
+def open_settings(page: Page) -> None:
+    if not page.eval_on_selector("#settings", "e => e.open"):
+        page.click("#settings summary")
+
+
 def test_chat_streams_an_answer_with_ttft_and_rate(browser, cluster, capsys):
     page = browser.open("/chat")
     page.wait_for_function("!document.querySelector('#send').disabled")
+    open_settings(page)
     page.fill("#max-tokens", "64")
+    page.fill("#temperature", "0")
     page.fill("#prompt", "Tell me a story about a cat.")
     page.press("#prompt", "Enter")
     page.wait_for_function("document.querySelector('#figures').dataset.ttft !== undefined")
@@ -182,9 +227,6 @@ def test_chat_streams_an_answer_with_ttft_and_rate(browser, cluster, capsys):
     assert float(figures["ttft"]) > 0 and float(figures["tokensPerS"]) > 0 and int(figures["tokens"]) > 1
     assert "time to first token" in figures["text"] and "tokens/s" in figures["text"]
     shot(page, "chat")
-    html = page.evaluate("renderMarkdown('# Hi\\n**bold** and `code`\\n\\n- one\\n- two\\n\\n<img src=x onerror=alert(1)>')")
-    assert html == ("<h1>Hi</h1>\n<p><strong>bold</strong> and <code>code</code></p>\n<ul><li>one</li><li>two</li></ul>\n"
-                    "<p>&lt;img src=x onerror=alert(1)&gt;</p>")
     with capsys.disabled():
         print(f"\nchat: TTFT {float(figures['ttft']) * 1000:.0f} ms, {float(figures['tokensPerS']):.1f} tokens/s, "
               f"{figures['tokens']} tokens, {chunks} chunks")
@@ -192,9 +234,67 @@ def test_chat_streams_an_answer_with_ttft_and_rate(browser, cluster, capsys):
     requests = browser.open("/requests")
     requests.wait_for_selector("#requests tbody tr[data-request-id]")
     row = requests.inner_text("#requests tbody tr[data-request-id] >> nth=0")
-    assert "done" in row and all(name in row for name in ("n0", "n1", "n2"))
+    assert "done" in row and "chat/completions" in row and all(name in row for name in ("n0", "n1", "n2"))
     assert requests.inner_text("#admission").startswith("0 running of 32 places · 0 waiting")
     shot(requests, "requests")
+    requests.click("#requests tbody tr[data-request-id] >> nth=0")
+    requests.wait_for_selector("#detail[open]")
+    detail = requests.inner_text("#detail")
+    assert "/v1/chat/completions" in detail and "temperature 0" in detail and "of at most 64" in detail
+    shot(requests, "requests-detail")
+    assert browser.errors == []
+
+
+def test_markdown_is_rendered_by_the_vendored_libraries_and_sanitized(browser):
+    page = browser.open("/chat")
+    html = page.evaluate("renderMarkdown('# Hi\\n**bold** and `code`\\n\\n- one\\n- two\\n\\n"
+                         "<img src=x onerror=alert(1)> <script>alert(2)</script> [link](javascript:alert(3))\\n\\n"
+                         "| a | b |\\n|---|---|\\n| 1 | 2 |')")
+    for part in ("<h1>Hi</h1>", "<strong>bold</strong>", "<code>code</code>", "<li>one</li>", "<table>", "<td>1</td>"):
+        assert part in html, html
+    assert "onerror" not in html and "<script" not in html and "javascript:" not in html, html
+    assert browser.errors == []
+
+
+def test_chat_system_prompt_sampling_cut_mark_regenerate_and_copy(browser, cluster):
+    browser.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=cluster.url)
+    page = browser.open("/chat")
+    page.wait_for_function("!document.querySelector('#send').disabled")
+    open_settings(page)
+    page.fill("#system", "You tell stories about cats.")
+    page.fill("#max-tokens", "5")
+    page.fill("#temperature", "0.9")
+    page.fill("#top-p", "0.8")
+    page.fill("#seed", "7")
+    sent = []
+    page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and sent.append(json.loads(r.post_data)))
+    page.fill("#prompt", "Once upon a time")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".msg.assistant .cut")                     # 5 tokens: cut at max tokens, and says so
+    assert "cut at max tokens" in page.inner_text(".msg.assistant")
+    body = sent[0]
+    assert body["messages"][0] == {"role": "system", "content": "You tell stories about cats."}
+    assert (body["max_tokens"], body["temperature"], body["top_p"], body["seed"]) == (5, 0.9, 0.8, 7)
+    first = page.inner_text(".msg.assistant .body")
+
+    page.click(".msg.assistant .copy")
+    page.wait_for_function("document.querySelector('.msg.assistant .copy').textContent === 'Copied'")
+    assert page.evaluate("navigator.clipboard.readText()") == first
+    shot(page, "chat-cut")
+
+    page.click("#regenerate")                                         # the same seed: the same answer again
+    page.wait_for_function("document.querySelectorAll('.msg.assistant .cut').length === 1 && "
+                           "!document.querySelector('.msg.assistant .body').classList.contains('streaming')")
+    assert page.locator(".msg.assistant").count() == 1 and page.locator(".msg.user").count() == 1
+    assert page.inner_text(".msg.assistant .body") == first and len(sent) == 2 and sent[1] == sent[0]
+
+    page.fill("#max-tokens", "400")                                   # stop one that is under way
+    page.fill("#prompt", "Tell me more")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("(document.querySelectorAll('.msg.assistant .body')[1] || {}).dataset?.chunks > 2")
+    page.click("#stop")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant')[1].dataset.finish === 'stopped'")
+    assert not page.is_disabled("#send")
     assert browser.errors == []
 
 
@@ -206,7 +306,43 @@ def test_pages_fit_a_phone_screen(browser):
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{path} is {overflow}px wider than a phone"
         shot(page, f"phone-{name}")
+        if name == "cluster":
+            assert label_collisions(page) == []
     assert browser.errors == []
+
+
+def test_with_api_keys_the_panel_asks_for_one_then_goes_live(browser_context, broker, tmp_path):
+    c = LocalCluster(broker, tmp_path)
+    (c.tmp / "none.yaml").write_text("api_keys: [sk-panel]\n")
+    c.add_node("keyed")
+    c.start_panel()
+    c.watcher.wait(lambda w: w.ready(1), 60, "a plan over one loaded node")
+    b = Browser(browser_context, c.url)
+    try:
+        page = browser_context.new_page()
+        page.goto(c.url + "/")
+        page.wait_for_selector("#key-form:not([hidden])")
+        assert "API keys" in page.inner_text("#flash") and page.locator(".card.node").count() == 0
+        shot(page, "cluster-asks-for-a-key")
+        page.fill("#key", "sk-wrong")
+        page.click("#key-form button[type=submit]")
+        page.wait_for_function("document.querySelector('#flash').textContent.includes('refused')")
+        page.fill("#key", "sk-panel")
+        page.click("#key-form button[type=submit]")
+        page.wait_for_selector("#live.on")
+        page.wait_for_selector(".card.node")
+        assert page.is_hidden("#key-form")
+        chat = b.open("/chat")                                        # the key serves the chat too
+        chat.wait_for_function("!document.querySelector('#send').disabled")
+        chat.fill("#prompt", "Once upon a time")
+        chat.press("#prompt", "Enter")
+        chat.wait_for_function("document.querySelector('#figures').dataset.tokens > 0")
+        page.close()
+        assert [e for e in b.errors if "Failed to load resource" not in e] == []
+    finally:
+        b.close()
+        browser_context.clear_cookies()   # a cookie is per host, not per port: other panels on 127.0.0.1 would get it
+        c.stop()
 
 
 def start_cluster(broker, tmp_path, names: list[str]) -> LocalCluster:
@@ -245,3 +381,40 @@ def test_live_update_when_a_node_dies(browser_context, broker, tmp_path):
     finally:
         b.close()
         c.stop()
+
+
+def test_loading_a_hub_model_shows_each_nodes_download_and_then_that_it_loaded(browser_context, broker, tmp_path):
+    from tests.fake_hub import FakeHub, sharded_stories
+
+    repo = "exo-test/stories-slow"
+    files = sharded_stories(STORIES, tmp_path / "hub")
+    hub = FakeHub({repo: tmp_path / "hub"}, chunk_delay=0.2).start()
+    c = LocalCluster(broker, tmp_path / "cluster")
+    c.env = {**c.env, "HF_ENDPOINT": hub.url, "EXO_MODELS_DIR": str(tmp_path / "cache")}
+    c.env.pop("HF_HUB_OFFLINE", None)
+    for name in ("dl0", "dl1"):
+        c.add_node(name)
+    c.start_panel()
+    c.watcher.wait(lambda w: w.ready(2), 60, "a plan over two loaded nodes")
+    b = Browser(browser_context, c.url)
+    try:
+        cluster_page, models = b.open("/"), b.open("/models")
+        models.fill("#token", (c.tmp / "state" / "admin_token").read_text().strip())
+        models.click("#token-form button[type=submit]")
+        models.fill("#folder", repo)
+        models.click("#folder-form button[type=submit]")
+        models.wait_for_function("document.querySelector('#flash').textContent.startsWith('Loading')")
+        card = cluster_page.locator(".card.node .download").first       # a node's bytes and rate, as they come
+        card.wait_for()
+        assert re.search(r"\d+ % · [\d.]+ [KM]B of [\d.]+ [KM]B · [\d.]+ [KM]B/s", card.inner_text()), card.inner_text()
+        shot(cluster_page, "cluster-downloading-live")
+        models.wait_for_function("document.querySelector('#flash').textContent.startsWith('Loaded')", timeout=60_000)
+        assert "ready to chat" in models.inner_text("#flash")
+        models.wait_for_selector("#flash", state="hidden", timeout=10_000)   # the banner goes once it has said so
+        assert cluster_page.locator(".card.node .download").count() == 0
+        assert len(files) == 7 and c.health()["plan"]["model"] == repo
+        assert [e for e in b.errors if "Failed to load resource" not in e] == []
+    finally:
+        b.close()
+        c.stop()
+        hub.stop()

@@ -52,6 +52,7 @@ class Bus:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)   # back within seconds of the broker
         self.subscriptions: dict[str, int] = {}
+        self.handlers: dict[str, list[Handler]] = {}
         self.connect_hooks: list[Callable[[], None]] = []
         self.disconnect_hooks: list[Callable[[], None]] = []
         self.connected = threading.Event()
@@ -89,18 +90,17 @@ class Bus:
             hook()
 
     def on(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
-        def dispatch(client, userdata, message):
-            try:
-                handler(message.topic, message.payload)
-            except (ValueError, KeyError, TypeError) as e:   # a malformed payload: one line, not a traceback
-                log.warning("dropped a message on %s (%d bytes): %s: %s", message.topic, len(message.payload),
-                            type(e).__name__, e)
-            except Exception:
-                log.exception("dropped a message on %s (%d bytes)", message.topic, len(message.payload))
-        self.client.message_callback_add(topic_filter, dispatch)
-        self.subscriptions[topic_filter] = qos
+        """Call `handler` for each message on `topic_filter`; several handlers may share a filter."""
+        handlers = self.handlers.setdefault(topic_filter, [])
+        handlers.append(handler)
+        if len(handlers) == 1:   # paho keeps one callback per filter: this one calls them all
+            def dispatch_all(client, userdata, message):
+                for h in list(handlers):
+                    _dispatch(h, message)
+            self.client.message_callback_add(topic_filter, dispatch_all)
+        self.subscriptions[topic_filter] = max(qos, self.subscriptions.get(topic_filter, 0))
         if self.connected.is_set():
-            self.client.subscribe(topic_filter, qos)
+            self.client.subscribe(topic_filter, self.subscriptions[topic_filter])
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> bool:
         """Hand a message to the connection; False when there is none (a QoS 0 message is then lost)."""
@@ -175,6 +175,16 @@ class Bus:
         self.client.disable_logger()
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def _dispatch(handler: Handler, message) -> None:
+    try:
+        handler(message.topic, message.payload)
+    except (ValueError, KeyError, TypeError) as e:   # a malformed payload: one line, not a traceback
+        log.warning("dropped a message on %s (%d bytes): %s: %s", message.topic, len(message.payload),
+                    type(e).__name__, e)
+    except Exception:
+        log.exception("dropped a message on %s (%d bytes)", message.topic, len(message.payload))
 
 
 def run_hooks(hooks: list[Callable[[], None]], kind: str) -> None:

@@ -59,6 +59,7 @@ class Cluster:
         self.hosts_broker = False                  # our machine runs the broker we are on
         self.broker = ""                           # the broker of our last connection
         self.announced = False                     # our own announcement came back: leadership is known
+        self.withdrawn = False                     # we are stopping: our claim is being cleared
         self.is_leader = False
         self.leaders_plan: Plan | None = None
 
@@ -83,10 +84,15 @@ class Cluster:
             self.bus.publish_json(self.topics.plan, plan.to_dict(), qos=1, retain=True)
 
     def withdraw(self) -> None:
-        """Clear our claim before a clean exit (a crash clears it through the Last Will)."""
+        """Clear our claim before a clean exit (a crash clears it through the Last Will). Without a
+        connection there is nothing to clear: the broker has sent our Will, or will."""
+        self.withdrawn = True
+        if not self.bus.connected.is_set():
+            return
         try:
-            self.bus.client.publish(self.topics.coord_info(self.coordinator_id), b"", qos=1, retain=True).wait_for_publish(2)
-        except RuntimeError:   # not connected: our Last Will, or a broker that forgot us, clears it
+            self.bus.client.publish(self.topics.coord_info(self.coordinator_id), b"", qos=1,
+                                    retain=True).wait_for_publish(2)
+        except (RuntimeError, ValueError):   # the connection went while we waited
             pass
 
     def name_of(self, node_id: str) -> str:
@@ -110,7 +116,7 @@ class Cluster:
                 self.nodes.pop(node_id, None)
                 self.status.pop(node_id, None)
             if was_online != (node_id in self.nodes):
-                log.info("node %s is %s", node_id, "online" if node_id in self.nodes else "offline")
+                log.info("node %s is %s", self.name_of(node_id), "online" if node_id in self.nodes else "offline")
                 self.schedule_replan()
             self.changed.notify_all()
         self.emit("node", {"id": node_id, **info})
@@ -211,6 +217,8 @@ class Cluster:
     def on_coordinator(self, topic: str, payload: bytes) -> None:
         coord_id = self.topics.coord_id_of(topic)
         info = parse_json(payload) if payload else {}
+        if coord_id == self.coordinator_id and not info.get("online") and self.withdrawn:
+            return   # our own goodbye, as we stop
         with self.lock:
             if info.get("online"):
                 self.coordinators[coord_id] = float(info.get("started", 0))
@@ -289,7 +297,8 @@ class Cluster:
                 shards = split_layers(capacities, self.model_config, keep_order=previous)
             except PlanError as e:
                 self.plan, self.plan_error = None, str(e)
-                log.warning("no plan: %s", e)
+                # No node yet is how every cluster starts; a plan the nodes there cannot hold is news.
+                log.log(logging.INFO if not capacities else logging.WARNING, "no plan: %s", e)
                 self.changed.notify_all()
                 return
             mine = self.plan and self.plan.coordinator == self.coordinator_id
@@ -301,7 +310,7 @@ class Cluster:
             self.plan_error = None
             self.changed.notify_all()
         log.info("plan %d: %s", self.plan.plan_id,
-                 ", ".join(f"{s.node}[{s.start},{s.end})" for s in self.plan.shards))
+                 ", ".join(f"{self.name_of(s.node)} [{s.start},{s.end})" for s in self.plan.shards))
         self.bus.publish_json(self.topics.plan, self.plan.to_dict(), qos=1, retain=True)
         self.emit("plan", self.plan.to_dict())
 
@@ -334,8 +343,26 @@ class Cluster:
     def load_errors(self) -> list[str]:
         with self.lock:
             plan_id = self.plan.plan_id if self.plan else None
-            return [f"{i}: {n['load_error']['error']}" for i, n in self.nodes.items()
+            return [f"{self.name_of(i)}: {n['load_error']['error']}" for i, n in self.nodes.items()
                     if n.get("load_error") and n["load_error"].get("plan_id") == plan_id]
+
+    def not_ready_reason(self) -> str:
+        """Why there is no ready plan, in a user's words, naming nodes by name."""
+        with self.lock:
+            if self.model_config is None:
+                return "no model is loaded"
+            if self.plan is None:
+                return self.plan_error or "no plan yet"
+            if errors := self.load_errors():
+                return "; ".join(errors)
+            waiting = [self.name_of(n) for n in self.plan.nodes if self.shard_info(n).get("plan_id") != self.plan.plan_id
+                       or (self.connections > 1 and n not in self.spoke)]
+            stuck = [self.name_of(n) for n in self.plan.nodes if (self.status.get(n) or {}).get("serving") is False]
+        if stuck:
+            return f"node(s) {', '.join(stuck)} not serving"
+        if waiting:
+            return f"the plan is loading on {', '.join(waiting)}"
+        return "the cluster's plan is still loading"
 
     def wait_ready(self, timeout: float, patient: bool = False) -> Plan | None:
         """The ready plan, waiting for it up to `timeout`; without one at once when no node is

@@ -28,6 +28,7 @@ from appliance.bus.client import Bus
 from appliance.config import Config
 from appliance.coordinator.admission import Admission
 from appliance.coordinator.cluster import Cluster
+from appliance.coordinator.throughput import Throughput
 from appliance.engines.base import MAX_REQUESTS
 from appliance.models.config import ModelConfig
 from appliance.models.download import fetch_for_coordinator
@@ -69,6 +70,7 @@ class LoadedModel:
     path: Path
     config: ModelConfig
     tokenizer: Tokenizer
+    created: int = field(default_factory=lambda: int(time.time()))   # when it was loaded: /v1/models says so
 
 
 @dataclass
@@ -85,6 +87,11 @@ class RequestRecord:
     status: str = "running"          # running, done, error, stopped (by a stop string or a client gone)
     error: str | None = None
     resumes: int = 0                 # times the request was replayed on a new plan
+    endpoint: str = ""               # the API path it came in on
+    max_tokens: int = 0
+    sampling: dict = field(default_factory=dict)
+    finish_reason: str | None = None  # the API's: stop (end of text or a stop string), length (max_tokens)
+    duration_s: float | None = None   # from arrival to its end
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,6 +119,9 @@ class Observer:
     def finished(self, record: RequestRecord) -> None:
         pass
 
+    def rejected(self, status: int) -> None:
+        """A request refused before it was run (a 4xx: invalid, unknown model, the queue full)."""
+
 
 def prefill_chunks(prompt: list[int], hidden_size: int) -> list[tuple[int, list[int]]]:
     """(position, token ids) chunks whose activations stay within MAX_FRAME_BYTES."""
@@ -134,6 +144,7 @@ class Coordinator:
         self.history: collections.deque[RequestRecord] = collections.deque(maxlen=100)
         self.lock = threading.Lock()
         self.observer = Observer()
+        self.throughput = Throughput()
         self.admission = Admission(config.queue_limit, self.cluster_requests)
 
     def start(self) -> "Coordinator":
@@ -198,24 +209,29 @@ class Coordinator:
                 attempt.replies.put(Interrupted(reason))
 
     # -- generation
-    def generate(self, prompt: list[int], max_tokens: int, sampling: protocol.Sampling) -> Iterator[Token]:
+    def generate(self, prompt: list[int], max_tokens: int, sampling: protocol.Sampling,
+                 record: RequestRecord | None = None) -> Iterator[Token]:
         """Yield sampled tokens until an end-of-sequence token or `max_tokens`, resuming on a new
         plan when interrupted. Closing the generator early (a client gone, a stop string) frees the
-        request on every node."""
+        request on every node. `record`: what the Requests page shows of it, where the caller
+        wants to add to it (the endpoint, the finish reason)."""
         if self.model is None:
             raise Unavailable("no model is loaded")
         if sampling.seed is None:   # a seed of our own keeps a resumed request's draws the same
             sampling = replace(sampling, seed=secrets.randbits(62))
+        record = record or RequestRecord(protocol.new_id(), self.model.id, [], len(prompt))
+        record.max_tokens, record.sampling = max_tokens, asdict(sampling)
         with self.admission.place():
-            yield from self._generate(prompt, max_tokens, sampling)
+            yield from self._generate(prompt, max_tokens, sampling, record)
 
-    def _generate(self, prompt: list[int], max_tokens: int, sampling: protocol.Sampling) -> Iterator[Token]:
-        plan = self._wait_for_plan()
-        record = RequestRecord(protocol.new_id(), self.model.id, plan.nodes, len(prompt))
+    def _generate(self, prompt: list[int], max_tokens: int, sampling: protocol.Sampling,
+                  record: RequestRecord) -> Iterator[Token]:
         self.history.append(record)
         generated: list[int] = []
-        started = time.monotonic()
         try:
+            plan = self._wait_for_plan()
+            record.nodes = plan.nodes
+            started = time.monotonic()
             while True:
                 try:
                     with contextlib.closing(self._attempt(plan, prompt + generated, len(generated),
@@ -240,6 +256,7 @@ class Coordinator:
         finally:
             if record.status == "running":
                 record.status = "stopped"   # the consumer closed the generator early
+            record.duration_s = time.time() - record.created
             self.observer.finished(record)
 
     def _wait_for_plan(self, after: str = ""):
@@ -248,8 +265,7 @@ class Coordinator:
         if not self.bus.connected.wait(READY_WAIT_S):
             reason = "the MQTT broker is unreachable"
         elif (plan := self.cluster.wait_ready(READY_WAIT_S, patient=bool(after))) is None:
-            errors = self.cluster.load_errors()
-            reason = "; ".join(errors) if errors else self.cluster.plan_error or "the cluster's plan is still loading"
+            reason = self.cluster.not_ready_reason()
         if reason:
             raise Unavailable(f"{after}the cluster cannot serve now: {reason}")
         return plan
@@ -290,18 +306,27 @@ class Coordinator:
             self.bus.publish_json(self.topics.ctl("free"), protocol.free_command(attempt.id), qos=1)
 
     def _observe_round_trip(self, round_trip: float, token: Token, nodes: int) -> None:
+        hop = max(0.0, round_trip - token.compute_s) / (nodes + 1)   # coordinator -> nodes -> coordinator
         self.observer.step_done(round_trip)
-        # coordinator -> first node -> ... -> last node -> coordinator
-        self.observer.hop_done(max(0.0, round_trip - token.compute_s) / (nodes + 1))
+        self.observer.hop_done(hop)
+        self.throughput.step(round_trip, hop)
 
-    @staticmethod
-    def _count(record: RequestRecord, started: float) -> None:
+    def _count(self, record: RequestRecord, started: float) -> None:
+        self.throughput.token()
         record.completion_tokens += 1
         elapsed = time.monotonic() - started
         if record.ttft_s is None:
             record.ttft_s = elapsed
         elif elapsed > record.ttft_s:
             record.tokens_per_s = (record.completion_tokens - 1) / (elapsed - record.ttft_s)
+
+    def unready_reason(self) -> str | None:
+        """None when a request would be served now, else why not (what /healthz says)."""
+        if not self.bus.connected.is_set():
+            return "the MQTT broker is unreachable"
+        if self.model is None:
+            return "no model is loaded"
+        return None if self.cluster.ready_plan() else self.cluster.not_ready_reason()
 
     def cluster_requests(self) -> int:
         """Requests the cluster holds at once: the smallest node's, on the plan being served."""

@@ -30,6 +30,11 @@ class Footprint:
                 + (self.embedding if first else 0) + (self.head if last else 0))
 
 
+# Bytes a weight takes, as the engines hold a model's matrices in each quant (matrix_bytes, less
+# the scales of q8's rows): what the panel shows a catalog model's size by, before its config is read.
+WEIGHT_BYTES = {"q4": 0.5 + 4 / BLOCK, "q8": 1, "f16": 2, "f32": 4}
+
+
 def matrix_bytes(rows: int, cols: int, engine: str, quant: str) -> int:
     """One [rows, cols] weight matrix (rows = outputs) as the engine holds it."""
     if engine == "onnxruntime" and quant == "q4":

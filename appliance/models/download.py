@@ -11,19 +11,24 @@ speed and ETA to a callback (the node publishes it on MQTT).
 """
 from __future__ import annotations
 
+import http.client
 import json
+import logging
 import os
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from huggingface_hub import (_CACHED_NO_EXIST, get_hf_file_metadata, hf_hub_download, hf_hub_url,
                              try_to_load_from_cache)
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError
+from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                    RemoteEntryNotFoundError)
 from huggingface_hub.utils import tqdm as hf_tqdm
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import build_hf_headers, validate_repo_id
 
 from appliance.models.config import ModelConfig
 from appliance.models.store import models_dir
@@ -38,6 +43,59 @@ REPORT_EVERY_S = 0.5
 
 class DownloadError(FileNotFoundError):
     """A model's files could not be had: offline with nothing cached, not found, refused."""
+
+
+class HubUnreachable(DownloadError):
+    """The hub did not answer at all (no network, no DNS, refused, timed out): the API says 504."""
+
+
+class HubFailed(DownloadError):
+    """The hub answered with a server error: the API says 502."""
+
+
+# huggingface_hub gives its logger a handler of its own and lets records propagate as well: under
+# the application's logging every warning of it was printed twice. The application's is enough.
+logging.getLogger("huggingface_hub").handlers.clear()
+log = logging.getLogger(__name__)
+
+HUB_TRIES = 3            # tries of the reachability check, each said in the log, before giving up
+HUB_TIMEOUT_S = 3.0      # each try's connect and answer
+HUB_CHECK_S = 60.0       # a hub that answered is not asked again for this long
+
+
+def check_hub(repo: str, tries: int = HUB_TRIES) -> None:
+    """Ask the hub once (a HEAD for the repo's config.json) before huggingface_hub does: where it
+    cannot be reached, its own retries would take 24 s per file. Any HTTP answer will do; the
+    download that follows says what was wrong with it."""
+    global _hub_answered
+    if time.monotonic() - _hub_answered < HUB_CHECK_S:
+        return
+    url = hf_hub_url(repo, CONFIG_FILES[0], endpoint=_endpoint())
+    for attempt in range(1, tries + 1):
+        try:
+            request = urllib.request.Request(url, method="HEAD", headers=build_hf_headers())   # HF_TOKEN too
+            urllib.request.urlopen(request, timeout=HUB_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            pass   # an answer: the hub is there
+        except (OSError, http.client.HTTPException) as e:
+            reason = getattr(e, "reason", None) or e
+            if attempt == tries:
+                raise HubUnreachable(f"cannot reach the hub at {_hub_name()} ({reason}) after {tries} tries, and "
+                                     f"{repo} is not in the model cache: check the network, or set HF_ENDPOINT "
+                                     "to a mirror") from None
+            log.warning("the hub at %s does not answer (%s): try %d of %d in %d s", _hub_name(), reason,
+                        attempt + 1, tries, attempt)
+            time.sleep(attempt)   # a back-off: nothing else tells us when the network is back
+            continue
+        _hub_answered = time.monotonic()
+        return
+
+
+_hub_answered = -HUB_CHECK_S
+
+
+def _hub_name() -> str:
+    return _endpoint() or "huggingface.co"
 
 
 def _offline() -> bool:
@@ -124,6 +182,8 @@ def _fetch_one(repo: str, f: str, progress: Progress, revision: str, cache: Path
         return Path(cached)
     if cached is _CACHED_NO_EXIST:
         return None
+    if not _offline():
+        check_hub(repo)
     try:
         return Path(hf_hub_download(repo, f, revision=revision, cache_dir=cache, tqdm_class=progress.bar_class(),
                                     endpoint=_endpoint()))
@@ -134,10 +194,31 @@ def _fetch_one(repo: str, f: str, progress: Progress, revision: str, cache: Path
             where = cache / ("models--" + repo.replace("/", "--"))
             raise DownloadError(f"model {repo!r}: {f} is not on disk under {where} and HF_HUB_OFFLINE is set, "
                                 f"so it cannot be downloaded; unset HF_HUB_OFFLINE or copy the model there") from e
-        raise DownloadError(f"cannot download {f} of {repo}: the hub at {_endpoint() or 'huggingface.co'} "
-                            f"cannot be reached and the file is not cached ({e})") from e
-    except Exception as e:  # refused tokens, a repo that does not exist, a broken server
-        raise DownloadError(f"cannot download {f} of {repo}: {e}") from e
+        if (status := _server_error(e)) is not None:   # huggingface_hub reports a failed HEAD as "not cached"
+            raise HubFailed(f"cannot download {f} of {repo}: the hub at {_hub_name()} answered {status}") from e
+        raise HubUnreachable(f"cannot download {f} of {repo}: the hub at {_hub_name()} cannot be reached and "
+                             f"the file is not cached ({_first_line(e)})") from e
+    except HfHubHTTPError as e:
+        if (status := _server_error(e)) is not None:
+            raise HubFailed(f"cannot download {f} of {repo}: the hub at {_hub_name()} answered {status}") from e
+        raise DownloadError(f"cannot download {f} of {repo}: {_first_line(e)}") from e
+    except Exception as e:  # refused tokens, a repo that does not exist
+        raise DownloadError(f"cannot download {f} of {repo}: {_first_line(e)}") from e
+
+
+def _server_error(e: BaseException | None) -> int | None:
+    """The 5xx status of the hub's answer behind `e` (or what caused it), if that is what it was."""
+    while e is not None:
+        response = getattr(e, "response", None) if isinstance(e, HfHubHTTPError) else None
+        if response is not None and response.status_code >= 500:
+            return response.status_code
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    """huggingface_hub's messages run to several lines of advice: the first says what happened."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _endpoint() -> str | None:
@@ -153,6 +234,7 @@ def _size_up(repo, files, progress: Progress, revision, cache) -> None:
             progress.total += size
             progress.add(size, network=False)
         elif cached is None and not _offline():
+            check_hub(repo)
             try:
                 url = hf_hub_url(repo, f, revision=revision, endpoint=_endpoint())
                 progress.total += get_hf_file_metadata(url).size or 0

@@ -11,8 +11,10 @@ import shutil
 
 from flask import Blueprint, current_app, jsonify
 
+from appliance.models.download import HubFailed, HubUnreachable
 from appliance.panel.api import ApiError, json_body
 from appliance.panel.auth import check_admin
+from appliance.panel.schema import Invalid, ModelBody, validate
 
 admin = Blueprint("admin", __name__)
 admin.before_request(check_admin)
@@ -35,10 +37,10 @@ def _leader_only():
 
 
 def _model_arg() -> str:
-    model = json_body().get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise ApiError(400, "the body must be a JSON object with a 'model' string", "model")
-    return model.strip()
+    try:
+        return validate(ModelBody, json_body()).model.strip()
+    except Invalid as e:
+        raise ApiError(400, e.message, e.param) from None
 
 
 @admin.post("/api/models/load")
@@ -47,6 +49,10 @@ def load():
     model = _model_arg()
     try:
         loaded = _coordinator().load_model(model)
+    except HubUnreachable as e:         # no network: the hub is the upstream that did not answer
+        raise ApiError(504, str(e), "model", "upstream_unreachable") from e
+    except HubFailed as e:
+        raise ApiError(502, str(e), "model", "upstream_error") from e
     except FileNotFoundError as e:      # not a folder, not on the hub, or offline with nothing cached
         raise ApiError(404, str(e), "model", "not_found_error") from e
     except (ValueError, OSError) as e:  # a folder or config that is not a model we can run

@@ -8,17 +8,17 @@ text before it is parsed, a prompt's length in characters before it is tokenized
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 
-from appliance.bus.protocol import TOP_LOGPROBS, Sampling
+from appliance.bus.protocol import Sampling, new_id
 from appliance.coordinator.admission import Busy
-from appliance.coordinator.coordinator import Coordinator, GenerationError
+from appliance.coordinator.coordinator import Coordinator, GenerationError, RequestRecord
 from appliance.models.tokenizer import StreamDecoder
+from appliance.panel.schema import ChatCompletionRequest, CompletionRequest, Invalid, validate
 
 api = Blueprint("api", __name__)
 
@@ -35,6 +35,7 @@ class ApiError(Exception):
 
 @api.errorhandler(ApiError)
 def _api_error(e: ApiError):
+    coordinator().observer.rejected(e.status)
     return e.response()
 
 
@@ -46,6 +47,7 @@ def _generation_error(e: GenerationError):
 
 @api.errorhandler(Busy)
 def _busy(e: Busy):
+    coordinator().observer.rejected(e.status)
     body, status = ApiError(e.status, str(e), kind="rate_limit_exceeded").response()
     return body, status, {"Retry-After": str(e.retry_after)}
 
@@ -66,43 +68,12 @@ class Params:
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    endpoint: str = ""
 
 
-@dataclass(frozen=True)
-class Number:
-    """A numeric request field: its kind and range. parse_params checks it, openapi.py documents it."""
-    kind: type
-    lo: float | None = None
-    hi: float | None = None
-
-    def describe(self) -> str:
-        if self.lo == self.hi:
-            return f"{self.lo}"
-        return f"between {self.lo} and {self.hi}" if self.hi is not None else f"at least {self.lo}"
-
-
-NUMBERS = {
-    "temperature": Number(float, 0, 2), "top_p": Number(float, 0, 1), "top_k": Number(int, 0, 2**31 - 1),
-    "seed": Number(int, 0, 2**63 - 1), "n": Number(int, 1, 1),
-    "max_tokens": Number(int, 1), "max_completion_tokens": Number(int, 1),
-    "logprobs": Number(int, 0, TOP_LOGPROBS), "top_logprobs": Number(int, 0, TOP_LOGPROBS),
-}
 # Tokenizers rarely make a token of more than a few characters: a prompt of more characters than
 # this many per token of context cannot fit, so it is refused before it is tokenized.
 CHARS_PER_TOKEN = 16
-
-
-def _number(body, name, default):
-    value, spec = body.get(name), NUMBERS[name]
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (spec.kind is int and not isinstance(value, int)):
-        raise ApiError(400, f"'{name}' must be {'an integer' if spec.kind is int else 'a number'}", name)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ApiError(400, f"'{name}' must be a finite number, not {value}", name)
-    if (spec.lo is not None and value < spec.lo) or (spec.hi is not None and value > spec.hi):
-        raise ApiError(400, f"'{name}' must be {spec.describe()}", name)
-    return spec.kind(value)
 
 
 def json_body() -> dict:
@@ -127,52 +98,42 @@ def json_body() -> dict:
 
 def parse_params(chat: bool) -> Params:
     body = json_body()
+    try:
+        req = validate(ChatCompletionRequest if chat else CompletionRequest, body)
+    except Invalid as e:
+        raise ApiError(400, e.message, e.param) from None
     model = coordinator().model
-    name = body.get("model")
-    if not isinstance(name, str):
-        raise ApiError(400, "'model' is required and must be a string", "model")
-    if model is None or name != model.id:
-        raise ApiError(404, f"the model '{name}' does not exist or is not loaded", "model", "not_found_error")
-    _number(body, "n", 1)
+    if model is None or req.model != model.id:
+        raise ApiError(404, f"the model '{req.model}' does not exist or is not loaded", "model", "not_found_error")
     context = coordinator().context_limit()   # the model's, or less where the nodes' engines hold fewer
-    prompt = _chat_prompt(body, model, context) if chat else _text_prompt(body, model, context)
+    prompt = _chat_prompt(req, model, context) if chat else _text_prompt(req, model, context)
     if len(prompt) >= context:
         raise ApiError(400, f"the prompt is {len(prompt)} tokens; the cluster's context is {context}", "prompt")
     default_max = context - len(prompt) if chat else 16
-    max_tokens = _number(body, "max_completion_tokens", None) if chat else None
-    max_tokens = max_tokens or _number(body, "max_tokens", default_max)
+    max_tokens = (req.max_completion_tokens if chat else None) or req.max_tokens or default_max
     if len(prompt) + max_tokens > context:
         raise ApiError(400, f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds the context of {context} tokens",
-                       "max_tokens")
-    sampling = Sampling(_number(body, "temperature", 1.0), _number(body, "top_p", 1.0), _number(body, "top_k", 0),
-                        _number(body, "seed", None))
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be a boolean", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    logprobs, top = _logprobs_params(body, chat)
-    return Params(name, prompt, max_tokens, sampling, stop, stream, bool(options.get("include_usage")), logprobs, top)
+                       "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens")
+    sampling = Sampling(_given(req.temperature, 1.0), _given(req.top_p, 1.0), req.top_k or 0, req.seed)
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    logprobs, top = _logprobs_params(req, chat)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return Params(req.model, prompt, max_tokens, sampling, stop, bool(req.stream), include_usage, logprobs, top,
+                  request.path)
 
 
-def _logprobs_params(body, chat: bool) -> tuple[bool, int]:
+def _given(value, default):
+    return default if value is None else value
+
+
+def _logprobs_params(req, chat: bool) -> tuple[bool, int]:
     """Completions: `logprobs` is how many top tokens to list (0-5). Chat: `logprobs` is a boolean
     and `top_logprobs` the count (0-5)."""
     if not chat:
-        top = _number(body, "logprobs", None)
-        return top is not None, top or 0
-    wanted = body.get("logprobs")
-    if wanted is not None and not isinstance(wanted, bool):
-        raise ApiError(400, "'logprobs' must be a boolean", "logprobs")
-    top = _number(body, "top_logprobs", None)
-    if top is not None and not wanted:
+        return req.logprobs is not None, req.logprobs or 0
+    if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    return bool(wanted), top or 0
+    return bool(req.logprobs), req.top_logprobs or 0
 
 
 def _check_prompt_chars(chars: int, context: int, param: str) -> None:
@@ -182,32 +143,16 @@ def _check_prompt_chars(chars: int, context: int, param: str) -> None:
                             f"at most {context * CHARS_PER_TOKEN}", param)
 
 
-def _text_prompt(body, model, context: int) -> list[int]:
-    prompt = body.get("prompt", "")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(400, "'prompt' must be a string", "prompt")
+def _text_prompt(req: CompletionRequest, model, context: int) -> list[int]:
+    prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
     _check_prompt_chars(len(prompt), context, "prompt")
     return model.tokenizer.encode(prompt)
 
 
-def _chat_prompt(body, model, context: int) -> list[int]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", "messages")
-        content = m.get("content")
-        if isinstance(content, list):   # the list-of-parts form: text parts only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise ApiError(400, f"messages[{i}].content parts must be {{'type': 'text', 'text': str}}", "messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", "messages")
-        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+def _chat_prompt(req: ChatCompletionRequest, model, context: int) -> list[int]:
+    clean = [{"role": "system" if m.role == "developer" else m.role,
+              "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+             for m in req.messages]
     _check_prompt_chars(sum(len(m["role"]) + len(m["content"]) for m in clean), context, "messages")
     return model.tokenizer.apply_chat_template(clean)
 
@@ -232,23 +177,28 @@ def run(params: Params, usage: dict):
     model = coordinator().model
     decoder = StreamDecoder(model.tokenizer)
     text, sent = "", 0
-    tokens = coordinator().generate(params.prompt, params.max_tokens, params.sampling)
+    record = RequestRecord(new_id(), params.model, [], len(params.prompt), endpoint=params.endpoint)
+    tokens = coordinator().generate(params.prompt, params.max_tokens, params.sampling, record)
+
+    def finish(piece: Piece) -> Piece:
+        record.finish_reason = piece.finish_reason
+        return piece
     try:
         for token in tokens:
             usage["completion_tokens"] += 1
             if token.id in model.config.eos_token_ids:
-                yield Piece(text[sent:], finish_reason="stop")
+                yield finish(Piece(text[sent:], finish_reason="stop"))
                 return
             text += decoder.push(token.id)
             hits = [text.find(s, max(0, sent - len(s))) for s in params.stop]
             hits = [h for h in hits if h >= 0]
             if hits:
-                yield Piece(text[sent:min(hits)], token.id, token.logprob, "stop", token.top)
+                yield finish(Piece(text[sent:min(hits)], token.id, token.logprob, "stop", token.top))
                 return
             end = len(text) - held_back(text, params.stop)
             yield Piece(text[sent:end], token.id, token.logprob, None, token.top)
             sent = end
-        yield Piece(text[sent:], finish_reason="length")
+        yield finish(Piece(text[sent:], finish_reason="length"))
     finally:
         tokens.close()
 
@@ -301,8 +251,9 @@ def respond(params: Params, chat: bool):
             if params.include_usage:
                 yield sse({**base, "object": chunk_kind, "choices": [], "usage": _finish_usage(usage)})
             yield "data: [DONE]\n\n"
-        except GenerationError as e:
-            yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": e.status}})
+        except GenerationError as e:   # the stream has begun: the error is its last event, with what it cost
+            error = {"error": {"message": str(e), "type": "server_error", "param": None, "code": e.status}}
+            yield sse({**error, **({"usage": _finish_usage(usage)} if params.include_usage else {})})
         finally:
             pieces.close()
 
@@ -354,14 +305,19 @@ def chat_completions():
 @api.get("/v1/models")
 def models():
     model = coordinator().model
-    data = [{"id": model.id, "object": "model", "created": 0, "owned_by": "exo"}] if model else []
+    data = [{"id": model.id, "object": "model", "created": model.created, "owned_by": "exo"}] if model else []
     return jsonify({"object": "list", "data": data})
 
 
 @api.get("/healthz")
 def healthz():
+    """200 when a request would be served now; 503 and the reason until then (as llama-server does),
+    so a load balancer or a start script can wait on it."""
     cluster = coordinator().cluster
+    reason = coordinator().unready_reason()
     plan = cluster.ready_plan()
-    return jsonify({"status": "ok", "nodes": len(cluster.nodes), "ready": plan is not None,
+    return jsonify({"status": "ok" if reason is None else "unavailable", "reason": reason,
+                    "nodes": len(cluster.nodes), "ready": reason is None,
                     "coordinator": {"id": cluster.coordinator_id, "leader": cluster.is_leader},
-                    "plan": plan.to_dict() if plan else None, "plan_error": cluster.plan_error})
+                    "plan": plan.to_dict() if plan else None, "plan_error": cluster.plan_error}), \
+        200 if reason is None else 503

@@ -1,5 +1,6 @@
-"""Bearer tokens: optional API keys on /v1/* (`api_keys` in the config), and the admin token that
-the admin actions need (generated once, kept in the state dir with mode 0600, printed by `exo`)."""
+"""Bearer tokens: optional API keys (`api_keys` in the config) on /v1/*, the panel's data and
+/metrics, and the admin token that the admin actions need (generated once, kept in the state dir
+with mode 0600, printed by `exo`)."""
 from __future__ import annotations
 
 import hmac
@@ -41,12 +42,26 @@ def unauthorized(message: str, status: int = 401):
     return jsonify(body), status, {"WWW-Authenticate": "Bearer"}
 
 
+# What the API keys guard beside /v1/*: the panel's data (node names and hosts, request history).
+# The pages themselves hold no data; they ask for a key when /api/state says 401.
+PANEL_DATA = ("/api/state", "/api/events")
+KEY_COOKIE = "exo_api_key"   # a browser's EventSource cannot send a header: the panel sets this cookie
+
+
+def guarded(path: str, metrics_public: bool) -> bool:
+    return path.startswith("/v1/") or path in PANEL_DATA or (path == "/metrics" and not metrics_public)
+
+
 def check_api_key():
-    """before_request for /v1/*: None lets the request through."""
-    keys = current_app.config["coordinator"].config.api_keys
-    if not keys or not request.path.startswith("/v1/"):
+    """before_request: None lets the request through. With `api_keys` set, /v1/*, the panel's data
+    and /metrics (unless `metrics_public`, for a Prometheus without the key) need one of them, as a
+    bearer token, or for the panel's own GETs of its data, as the cookie the panel sets."""
+    config = current_app.config["coordinator"].config
+    if not config.api_keys or not guarded(request.path, config.metrics_public):
         return None
-    if _matches(bearer(), keys):
+    if _matches(bearer(), config.api_keys):
+        return None
+    if request.method == "GET" and request.path in PANEL_DATA and _matches(request.cookies.get(KEY_COOKIE), config.api_keys):
         return None
     return unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'")
 

@@ -33,6 +33,8 @@ class EventHub:
         self.lock = threading.Lock()
         self.known: dict[str, dict] = {}       # every node seen, online or not, by id
         self.downloads: dict[str, dict] = {}   # each node's latest download progress
+        self.rates: dict[str, dict] = {}       # each node's rates between its last two heartbeats
+        self.last_status: dict[str, dict] = {}
         self.streams: list[queue.Queue] = []
         with coordinator.cluster.lock:
             for node_id, info in coordinator.cluster.nodes.items():
@@ -44,7 +46,28 @@ class EventHub:
     def on_cluster(self, kind: str, data: dict) -> None:
         if kind == "node":
             data = self.remember_node(data)
+        elif kind == "status":
+            data = {**data, **self.measure(data)}
         self.publish(kind, data)
+
+    def measure(self, status: dict) -> dict:
+        """A node's rates from its last two heartbeats: tokens/s (frames it ran: one per request's
+        step) and its compute time per frame."""
+        with self.lock:
+            before, self.last_status[status["id"]] = self.last_status.get(status["id"]), status
+            rates = {}
+            try:
+                seconds = float(status["time"]) - float(before["time"])
+                frames = int(status["frames"]) - int(before["frames"])
+                spent = float(status["frame_seconds"]) - float(before["frame_seconds"])
+                if seconds > 0 and frames >= 0:   # idle, a node's time per frame is the last one it had
+                    rates = {"tokens_per_s": round(frames / seconds, 2),
+                             "ms_per_frame": round(1000 * spent / frames, 2) if frames
+                             else self.rates.get(status["id"], {}).get("ms_per_frame")}
+            except (KeyError, TypeError, ValueError):   # the first heartbeat, or a node of another version
+                pass
+            self.rates[status["id"]] = rates
+            return rates
 
     def remember_node(self, data: dict) -> dict:
         with self.lock:
@@ -101,7 +124,8 @@ class EventHub:
         cluster = self.coordinator.cluster
         with cluster.lock, self.lock:
             nodes = {**self.known, **{i: {**n, "online": True} for i, n in cluster.nodes.items()}}
-            return [{**n, "id": i, "status": cluster.status.get(i) if n.get("online") else None}
+            return [{**n, "id": i, "status": {**cluster.status[i], **self.rates.get(i, {})}
+                     if n.get("online") and i in cluster.status else None}
                     for i, n in sorted(nodes.items())]
 
     def snapshot_downloads(self) -> dict[str, dict]:
@@ -141,7 +165,7 @@ def stream(hub: EventHub) -> Iterator[str]:
     q = hub.open()
     coordinator = hub.coordinator
     plan_mark, req_mark = plan_data(coordinator), requests_mark(coordinator)
-    admission_mark = coordinator.admission.state()
+    admission_mark, throughput_mark = coordinator.admission.state(), coordinator.throughput.snapshot()
     last_write = time.monotonic()
     try:
         yield sse("hello", {"time": time.time()})
@@ -167,6 +191,10 @@ def stream(hub: EventHub) -> Iterator[str]:
             if now_req != req_mark:
                 req_mark = now_req
                 yield sse("requests", coordinator.recent_requests())
+                last_write = time.monotonic()
+            if (now_throughput := coordinator.throughput.snapshot()) != throughput_mark:
+                throughput_mark = now_throughput
+                yield sse("throughput", now_throughput)
                 last_write = time.monotonic()
             if (now_admission := coordinator.admission.state()) != admission_mark:
                 admission_mark = now_admission

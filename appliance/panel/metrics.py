@@ -42,7 +42,9 @@ class PrometheusObserver:
     """Receives the coordinator's measurements (see Coordinator.observer)."""
 
     def __init__(self, registry: CollectorRegistry):
-        self.requests = Counter("exo_requests", "Finished requests by outcome", ["status"], registry=registry)
+        self.requests = Counter("exo_requests", "Requests by outcome: done, stopped (a stop string, a client gone), "
+                                "error (failed while or before running), rejected (a 4xx: invalid, unknown model, "
+                                "the queue full)", ["status"], registry=registry)
         self.prompt_tokens = Counter("exo_prompt_tokens", "Prompt tokens processed", registry=registry)
         self.completion_tokens = Counter("exo_completion_tokens", "Tokens generated", registry=registry)
         self.resumes = Counter("exo_request_resumes", "Requests replayed on a new plan after an interruption "
@@ -60,6 +62,9 @@ class PrometheusObserver:
 
     def hop_done(self, seconds: float) -> None:
         self.hop.observe(seconds)
+
+    def rejected(self, status: int) -> None:
+        self.requests.labels("rejected").inc()
 
     def finished(self, record: RequestRecord) -> None:
         self.requests.labels(record.status).inc()

@@ -25,8 +25,12 @@ from appliance.coordinator.coordinator import Coordinator
 from appliance.panel import create_app
 
 log = logging.getLogger(__name__)
+# waitress says at INFO each time a client goes mid-response: every closed panel tab (its event
+# stream) and every stopped chat. That is how streams end, not news.
+logging.getLogger("waitress").setLevel(logging.WARNING)
 THREADS = 32                # requests served at once: each streaming response holds one
 CONNECTIONS = 500           # open sockets at most (idle ones included); more wait to be accepted
+STOP_WAIT_S = 5             # at a stop, how long responses under way (a chat streaming) may take to end
 IDLE_TIMEOUT_S = 30         # a connection that sends nothing for this long, between requests, is closed
 
 
@@ -76,4 +80,7 @@ def serve(config: Config, coordinator: Coordinator, watch: list[subprocess.Popen
                 watch.remove(process)
     finally:
         app.extensions["exo_events"].close_all()   # an open panel tab must not hold up the exit
+        # The worker threads end their responses before the server closes: a thread that finished
+        # one afterwards would wake a closed event loop (a traceback on the way out).
+        server.task_dispatcher.shutdown(timeout=STOP_WAIT_S)
         server.close()

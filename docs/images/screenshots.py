@@ -26,7 +26,7 @@ MODEL = REPO.parent / "shared" / "models" / "stories260K" / "hf"
 PORT = 52500
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
-SHOTS = [("/", "#nodes > *", "panel-cluster.png", 900), ("/split", "#shares tbody tr", "panel-split.png", 420)]
+SHOTS = [("/", "#nodes > *", "panel-cluster.png", 1100), ("/split", "#shares tbody tr", "panel-split.png", 420)]
 
 
 def ready() -> bool:
@@ -49,6 +49,7 @@ def main() -> None:
             if exo.poll() is not None or time.monotonic() > deadline:
                 sys.exit("the cluster did not get ready")
             time.sleep(0.3)  # polling a server coming up: there is no event to wait on
+        traffic()
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=ARGS, headless=True)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -62,6 +63,15 @@ def main() -> None:
     finally:
         exo.send_signal(signal.SIGINT)
         exo.wait(20)
+
+
+def traffic() -> None:
+    """A few answers first, so the throughput chart and the nodes' rates have something to show."""
+    body = json.dumps({"model": str(MODEL), "prompt": "Once upon a time", "max_tokens": 400}).encode()
+    for _ in range(6):
+        request = urllib.request.Request(f"http://127.0.0.1:{PORT}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=60).read()
 
 
 if __name__ == "__main__":
