@@ -33,9 +33,22 @@ def _header(path: Path) -> tuple[dict, int]:
         return json.loads(f.read(length)), 8 + length
 
 
+# A multimodal checkpoint's text tower (Gemma 3 4B and up) under the names a text model has.
+PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.", "language_model.lm_head.": "lm_head."}
+
+
+def canonical_name(name: str) -> str:
+    """The name a text-only checkpoint gives a tensor (a vision tower's tensors keep theirs: no stage wants them)."""
+    for prefix, text in PREFIXES.items():
+        if name.startswith(prefix):
+            return text + name[len(prefix):]
+    return name
+
+
 def shard_tensor_names(names, start: int, end: int, first: bool, last: bool, tied: bool) -> list[str]:
-    """The tensors a stage holding layers [start, end) needs."""
+    """The tensors (as stored) a stage holding layers [start, end) needs."""
     def wanted(name: str) -> bool:
+        name = canonical_name(name)
         if name.startswith("model.layers."):
             return start <= int(name.split(".")[2]) < end
         if name == "model.embed_tokens.weight":
@@ -46,6 +59,31 @@ def shard_tensor_names(names, start: int, end: int, first: bool, last: bool, tie
             return last and not tied
         return False
     return [n for n in names if wanted(n)]
+
+
+def load_shard(model_dir: str | Path, config, start: int, end: int, copy_on_write: bool = False) -> dict[str, np.ndarray]:
+    """The tensors of a stage holding layers [start, end), memory-mapped, under the names of a
+    Llama checkpoint: a multimodal text tower's prefix dropped, Phi-3's fused `qkv_proj` and
+    `gate_up_proj` split into row views (no copy), and norm weights made what they multiply by
+    (Gemma's `1 + w`, small float32 arrays). The engines all read the model through this."""
+    names = shard_tensor_names(weight_map(model_dir), start, end, start == 0, end == config.num_layers,
+                               config.tie_word_embeddings)
+    out = {}
+    for stored, t in load_tensors(model_dir, names, copy_on_write).items():
+        name = canonical_name(stored)
+        if name.endswith("norm.weight") and config.norm_offset:
+            t = as_float32(t) + np.float32(config.norm_offset)
+        if name.endswith("self_attn.qkv_proj.weight"):
+            q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+            base = name[:-len("qkv_proj.weight")]
+            out.update({base + "q_proj.weight": t[:q], base + "k_proj.weight": t[q:q + kv],
+                        base + "v_proj.weight": t[q + kv:]})
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            base, half = name[:-len("gate_up_proj.weight")], t.shape[0] // 2
+            out.update({base + "gate_proj.weight": t[:half], base + "up_proj.weight": t[half:]})
+        else:
+            out[name] = t
+    return out
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
