@@ -29,7 +29,7 @@ from appliance.config import Config
 from appliance.coordinator.admission import Admission
 from appliance.coordinator.cluster import Cluster
 from appliance.engines.base import MAX_REQUESTS
-from appliance.models.config import ModelConfig
+from appliance.models.config import GenerationDefaults, ModelConfig, generation_defaults
 from appliance.models.download import fetch_for_coordinator
 from appliance.models.store import models_dir, resolve_model_dir
 from appliance.models.tokenizer import Tokenizer
@@ -69,6 +69,12 @@ class LoadedModel:
     path: Path
     config: ModelConfig
     tokenizer: Tokenizer
+    generation: GenerationDefaults = GenerationDefaults()
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Every end-of-sequence id: config.json's and generation_config.json's."""
+        return set(self.config.eos_token_ids) | set(self.generation.eos_token_ids)
 
 
 @dataclass
@@ -154,7 +160,7 @@ class Coordinator:
             path = resolve_model_dir(model)
         else:   # a hub id: the coordinator needs only config.json and the tokenizer
             path = fetch_for_coordinator(model, cache=models_dir(self.config.models_dir))
-        self.model = LoadedModel(model, path, ModelConfig.load(path), Tokenizer(path))
+        self.model = LoadedModel(model, path, ModelConfig.load(path), Tokenizer(path), generation_defaults(path))
         self.cluster.set_model(model, self.model.config)
         return self.model
 
@@ -255,7 +261,7 @@ class Coordinator:
         decode from step `first_step` on. Raises Interrupted when this plan cannot finish it."""
         attempt = Attempt(protocol.new_id(), plan.plan_id, plan.nodes)
         self.active[attempt.id] = attempt
-        eos = set(self.model.config.eos_token_ids)
+        eos = self.model.stop_ids
         first_node = self.topics.node_inbox(plan.nodes[0])
 
         def send(step: int, pos: int, ids: list[int], flags: int) -> None:

@@ -214,15 +214,23 @@ class GenerationDefaults:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0                       # 0: no top-k cut
-    do_sample: bool = False              # False: greedy, as transformers does without the file
+    do_sample: bool = False              # False: the file sets no sampling (the API's own defaults hold)
+
+    def sampling(self) -> dict:
+        """The sampling a request gets for the fields it leaves out: the file's where it samples
+        (Qwen3: temperature 0.6, top_p 0.95, top_k 20), else the OpenAI API's (1.0, 1.0, no top-k)."""
+        if not self.do_sample:
+            return {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
 
 
 def generation_defaults(model_dir: str | Path) -> GenerationDefaults:
-    """Stop ids and sampling defaults: generation_config.json, else config.json's eos ids."""
+    """Stop ids (generation_config.json's and config.json's together: Qwen3 and Gemma 3 list
+    several) and sampling defaults."""
     model_dir = Path(model_dir)
     path = model_dir / "generation_config.json"
     g = json.loads(path.read_text()) if path.exists() else {}
-    eos = _ids(g.get("eos_token_id")) or ModelConfig.load(model_dir).eos_token_ids
+    eos = tuple(dict.fromkeys(_ids(g.get("eos_token_id")) + ModelConfig.load(model_dir).eos_token_ids))
     return GenerationDefaults(
         eos_token_ids=eos,
         temperature=g.get("temperature", 1.0),

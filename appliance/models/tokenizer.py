@@ -99,8 +99,9 @@ class Tokenizer:
                                     add_generation_prompt=add_generation_prompt,
                                     **{**self.special_tokens, **extra})
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        text = self.render_chat(messages, add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> list[int]:
+        """`extra` reaches the template as variables (Qwen3's `enable_thinking`)."""
+        text = self.render_chat(messages, add_generation_prompt, **extra)
         # A template writes the special tokens itself; the fallback leaves BOS to the tokenizer.
         return self.encode(text, add_special_tokens=not self.has_chat_template)
 

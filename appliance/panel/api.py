@@ -144,8 +144,9 @@ def parse_params(chat: bool) -> Params:
     if len(prompt) + max_tokens > context:
         raise ApiError(400, f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds the context of {context} tokens",
                        "max_tokens")
-    sampling = Sampling(_number(body, "temperature", 1.0), _number(body, "top_p", 1.0), _number(body, "top_k", 0),
-                        _number(body, "seed", None))
+    default = model.generation.sampling()   # generation_config.json's, where the request sets none
+    sampling = Sampling(_number(body, "temperature", default["temperature"]), _number(body, "top_p", default["top_p"]),
+                        _number(body, "top_k", default["top_k"]), _number(body, "seed", None))
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
@@ -209,7 +210,20 @@ def _chat_prompt(body, model, context: int) -> list[int]:
             raise ApiError(400, f"messages[{i}].content must be a string", "messages")
         clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     _check_prompt_chars(sum(len(m["role"]) + len(m["content"]) for m in clean), context, "messages")
-    return model.tokenizer.apply_chat_template(clean)
+    return model.tokenizer.apply_chat_template(clean, **_template_switches(body))
+
+
+def _template_switches(body) -> dict:
+    """`enable_thinking` (Qwen3's and SmolLM3's templates read it), at the top level or inside
+    `chat_template_kwargs` as vLLM takes it."""
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ApiError(400, "'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    thinking = body.get("enable_thinking")
+    thinking = kwargs.get("enable_thinking") if thinking is None else thinking
+    if thinking is not None and not isinstance(thinking, bool):
+        raise ApiError(400, "'enable_thinking' must be a boolean", "enable_thinking")
+    return {} if thinking is None else {"enable_thinking": thinking}
 
 
 # -- generation
@@ -236,7 +250,7 @@ def run(params: Params, usage: dict):
     try:
         for token in tokens:
             usage["completion_tokens"] += 1
-            if token.id in model.config.eos_token_ids:
+            if token.id in model.stop_ids:
                 yield Piece(text[sent:], finish_reason="stop")
                 return
             text += decoder.push(token.id)

@@ -65,7 +65,10 @@ def document(model_id: str | None, context: int | None = None) -> dict:
     chat = {"type": "object", "required": ["model", "messages"], "properties": {
         **_sampling(model), "messages": {"type": "array", "minItems": 1, "items": message},
         "max_completion_tokens": _number("max_completion_tokens"),
-        "logprobs": {"type": "boolean", "nullable": True}, "top_logprobs": _number("top_logprobs")}}
+        "logprobs": {"type": "boolean", "nullable": True}, "top_logprobs": _number("top_logprobs"),
+        "enable_thinking": {"type": "boolean", "nullable": True},
+        "chat_template_kwargs": {"type": "object", "nullable": True,
+                                 "properties": {"enable_thinking": {"type": "boolean", "nullable": True}}}}}
     model_body = {"type": "object", "required": ["model"], "properties": {"model": {"type": "string", "minLength": 1}}}
     ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
     return {
