@@ -156,7 +156,7 @@ class Coordinator:
         self.bus.stop()
 
     def load_model(self, model: str) -> LoadedModel:
-        if Path(model).expanduser().is_dir():
+        if Path(model).expanduser().exists():   # a folder, or a GGUF file
             path = resolve_model_dir(model)
         else:   # a hub id: the coordinator needs only config.json and the tokenizer
             path = fetch_for_coordinator(model, cache=models_dir(self.config.models_dir))

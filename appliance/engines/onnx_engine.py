@@ -34,6 +34,7 @@ from appliance.engines.footprint import DEFAULT_QUANT
 from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
 from appliance.engines.onnx_graph import QUANTS, build_graph, convert_weights, padded_head_dim
 from appliance.models.config import ModelConfig
+from appliance.models.gguf_model import gguf_files
 from appliance.models.weights import load_shard
 
 CACHE_VERSION = 2
@@ -197,8 +198,11 @@ def release_pages(arrays) -> None:
 def cache_key(shard: Shard, quant: str) -> str:
     """Model revision stand-in: the config and every weight file's name, size and mtime."""
     model_dir = Path(shard.model_dir)
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
+    if model_dir.suffix == ".gguf":   # a GGUF model: its files, whose header holds the config
+        h, files = hashlib.sha256(b"gguf"), gguf_files(model_dir)
+    else:
+        h, files = hashlib.sha256((model_dir / "config.json").read_bytes()), sorted(model_dir.glob("*.safetensors"))
+    for f in files:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(f"v{CACHE_VERSION}".encode())

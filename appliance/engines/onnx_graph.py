@@ -89,6 +89,9 @@ def convert_weights(tensors: dict[str, np.ndarray], quant: str, first: bool, las
     """Yield (graph initializer name, array) for every HF tensor of the shard, one at a time so a
     bfloat16 checkpoint is widened tensor by tensor."""
     for name, t in tensors.items():
+        if name != "model.embed_tokens.weight" and gguf_blocks_fit(t, quant):
+            yield from _from_gguf_blocks(name, t)
+            continue
         t = as_float32(t)
         is_matrix = t.ndim == 2 and name != "model.embed_tokens.weight"
         if name == "model.embed_tokens.weight":
@@ -102,6 +105,30 @@ def convert_weights(tensors: dict[str, np.ndarray], quant: str, first: bool, las
             yield name, t.astype(np.float16)
         else:
             yield name, t  # f32 matrices, norms and biases stay float32
+
+
+def gguf_blocks_fit(t: np.ndarray, quant: str) -> bool:
+    """A GGUF tensor whose blocks MatMulNBits takes as they are: Q4_0 at q4, Q8_0 at q8 (block
+    32, one scale each, symmetric: the same numbers, no second rounding)."""
+    kind = getattr(getattr(t, "qtype", None), "name", None)
+    return (kind, quant) in (("Q4_0", "q4"), ("Q8_0", "q8"))
+
+
+def _from_gguf_blocks(name: str, t: np.ndarray):
+    """Q4_0 / Q8_0 blocks [rows, blocks * bytes] -> MatMulNBits' packed [rows, blocks, 16 or 32] and
+    float32 scales. Q4_0 holds element j in the low nibble of byte j and element j+16 in its high
+    one, MatMulNBits elements 2b and 2b+1 in byte b; both subtract 8. Q8_0's int8 become uint8
+    around MatMulNBits' 8-bit zero point of 128."""
+    rows = t.shape[0]
+    raw = np.asarray(t).view(np.uint8).reshape(rows, -1, 18 if t.qtype.name == "Q4_0" else 34)
+    scales = raw[..., :2].copy().view(np.float16).astype(np.float32).reshape(-1)
+    if t.qtype.name == "Q4_0":
+        q = np.concatenate([raw[..., 2:] & 0x0F, raw[..., 2:] >> 4], axis=-1)     # elements 0..31 of each block
+        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    else:
+        packed = (raw[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    yield name + ".q", packed
+    yield name + ".scales", scales
 
 
 def _quantized(name: str, t: np.ndarray, quant: str):
@@ -135,10 +162,10 @@ class GraphBuilder:
     def linear(self, x: str, name: str, in_features: int) -> str:
         """x [N, in] @ W.T (+ bias): MatMulNBits for q4, int8 MatMulInteger for q8, Gemm(transB) for
         float weights."""
-        if name + ".weight.q" in self.shapes and self.quant == "q4":
-            n = self.shapes[name + ".weight.q"][0][0]
+        if name + ".weight.q" in self.shapes and len(self.shapes[name + ".weight.q"][0]) == 3:
+            n, _, block_bytes = self.shapes[name + ".weight.q"][0]   # 16 bytes a block: 4 bits; 32: 8 (GGUF Q8_0)
             y = self.op("MatMulNBits", x, name + ".weight.q", name + ".weight.scales", domain="com.microsoft",
-                        K=in_features, N=n, bits=4, block_size=BLOCK,
+                        K=in_features, N=n, bits=4 if block_bytes == BLOCK // 2 else 8, block_size=BLOCK,
                         accuracy_level=4)  # int8 dot products: the fast path on ARM and x86
         elif name + ".weight.q" in self.shapes:
             q, scale, zero_point, row_max = self.quantize_rows(x)

@@ -24,6 +24,8 @@ def inv_freq(rope: Rope, long: bool = False) -> np.ndarray:
         return base
     if kind == "linear":
         return base / scaling["factor"]
+    if kind == "freq_factors":   # llama.cpp's rope_freqs tensor: Llama 3's scaling, worked out per frequency
+        return base / np.asarray(scaling["factors"], np.float64)
     if kind == "longrope":
         return base / np.asarray(scaling["long_factor" if long else "short_factor"], np.float64)
     if kind == "llama3":

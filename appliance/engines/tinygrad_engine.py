@@ -189,6 +189,8 @@ def to_device(t: np.ndarray, device: str, dtype):
     because not every backend's compiler has the type (clang on x86 does not)."""
     from tinygrad import Tensor, dtypes
 
+    if t.dtype not in (np.float32, np.float16, np.uint16):   # a GGUF file's quantized blocks
+        t = as_float32(t)
     x = Tensor(np.asarray(t), device=device)
     if t.dtype == np.uint16:
         x = (x.cast(dtypes.uint32) << 16).bitcast(dtypes.float32)

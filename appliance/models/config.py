@@ -165,6 +165,9 @@ class ModelConfig:
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "ModelConfig":
+        if str(model_dir).endswith(".gguf"):   # a GGUF file: its metadata says what config.json would
+            from appliance.models.gguf_model import GGUF
+            return cls.from_dict(GGUF(model_dir).config_dict())
         path = Path(model_dir) / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"{model_dir} has no config.json: not a Hugging Face model folder")
@@ -229,7 +232,13 @@ def generation_defaults(model_dir: str | Path) -> GenerationDefaults:
     several) and sampling defaults."""
     model_dir = Path(model_dir)
     path = model_dir / "generation_config.json"
-    g = json.loads(path.read_text()) if path.exists() else {}
+    g = json.loads(path.read_text()) if path.is_file() else {}
+    if model_dir.suffix == ".gguf":   # llama.cpp writes a model's sampling defaults as general.sampling.*
+        from appliance.models.gguf_model import GGUF
+        gguf = GGUF(model_dir)
+        g = {name: gguf.get(f"general.sampling.{key}") for name, key in
+             (("temperature", "temp"), ("top_p", "top_p"), ("top_k", "top_k")) if gguf.get(f"general.sampling.{key}")}
+        g["do_sample"] = bool(g)
     eos = tuple(dict.fromkeys(_ids(g.get("eos_token_id")) + ModelConfig.load(model_dir).eos_token_ids))
     return GenerationDefaults(
         eos_token_ids=eos,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from appliance.models.gguf_model import find_gguf, gguf_files
+
 
 def models_dir(configured: str = "") -> Path:
     """The model cache: EXO_MODELS_DIR / config, else huggingface_hub's own cache."""
@@ -31,6 +33,11 @@ def resolve_model_dir(model: str, configured_models_dir: str = "") -> Path:
     if not model:
         raise FileNotFoundError("no model chosen: pass --model FOLDER_OR_ID or set `model` in the config")
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":   # a GGUF model: the file (the first of its splits)
+        gguf_files(path)
+        return path.resolve()
+    if path.is_dir() and not (path / "config.json").exists() and find_gguf(path):
+        return find_gguf(path).resolve()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")

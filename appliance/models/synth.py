@@ -123,11 +123,11 @@ STORED = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloa
 
 
 def synthesize(shape: str, out_dir: str | Path, *, seed: int = 0, dtype: str = "float32",
-               layers: int | None = None, tiny: bool = False) -> Path:
+               layers: int | None = None, tiny: bool | dict = False) -> Path:
     """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json (and the
     family's generation_config.json) to out_dir. `tiny`: the layer at test size (TINY), with a
     4-position sliding window and an 8-position original context for longrope, so short tests
-    cross both."""
+    cross both; a dict sets other test sizes."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
     if dtype not in STORED:
@@ -138,11 +138,15 @@ def synthesize(shape: str, out_dir: str | Path, *, seed: int = 0, dtype: str = "
     if layers is not None:
         config["num_hidden_layers"] = layers
     if tiny:
-        config.update(TINY)
+        sizes = {**TINY, **(tiny if isinstance(tiny, dict) else {})}
+        config.update(sizes)
+        config["vocab_size"] = max(1024, max(SPECIALS[shape][0]) + 1)   # the special ids must still fit
         if "sliding_window" in config:
             config["sliding_window"], config["sliding_window_pattern"] = 4, 2
+        if "query_pre_attn_scalar" in config:   # as the 1B and 4B have it: the head size
+            config["query_pre_attn_scalar"] = sizes["head_dim"]
         if "original_max_position_embeddings" in config:
-            half = int(TINY["head_dim"] * config["partial_rotary_factor"]) // 2
+            half = int(sizes["head_dim"] * config["partial_rotary_factor"]) // 2
             config["original_max_position_embeddings"] = 8
             config["rope_scaling"] = {"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(half)],
                                       "long_factor": [2.0 + i for i in range(half)]}

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.models.gguf_model import GGUF, Blocks, is_gguf
+
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
 INDEX = "model.safetensors.index.json"
 
@@ -66,13 +68,20 @@ def load_shard(model_dir: str | Path, config, start: int, end: int, copy_on_writ
     Llama checkpoint: a multimodal text tower's prefix dropped, Phi-3's fused `qkv_proj` and
     `gate_up_proj` split into row views (no copy), and norm weights made what they multiply by
     (Gemma's `1 + w`, small float32 arrays). The engines all read the model through this."""
-    names = shard_tensor_names(weight_map(model_dir), start, end, start == 0, end == config.num_layers,
-                               config.tie_word_embeddings)
+    first, last = start == 0, end == config.num_layers
+    if is_gguf(model_dir):   # llama.cpp's file: its norms already hold 1 + w
+        gguf = GGUF(model_dir)
+        raw = gguf.load(shard_tensor_names(gguf.tensor_names(), start, end, first, last, config.tie_word_embeddings))
+        offset = 0.0
+    else:
+        raw = load_tensors(model_dir, shard_tensor_names(weight_map(model_dir), start, end, first, last,
+                                                         config.tie_word_embeddings), copy_on_write)
+        offset = config.norm_offset
     out = {}
-    for stored, t in load_tensors(model_dir, names, copy_on_write).items():
+    for stored, t in raw.items():
         name = canonical_name(stored)
-        if name.endswith("norm.weight") and config.norm_offset:
-            t = as_float32(t) + np.float32(config.norm_offset)
+        if name.endswith("norm.weight") and offset:
+            t = as_float32(t) + np.float32(offset)
         if name.endswith("self_attn.qkv_proj.weight"):
             q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
             base = name[:-len("qkv_proj.weight")]
@@ -128,6 +137,8 @@ class _BF16(np.ndarray):
 
 
 def as_float32(t: np.ndarray) -> np.ndarray:
+    if isinstance(t, Blocks):   # a GGUF file's quantized blocks
+        return t.dequantize()
     if isinstance(t, _BF16):
         return bf16_to_f32(t.view(np.uint16))
     return np.asarray(t, dtype=np.float32)

@@ -181,7 +181,7 @@ class NodeAgent:
 
     # -- downloads: a plan for a hub model fetches the files of this node's layers first
     def model_files(self, model: str, start: int, end: int) -> Path:
-        if Path(model).expanduser().is_dir():
+        if Path(model).expanduser().exists():   # a folder, or a GGUF file
             return resolve_model_dir(model)
         progress = Progress(model, report=self.publish_download)
         try:
