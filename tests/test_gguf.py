@@ -186,3 +186,50 @@ def test_a_node_maps_only_its_own_layers():
     for tensors in (first, last):   # views of the mapped file, not copies
         assert all(not t.flags.owndata for t in tensors.values())
     assert sum(t.nbytes for t in first.values()) < path.stat().st_size
+
+
+def test_a_node_downloads_only_its_layers_byte_ranges_and_resumes(tmp_path, monkeypatch):
+    """Point 3: from the (fake) hub, a node holding layers 2-3 of 4 fetches the GGUF header and its
+    own tensors' byte ranges into a sparse file; a dropped transfer goes on from where it stopped;
+    a second fetch asks for nothing more; the coordinator needs only the header."""
+    from appliance.models import download
+    from tests.fake_hub import FakeHub
+
+    source = synthesize("gemma3-1b", tmp_path / "src", seed=2, layers=4, tiny=True)
+    served = write_gguf(source, tmp_path / "repo" / "tiny-Q8_0.gguf", "Q8_0")
+    hub = FakeHub({"exo-test/tiny-gguf": served.parent}).start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setattr(download, "GGUF_HEADER_GUESS", 4096)
+        hub.drop_once.add(served.name)
+        spec, cache = f"exo-test/tiny-gguf:{served.name}", tmp_path / "cache"
+        states = []
+        path = download.fetch_gguf_shard(spec, 2, 4, download.Progress(spec, states.append), cache=cache)
+        gets = [s for s in hub.seen if s.method == "GET"]
+        assert gets[0].range == "bytes=0-4095" and gets[1].range == "bytes=2048-4095"   # resumed half way
+
+        fetched = sum(int(b) - int(a) + 1 for a, b in (s.range.removeprefix("bytes=").split("-") for s in gets))
+        size, on_disk = served.stat().st_size, path.stat().st_blocks * 512
+        layers_01 = [t for name, t in GGUF(served).tensors.items() if name.startswith(("blk.0.", "blk.1."))]
+        for s in gets:   # nothing of layers 0 and 1 was asked for
+            a, b = map(int, s.range.removeprefix("bytes=").split("-"))
+            assert not any(a < t.data_offset + t.n_bytes and t.data_offset <= b for t in layers_01)
+        print(f"half the layers of a {size}-byte GGUF: {fetched} bytes fetched, {on_disk} on disk")
+        others = sum(t.n_bytes for t in layers_01)
+        assert fetched <= size - others + 2048                   # (+ the half fetched twice, as it dropped)
+        assert on_disk <= size - others + 4 * 4096               # a sparse file: 4 KB blocks at the ends of ranges
+        assert states[-1]["state"] == "done" and states[-1]["bytes"] == states[-1]["total"]
+
+        hidden = load_engine("numpy", Shard(served, 0, 2, 4)).forward([Step("r", 0, np.array([2, 5, 9], np.int32))])[0]
+        got = load_engine("numpy", Shard(path, 2, 4, 4)).forward([Step("r", 0, hidden)])[0]
+        expected = load_engine("numpy", Shard(served, 0, 4, 4)).forward([Step("r", 0, np.array([2, 5, 9], np.int32))])[0]
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+        before = len(hub.seen)
+        assert download.fetch_gguf_shard(spec, 2, 4, cache=cache) == path
+        assert not [s for s in hub.seen[before:] if s.method == "GET"]            # all of it was there
+        coordinator = download.fetch_gguf_shard(spec, 0, 0, cache=tmp_path / "coordinator")
+        assert ModelConfig.load(coordinator) == ModelConfig.load(served)
+        assert Tokenizer(coordinator).encode(TEXT) == Tokenizer(served).encode(TEXT)
+    finally:
+        hub.stop()

@@ -30,8 +30,8 @@ from appliance.coordinator.admission import Admission
 from appliance.coordinator.cluster import Cluster
 from appliance.engines.base import MAX_REQUESTS
 from appliance.models.config import GenerationDefaults, ModelConfig, generation_defaults
-from appliance.models.download import fetch_for_coordinator
-from appliance.models.store import models_dir, resolve_model_dir
+from appliance.models.download import fetch_for_coordinator, fetch_gguf_shard
+from appliance.models.store import models_dir, parse_gguf_spec, resolve_model_dir
 from appliance.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,8 @@ class Coordinator:
     def load_model(self, model: str) -> LoadedModel:
         if Path(model).expanduser().exists():   # a folder, or a GGUF file
             path = resolve_model_dir(model)
+        elif parse_gguf_spec(model):   # a hub GGUF file: its header holds the config and the tokenizer
+            path = fetch_gguf_shard(model, 0, 0, cache=models_dir(self.config.models_dir))
         else:   # a hub id: the coordinator needs only config.json and the tokenizer
             path = fetch_for_coordinator(model, cache=models_dir(self.config.models_dir))
         self.model = LoadedModel(model, path, ModelConfig.load(path), Tokenizer(path), generation_defaults(path))

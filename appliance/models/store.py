@@ -28,6 +28,17 @@ def cached_snapshot(repo_id: str, cache: Path) -> Path | None:
     return snapshots[-1] if snapshots else None
 
 
+def parse_gguf_spec(model: str) -> tuple[str, str] | None:
+    """"ORG/REPO:FILE.gguf" (a GGUF file of a hub repo) -> (repo, file); None for anything else."""
+    repo, sep, file = model.partition(":")
+    return (repo, file) if sep and file.endswith(".gguf") and "/" in repo else None
+
+
+def gguf_cache_path(repo: str, file: str, cache: Path | None = None) -> Path:
+    """Where a GGUF file from the hub is kept: a sparse file, holding the parts this machine fetched."""
+    return (cache or models_dir()) / "gguf" / ("models--" + repo.replace("/", "--")) / file
+
+
 def resolve_model_dir(model: str, configured_models_dir: str = "") -> Path:
     """A model given as a folder, or as a hub id already in the cache; else a clear error."""
     if not model:
@@ -43,6 +54,8 @@ def resolve_model_dir(model: str, configured_models_dir: str = "") -> Path:
             raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
         return path.resolve()
     cache = models_dir(configured_models_dir)
+    if parse_gguf_spec(model) and gguf_cache_path(*parse_gguf_spec(model), cache).exists():
+        return gguf_cache_path(*parse_gguf_spec(model), cache)
     snapshot = cached_snapshot(model, cache)
     if snapshot is None:
         raise FileNotFoundError(
