@@ -280,3 +280,16 @@ def generate(model_dir: Path, bounds: tuple[int, ...], prompt: str, max_tokens: 
                          ids=["1-shard", "2-shards", "3-shards", "5-shards"])
 def test_stories_writes_the_story_in_any_split(bounds):
     assert generate(STORIES, bounds, "Once upon a time").startswith(STORY)
+
+
+def test_enable_thinking_reaches_the_template(tmp_path):
+    """The API's switch (top level or chat_template_kwargs) renders Qwen3's empty think block."""
+    from appliance.models.synth import SHAPES, write_tokenizer
+    from appliance.panel.api import _template_switches
+
+    write_tokenizer("qwen3-0.6b", SHAPES["qwen3-0.6b"]["vocab_size"], tmp_path)
+    tokenizer, chat = Tokenizer(tmp_path), [{"role": "user", "content": "hi"}]
+    for body in ({"enable_thinking": False}, {"chat_template_kwargs": {"enable_thinking": False}}):
+        assert tokenizer.render_chat(chat, **_template_switches(body)).endswith("<think>\n\n</think>\n\n")
+    assert "<think>" not in tokenizer.render_chat(chat, **_template_switches({}))
+    assert "<think>" not in tokenizer.render_chat(chat, **_template_switches({"enable_thinking": True}))
