@@ -233,3 +233,27 @@ def test_a_node_downloads_only_its_layers_byte_ranges_and_resumes(tmp_path, monk
         assert Tokenizer(coordinator).encode(TEXT) == Tokenizer(served).encode(TEXT)
     finally:
         hub.stop()
+
+
+def test_a_cluster_of_two_nodes_serves_a_gguf_file(local_cluster):
+    """`--model FILE.gguf` end to end: two nodes split Qwen3 (test size, Q8_0), the coordinator
+    builds the prompt with the file's template and tokenizer, and greedy decoding gives what the
+    numpy engine gives on the whole file; generation stops at one of the file's end ids or the
+    token budget."""
+    path = gguf("qwen3-0.6b", "Q8_0")
+    cluster = local_cluster(2, model=path)
+    client = cluster.openai()
+    model_id = client.models.list().data[0].id
+    r = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=6, temperature=0)
+    tokenizer = Tokenizer(path)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    engine = load_engine("numpy", Shard(path, 0, 2, 2))
+    logits = engine.forward([Step("g", 0, np.array(prompt, np.int32))])[0]
+    tokens = [int(np.argmax(logits))]
+    while len(tokens) < 6 and tokens[-1] not in generation_defaults(path).eos_token_ids:
+        logits = engine.forward([Step("g", len(prompt) + len(tokens) - 1, np.array(tokens[-1:], np.int32))])[0]
+        tokens.append(int(np.argmax(logits)))
+    expected = [t for t in tokens if t not in generation_defaults(path).eos_token_ids]
+    assert r.usage.completion_tokens == len(tokens) and r.choices[0].message.content == tokenizer.decode(expected)
+    print(f"{len(tokens)} tokens: {r.choices[0].message.content!r}")
