@@ -1,7 +1,7 @@
 """A local stand-in for the Hugging Face Hub: serves model folders the way the hub's HTTP API does,
 for huggingface_hub's `hf_hub_download` (and `snapshot_download`).
 
-    HEAD/GET /{repo}/resolve/{revision}/{filename}     ETag, X-Repo-Commit, Content-Length, Range
+    HEAD/GET /{repo}/resolve/{revision}/{filename}     ETag, X-Repo-Commit, Content-Length, Range (a-, a-b)
     GET      /api/models/{repo}/revision/{revision}    {"id", "sha", "siblings"}
     GET      /api/models/{repo}/tree/{revision}        [{"type": "file", "path", "size", "oid"}]
 
@@ -35,7 +35,7 @@ class Seen:
 class FakeHub:
     repos: dict[str, Path]                      # repo id -> model folder
     token: str | None = None                    # when set, requests must carry "Bearer <token>"
-    drop_once: set[str] = field(default_factory=set)   # file names whose first GET breaks half way
+    drop_once: set[str] = field(default_factory=set)   # file names whose next GET breaks half way
     chunk_delay: float = 0.0                    # seconds between 64 KB chunks of a file: a slow line
     fail_status: int | None = None              # when set, every request gets this error status
     seen: list[Seen] = field(default_factory=list)
@@ -121,26 +121,27 @@ class FakeHub:
         if not path.is_file():
             return self.error(h, 404, "EntryNotFound", f"{name} is not in {repo}")
         data = path.read_bytes()
-        start = int(re.match(r"bytes=(\d+)-", h.headers.get("Range") or "bytes=0-").group(1))
-        h.send_response(206 if start else 200)
+        asked = re.match(r"bytes=(\d+)-(\d*)", h.headers.get("Range") or "bytes=0-")
+        start, end = int(asked.group(1)), int(asked.group(2) or len(data) - 1) + 1   # end: exclusive
+        h.send_response(206 if h.headers.get("Range") else 200)
         h.send_header("ETag", f'"{_etag(path)}"')
         h.send_header("X-Repo-Commit", COMMIT)
         h.send_header("Accept-Ranges", "bytes")
-        h.send_header("Content-Length", str(len(data) - start))
-        if start:
-            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        h.send_header("Content-Length", str(end - start))
+        if h.headers.get("Range"):
+            h.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         h.end_headers()
         if not body:
             return
-        if name in self.drop_once and not start:
+        if name in self.drop_once:
             self.drop_once.discard(name)
-            h.wfile.write(data[:len(data) // 2])
+            h.wfile.write(data[start:start + (end - start) // 2])
             h.wfile.flush()
             h.close_connection = True
-            h.connection.shutdown(2)       # the connection drops half way through the file
+            h.connection.shutdown(2)       # the connection drops half way through what was asked
             return
-        for i in range(start, len(data), 1 << 16):
-            h.wfile.write(data[i:i + (1 << 16)])
+        for i in range(start, end, 1 << 16):
+            h.wfile.write(data[i:min(i + (1 << 16), end)])
             if self.chunk_delay:
                 h.wfile.flush()
                 time.sleep(self.chunk_delay)   # the line's speed, not a wait for an event

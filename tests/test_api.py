@@ -109,6 +109,11 @@ def test_bad_chat_messages_and_unknown_routes(cluster):
     for messages in (None, [], [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}]):
         r = httpx.post(cluster.url + "/v1/chat/completions", json={"model": MODEL, "messages": messages})
         assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    for extra in ({"enable_thinking": "yes"}, {"chat_template_kwargs": {"enable_thinking": 1}},
+                  {"chat_template_kwargs": "think"}):
+        r = httpx.post(cluster.url + "/v1/chat/completions", json={**chat, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] in ("enable_thinking", "chat_template_kwargs")
     assert httpx.get(cluster.url + "/v1/nothing").json()["error"]["type"] == "not_found_error"
     # and the cluster keeps serving
     assert httpx.get(cluster.url + "/healthz").json()["ready"] is True

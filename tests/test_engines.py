@@ -156,6 +156,27 @@ def test_quantized_perplexity_stays_close_to_f32(tmp_path):
     assert abs(delta["q4"]) < 0.15  # measured +7.6 %: a 260K-parameter model is fragile
 
 
+FAMILIES = ["qwen3-0.6b", "gemma3-1b", "smollm3-3b", "phi4-mini"]
+
+
+@pytest.mark.parametrize("shape", FAMILIES)
+def test_quantized_perplexity_of_each_family(shape, tmp_path):
+    """The 2025 families (random weights at test size, a 4-position sliding window, longrope past
+    its original context): f16 and q8 stay close to f32, q4 within its error; the figures go to
+    docs/performance.md."""
+    model_dir = synth_model(shape)
+    ids = Tokenizer(model_dir).encode(TEXT)[:24]
+    f32 = perplexity(engine("onnxruntime", whole(model_dir), tmp_path), ids)
+    delta = {}
+    for quant in ("f16", "q8", "q4"):
+        ppl = perplexity(engine("onnxruntime", whole(model_dir), tmp_path, quant=quant), ids)
+        delta[quant] = ppl / f32 - 1
+        print(f"{shape} perplexity f32 {f32:.2f}  {quant} {ppl:.2f}  ({100 * delta[quant]:+.3f} %)")
+    assert abs(delta["f16"]) < 0.001
+    assert abs(delta["q8"]) < 0.01
+    assert abs(delta["q4"]) < 0.05
+
+
 def test_a_second_construction_reuses_the_quantized_shard(tmp_path):
     from appliance.engines import onnx_engine
 

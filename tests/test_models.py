@@ -57,6 +57,20 @@ def test_generation_defaults(tmp_path):
         {"bos_token_id": 1, "eos_token_id": [7, 8, 9], "do_sample": True, "temperature": 0.6, "top_p": 0.9}))
     d = generation_defaults(tmp_path)
     assert d.eos_token_ids == (7, 8, 9) and d.do_sample and d.temperature == 0.6 and d.top_p == 0.9 and d.top_k == 0
+    assert d.sampling() == {"temperature": 0.6, "top_p": 0.9, "top_k": 0}   # what a request leaves out
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 9, "temperature": 0.6}))
+    d = generation_defaults(tmp_path)
+    assert d.eos_token_ids == (9, 7)                                         # both files' stop ids
+    assert d.sampling() == {"temperature": 1.0, "top_p": 1.0, "top_k": 0}   # no do_sample: the API's own
+
+
+def test_qwen3_and_gemma3_stop_on_each_of_their_eos_ids(tmp_path):
+    from appliance.models.synth import GENERATION, SHAPES
+
+    for shape, ids in (("qwen3-0.6b", (151645, 151643)), ("gemma3-1b", (1, 106))):
+        (tmp_path / "config.json").write_text(json.dumps(SHAPES[shape]))
+        (tmp_path / "generation_config.json").write_text(json.dumps(GENERATION[shape]))
+        assert set(generation_defaults(tmp_path).eos_token_ids) == set(ids)
 
 
 @needs_stories
@@ -143,6 +157,32 @@ def test_chat_template_renders_like_transformers(tmp_path, name, template, bos, 
         assert ours.render_chat(chat, add_generation_prompt) == expected
     expected_ids = theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert ours.apply_chat_template(chat) == list(expected_ids["input_ids"])
+
+
+THINKING_CHAT = USER_CHAT[:1] + [{"role": "assistant", "content": "<think>\nA ball.\n</think>\n\nLily kicked it."},
+                                 {"role": "user", "content": "And then?"}]
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("shape", ["qwen3-0.6b", "gemma3-1b", "smollm3-3b", "phi4-mini"])
+def test_the_families_templates_render_like_transformers(tmp_path, shape):
+    """Qwen3's, Gemma 3's, SmolLM3's and Phi-4-mini's templates (as synth writes them into a model's
+    tokenizer_config.json), with the thinking switch on, off and unset."""
+    transformers = pytest.importorskip("transformers")
+    from appliance.models.synth import SHAPES, write_tokenizer
+
+    write_tokenizer(shape, SHAPES[shape]["vocab_size"], tmp_path)
+    ours, theirs = Tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for chat in (SYSTEM_CHAT, USER_CHAT, THINKING_CHAT):
+        for switch in ({}, {"enable_thinking": True}, {"enable_thinking": False}):
+            for add_generation_prompt in (True, False):
+                expected = theirs.apply_chat_template(chat, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                                      **switch)
+                assert ours.render_chat(chat, add_generation_prompt, **switch) == expected, (chat, switch)
+            expected_ids = theirs.apply_chat_template(chat, add_generation_prompt=True, return_dict=True, **switch)
+            assert ours.apply_chat_template(chat, **switch) == list(expected_ids["input_ids"])
+    if shape == "qwen3-0.6b":
+        assert ours.render_chat(USER_CHAT, enable_thinking=False).endswith("<think>\n\n</think>\n\n")
 
 
 @needs_stories
@@ -240,3 +280,20 @@ def generate(model_dir: Path, bounds: tuple[int, ...], prompt: str, max_tokens: 
                          ids=["1-shard", "2-shards", "3-shards", "5-shards"])
 def test_stories_writes_the_story_in_any_split(bounds):
     assert generate(STORIES, bounds, "Once upon a time").startswith(STORY)
+
+
+def test_enable_thinking_reaches_the_template(tmp_path):
+    """The API's switch (top level or chat_template_kwargs) renders Qwen3's empty think block."""
+    from appliance.models.synth import SHAPES, write_tokenizer
+    from appliance.panel.api import _template_switches as switches
+    from appliance.panel.schema import ChatCompletionRequest
+
+    def _template_switches(body: dict) -> dict:
+        return switches(ChatCompletionRequest.model_validate({"model": "m", "messages": chat, **body}))
+
+    write_tokenizer("qwen3-0.6b", SHAPES["qwen3-0.6b"]["vocab_size"], tmp_path)
+    tokenizer, chat = Tokenizer(tmp_path), [{"role": "user", "content": "hi"}]
+    for body in ({"enable_thinking": False}, {"chat_template_kwargs": {"enable_thinking": False}}):
+        assert tokenizer.render_chat(chat, **_template_switches(body)).endswith("<think>\n\n</think>\n\n")
+    assert "<think>" not in tokenizer.render_chat(chat, **_template_switches({}))
+    assert "<think>" not in tokenizer.render_chat(chat, **_template_switches({"enable_thinking": True}))

@@ -30,6 +30,19 @@ TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS, num_
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8}
 
+TINY_KW = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)   # inside the tiny vocabulary
+# Gemma 3: head_dim 16 with a query scalar of its own, sliding (4 positions) and global layers with
+# their two rope bases (the global one linearly scaled, as 4B), soft-capped logits.
+GEMMA3 = dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=12, sliding_window=4,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+              final_logit_softcapping=3.0)
+# Phi-4-mini: rope over 3/4 of each head, longrope whose original context (8) the decode steps pass.
+PHI3 = dict(num_key_value_heads=2, partial_rotary_factor=0.75, original_max_position_embeddings=8,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                             "short_factor": [1.0, 1.5, 2.0], "long_factor": [3.0, 5.0, 8.0]})
+
 # name: (config class, config overrides, stored dtype, save_pretrained options)
 CASES = {
     "llama": ("LlamaConfig", {}, torch.float32, {}),
@@ -43,11 +56,25 @@ CASES = {
     "llama-fp16": ("LlamaConfig", dict(num_key_value_heads=2), torch.float16, {}),
     "qwen2-bf16": ("Qwen2Config", dict(num_key_value_heads=2), torch.bfloat16, {}),
     "llama-sharded": ("LlamaConfig", dict(num_key_value_heads=2), torch.float32, dict(max_shard_size="20KB")),
+    **{name: (cls, {**TINY_KW, **kw}, torch.float32, {}) for name, (cls, kw) in {
+        "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16)),
+        "qwen3-tied": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)),
+        "smollm3-no-rope-layers": ("SmolLM3Config", dict(num_key_value_heads=2, no_rope_layers=[1, 0, 1])),
+        "gemma3-text": ("Gemma3TextConfig", GEMMA3),
+        "phi3-longrope-partial": ("Phi3Config", PHI3),
+    }.items()},
+    # (transformers' Gemma3ForConditionalGeneration does not soft-cap; the real 4B+ configs set no cap)
+    "gemma3-multimodal": ("Gemma3Config", dict(text_config={**GEMMA3, "final_logit_softcapping": None}, vision_config=dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, tie_word_embeddings=True), torch.float32, {}),
 }
 
 
 def make_model(path, config_class, overrides, dtype, save_options):
-    config = getattr(transformers, config_class)(**{**TINY, **overrides})
+    if config_class == "Gemma3Config":   # the multimodal checkpoint: a text tower inside
+        config = transformers.Gemma3Config(**{**overrides, "text_config": {**TINY, **TINY_KW, **overrides["text_config"]}})
+    else:
+        config = getattr(transformers, config_class)(**{**TINY, **overrides})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # weights large enough that logits are O(1), and random biases and norms
@@ -68,11 +95,16 @@ def legacy_config(path):
 
 
 def torch_logits(path):
-    """Logits at the last prefill position and at each decode position, float32 compute."""
+    """Logits at the last prefill position and at each decode position, float32 compute: a
+    prefill, then one token at a time with the KV cache, as generate() runs."""
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
-        logits = model(torch.tensor([PROMPT + DECODE])).logits[0].numpy()
-    return logits[len(PROMPT) - 1:]
+        out = model(torch.tensor([PROMPT]), use_cache=True)
+        logits = [out.logits[0, -1].numpy()]
+        for token in DECODE:
+            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[0, -1].numpy())
+    return np.stack(logits)
 
 
 def numpy_logits(path, bounds):
@@ -95,8 +127,11 @@ def test_logits_match_transformers(tmp_path, case):
     expected = torch_logits(path)
     assert np.abs(expected).max() > 0.1, "logits too small to tell anything apart"
     for bounds in SPLITS:
-        diff = np.abs(numpy_logits(path, bounds) - expected).max()
+        got = numpy_logits(path, bounds)
+        diff = np.abs(got - expected).max()
+        print(f"{case} split {bounds}: max abs logit diff {diff:.2e}")
         assert diff < TOLERANCE, f"{case} split {bounds}: max abs diff {diff:.2e}"
+        assert (got.argmax(-1) == expected.argmax(-1)).all()   # greedy picks the same tokens
 
 
 @pytest.mark.parametrize("case", ["llama", "llama-tied", "qwen2-bias-tied", "qwen2-bf16"])

@@ -30,9 +30,9 @@ from appliance.coordinator.admission import Admission
 from appliance.coordinator.cluster import Cluster
 from appliance.coordinator.throughput import Throughput
 from appliance.engines.base import MAX_REQUESTS
-from appliance.models.config import ModelConfig
-from appliance.models.download import fetch_for_coordinator
-from appliance.models.store import models_dir, resolve_model_dir
+from appliance.models.config import GenerationDefaults, ModelConfig, generation_defaults
+from appliance.models.download import fetch_for_coordinator, fetch_gguf_shard
+from appliance.models.store import models_dir, parse_gguf_spec, resolve_model_dir
 from appliance.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,12 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Tokenizer
     created: int = field(default_factory=lambda: int(time.time()))   # when it was loaded: /v1/models says so
+    generation: GenerationDefaults = GenerationDefaults()
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Every end-of-sequence id: config.json's and generation_config.json's."""
+        return set(self.config.eos_token_ids) | set(self.generation.eos_token_ids)
 
 
 @dataclass
@@ -162,11 +168,13 @@ class Coordinator:
         self.bus.stop()
 
     def load_model(self, model: str) -> LoadedModel:
-        if Path(model).expanduser().is_dir():
+        if Path(model).expanduser().exists():   # a folder, or a GGUF file
             path = resolve_model_dir(model)
+        elif parse_gguf_spec(model):   # a hub GGUF file: its header holds the config and the tokenizer
+            path = fetch_gguf_shard(model, 0, 0, cache=models_dir(self.config.models_dir))
         else:   # a hub id: the coordinator needs only config.json and the tokenizer
             path = fetch_for_coordinator(model, cache=models_dir(self.config.models_dir))
-        self.model = LoadedModel(model, path, ModelConfig.load(path), Tokenizer(path))
+        self.model = LoadedModel(model, path, ModelConfig.load(path), Tokenizer(path), generation_defaults(path))
         self.cluster.set_model(model, self.model.config)
         return self.model
 
@@ -276,7 +284,7 @@ class Coordinator:
         decode from step `first_step` on. Raises Interrupted when this plan cannot finish it."""
         attempt = Attempt(protocol.new_id(), plan.plan_id, plan.nodes)
         self.active[attempt.id] = attempt
-        eos = set(self.model.config.eos_token_ids)
+        eos = self.model.stop_ids
         first_node = self.topics.node_inbox(plan.nodes[0], self.id)
 
         def send(step: int, pos: int, ids: list[int], flags: int) -> None:

@@ -49,7 +49,8 @@ def footprint(config: ModelConfig, engine: str, quant: str = "", positions: int 
     h, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     matrices = [(q, h), (kv, h), (kv, h), (h, q), (c.intermediate_size, h), (c.intermediate_size, h),
                 (h, c.intermediate_size)]
-    small = (2 * h + ((q + 2 * kv) if c.attention_bias else 0)) * 4   # norms and biases: float32
+    norms = (4 if c.sandwich_norms else 2) * h + (2 * c.head_dim if c.qk_norm else 0)
+    small = (norms + ((q + 2 * kv) if c.attention_bias else 0)) * 4   # norms and biases: float32
     layer = sum(matrix_bytes(r, k, engine, quant) for r, k in matrices) + small
     return Footprint(layer, embedding_bytes(c, engine, quant), h * 4 + matrix_bytes(c.vocab_size, h, engine, quant),
                      2 * kv * min(positions, c.max_position_embeddings) * 4)

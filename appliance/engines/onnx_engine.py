@@ -34,7 +34,8 @@ from appliance.engines.footprint import DEFAULT_QUANT
 from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
 from appliance.engines.onnx_graph import QUANTS, build_graph, convert_weights, padded_head_dim
 from appliance.models.config import ModelConfig
-from appliance.models.weights import load_tensors, shard_tensor_names, weight_map
+from appliance.models.gguf_model import gguf_files
+from appliance.models.weights import load_shard
 
 CACHE_VERSION = 2
 DEFAULT_CACHE_DIR = Path("~/.cache/exo/onnx")
@@ -75,7 +76,7 @@ class OnnxEngine(Engine):
                                             disabled_optimizers=disabled)
         release_pages(self.weights.values())
 
-        self.layers, self.head_dim = shard.end - shard.start, padded_head_dim(c.head_dim)
+        self.layers, self.head_dim = shard.end - shard.start, padded_head_dim(c)
         self.pool = self._new_pool(slots)
         self.slot: dict[str, int] = {}
         self.length: dict[str, int] = {}
@@ -169,9 +170,7 @@ class OnnxEngine(Engine):
 
 def shard_weights(shard: Shard, config: ModelConfig, quant: str, cache_dir) -> tuple[dict[str, np.ndarray], Path | None]:
     """The graph's initializers, memory-mapped: from the checkpoint for f32, else from the cache."""
-    names = shard_tensor_names(weight_map(shard.model_dir), shard.start, shard.end,
-                               shard.is_first, shard.is_last, config.tie_word_embeddings)
-    hf = load_tensors(shard.model_dir, names)
+    hf = load_shard(shard.model_dir, config, shard.start, shard.end)
     if quant == "f32" and all(t.dtype == np.float32 for t in hf.values()):
         return dict(convert_weights(hf, quant, shard.is_first, shard.is_last)), None
     path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / cache_key(shard, quant)
@@ -199,8 +198,11 @@ def release_pages(arrays) -> None:
 def cache_key(shard: Shard, quant: str) -> str:
     """Model revision stand-in: the config and every weight file's name, size and mtime."""
     model_dir = Path(shard.model_dir)
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
+    if model_dir.suffix == ".gguf":   # a GGUF model: its files, whose header holds the config
+        h, files = hashlib.sha256(b"gguf"), gguf_files(model_dir)
+    else:
+        h, files = hashlib.sha256((model_dir / "config.json").read_bytes()), sorted(model_dir.glob("*.safetensors"))
+    for f in files:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(f"v{CACHE_VERSION}".encode())

@@ -11,10 +11,13 @@ Inputs:  input_ids int64 [N] (first stage) or hidden float [N, H]; seqlens_k int
 Outputs: hidden_out [N, H] or logits [B, vocab]; present_key_<i>, present_value_<i>.
 
 GroupQueryAttention also applies the rotary embedding (do_rotary), from cos/sin tables baked into
-the graph and each row's position, which it derives from seqlens_k. It wants a head size that is
-a multiple of 16: a smaller head [x1 | x2] (two halves of D/2) is zero-padded to
-[x1 0 | x2 0] (two halves of Dp/2), so the rotation still pairs x1[i] with x2[i] and the zeros
-change no dot product.
+the graph (one pair per distinct rope of the model: Gemma 3's local and global bases) and each
+row's position, which it derives from seqlens_k. It rotates the pairs (i, i + Dp/2) of a head
+whose size Dp is a multiple of 16, so each head is laid out for it (`head_layout`): the rotated
+part [x1 | x2] (two halves of rotary_dim/2) and the dims rope leaves alone (partial rotary: p1 p2)
+go to [x1 p1 0 | x2 p2 0]; the table's angles are 0 for p and the zeros, so they pass unchanged,
+and the same layout of q, k and v changes no dot product. Sliding-window layers use its
+local_window_size, layers without rope do_rotary=0.
 q8 multiplies int8 weights (one scale per output channel) by int8 activations (one scale per
 row): onnxruntime's integer GEMM reads each weight once for all the rows of a batch, so 8 rows
 cost 1.1x one row, where 8-bit MatMulNBits costs 1.9x (docs/performance.md).
@@ -30,8 +33,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from appliance.engines.base import Shard
-from appliance.engines.numpy_engine import rope_inv_freq
-from appliance.models.config import ModelConfig
+from appliance.engines.rope import rope_tables
+from appliance.models.config import ModelConfig, Rope
 from appliance.models.weights import as_float32
 
 QUANTS = ("q4", "q8", "f16", "f32")
@@ -40,8 +43,20 @@ ONNX_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): Te
                np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int8): TensorProto.INT8}
 
 
-def padded_head_dim(head_dim: int) -> int:
-    return -(-head_dim // 16) * 16
+def head_layout(config: ModelConfig) -> np.ndarray:
+    """For each of the Dp dims GroupQueryAttention sees, the head dim it holds (head_dim: a zero).
+    [x1 p1 0 | x2 p2 0]: x1, x2 the halves of the rotated part, p1, p2 of the part rope leaves."""
+    D = config.head_dim
+    rot = int(D * config.partial_rotary_factor)
+    rest = np.arange(rot, D)
+    p1, p2 = rest[:(len(rest) + 1) // 2], rest[(len(rest) + 1) // 2:]
+    half = -(-(rot // 2 + len(p1)) // 8) * 8   # Dp = 2 * half, a multiple of 16
+    zeros = lambda part: [D] * (half - rot // 2 - len(part))  # noqa: E731
+    return np.array([*range(rot // 2), *p1, *zeros(p1), *range(rot // 2, rot), *p2, *zeros(p2)], np.int64)
+
+
+def padded_head_dim(config: ModelConfig) -> int:
+    return len(head_layout(config))
 
 
 # ---- weights: HF tensors -> what the graph's initializers hold, per quant --------------------
@@ -74,12 +89,15 @@ def convert_weights(tensors: dict[str, np.ndarray], quant: str, first: bool, las
     """Yield (graph initializer name, array) for every HF tensor of the shard, one at a time so a
     bfloat16 checkpoint is widened tensor by tensor."""
     for name, t in tensors.items():
+        if name != "model.embed_tokens.weight" and gguf_blocks_fit(t, quant):
+            yield from _from_gguf_blocks(name, t)
+            continue
         t = as_float32(t)
         is_matrix = t.ndim == 2 and name != "model.embed_tokens.weight"
         if name == "model.embed_tokens.weight":
             if first or quant in ("f32", "f16"):  # gathered by the first stage; a float tied head uses it too
                 yield name, t if quant == "f32" else t.astype(np.float16)
-            if last and quant in ("q4", "q8"):     # a tied head, quantized on its own
+            if last and quant in ("q4", "q8") and "lm_head.weight" not in tensors:   # a tied head, quantized
                 yield from _quantized("lm_head.weight", t, quant)
         elif is_matrix and quant in ("q4", "q8"):
             yield from _quantized(name, t, quant)
@@ -87,6 +105,30 @@ def convert_weights(tensors: dict[str, np.ndarray], quant: str, first: bool, las
             yield name, t.astype(np.float16)
         else:
             yield name, t  # f32 matrices, norms and biases stay float32
+
+
+def gguf_blocks_fit(t: np.ndarray, quant: str) -> bool:
+    """A GGUF tensor whose blocks MatMulNBits takes as they are: Q4_0 at q4, Q8_0 at q8 (block
+    32, one scale each, symmetric: the same numbers, no second rounding)."""
+    kind = getattr(getattr(t, "qtype", None), "name", None)
+    return (kind, quant) in (("Q4_0", "q4"), ("Q8_0", "q8"))
+
+
+def _from_gguf_blocks(name: str, t: np.ndarray):
+    """Q4_0 / Q8_0 blocks [rows, blocks * bytes] -> MatMulNBits' packed [rows, blocks, 16 or 32] and
+    float32 scales. Q4_0 holds element j in the low nibble of byte j and element j+16 in its high
+    one, MatMulNBits elements 2b and 2b+1 in byte b; both subtract 8. Q8_0's int8 become uint8
+    around MatMulNBits' 8-bit zero point of 128."""
+    rows = t.shape[0]
+    raw = np.asarray(t).view(np.uint8).reshape(rows, -1, 18 if t.qtype.name == "Q4_0" else 34)
+    scales = raw[..., :2].copy().view(np.float16).astype(np.float32).reshape(-1)
+    if t.qtype.name == "Q4_0":
+        q = np.concatenate([raw[..., 2:] & 0x0F, raw[..., 2:] >> 4], axis=-1)     # elements 0..31 of each block
+        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    else:
+        packed = (raw[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    yield name + ".q", packed
+    yield name + ".scales", scales
 
 
 def _quantized(name: str, t: np.ndarray, quant: str):
@@ -120,10 +162,10 @@ class GraphBuilder:
     def linear(self, x: str, name: str, in_features: int) -> str:
         """x [N, in] @ W.T (+ bias): MatMulNBits for q4, int8 MatMulInteger for q8, Gemm(transB) for
         float weights."""
-        if name + ".weight.q" in self.shapes and self.quant == "q4":
-            n = self.shapes[name + ".weight.q"][0][0]
+        if name + ".weight.q" in self.shapes and len(self.shapes[name + ".weight.q"][0]) == 3:
+            n, _, block_bytes = self.shapes[name + ".weight.q"][0]   # 16 bytes a block: 4 bits; 32: 8 (GGUF Q8_0)
             y = self.op("MatMulNBits", x, name + ".weight.q", name + ".weight.scales", domain="com.microsoft",
-                        K=in_features, N=n, bits=4, block_size=BLOCK,
+                        K=in_features, N=n, bits=4 if block_bytes == BLOCK // 2 else 8, block_size=BLOCK,
                         accuracy_level=4)  # int8 dot products: the fast path on ARM and x86
         elif name + ".weight.q" in self.shapes:
             q, scale, zero_point, row_max = self.quantize_rows(x)
@@ -155,30 +197,41 @@ class GraphBuilder:
     def rms_norm(self, x: str, weight: str, eps: float) -> str:
         return self.op("RMSNormalization", x, weight, epsilon=eps, axis=-1)
 
-    def to_attention(self, x: str, heads: int, head_dim: int, padded: int, batch_shape: str) -> str:
-        """[N, heads*D] -> [B, T, heads*Dp], each half of each head zero-padded to Dp/2."""
-        if padded != head_dim:
-            x = self.op("Reshape", x, self.const([0, heads, 2, head_dim // 2]))
-            x = self.op("Pad", x, self.const([0, 0, 0, 0, 0, 0, 0, (padded - head_dim) // 2]))
+    def to_attention(self, x: str, heads: int, layout: np.ndarray, batch_shape: str) -> str:
+        """[N, heads, D] -> [B, T, heads*Dp], each head laid out as `head_layout` says."""
+        if not np.array_equal(layout, np.arange(len(layout))):
+            x = self.op("Pad", x, self.const([0, 0, 0, 0, 0, 1]))   # the zero, at index D
+            x = self.op("Gather", x, self.const(layout), axis=2)
         return self.op("Reshape", x, batch_shape)
 
-    def from_attention(self, x: str, heads: int, head_dim: int, padded: int) -> str:
-        """[B, T, heads*Dp] -> [N, heads*D], dropping the padding again."""
-        if padded != head_dim:
-            x = self.op("Reshape", x, self.const([-1, heads, 2, padded // 2]))
-            x = self.op("Slice", x, self.const([0]), self.const([head_dim // 2]), self.const([3]))
+    def from_attention(self, x: str, heads: int, layout: np.ndarray, head_dim: int) -> str:
+        """[B, T, heads*Dp] -> [N, heads*D], each head's dims back in their places."""
+        if not np.array_equal(layout, np.arange(len(layout))):
+            x = self.op("Reshape", x, self.const([-1, heads, len(layout)]))
+            x = self.op("Gather", x, self.const(np.argsort(layout)[:head_dim]), axis=2)
         return self.op("Reshape", x, self.const([-1, heads * head_dim]))
 
-    def rotary_tables(self, inv_freq: np.ndarray, capacity: int, padded: int) -> tuple[str, str]:
-        """cos and sin [capacity, Dp/2] of every position; the padding's angles are 0."""
-        angles = np.zeros((capacity, padded // 2))
-        angles[:, :len(inv_freq)] = np.arange(capacity)[:, None] * inv_freq[None, :]
-        return self.const(np.cos(angles), np.float32), self.const(np.sin(angles), np.float32)
+    def rotary_tables(self, rope: Rope, capacity: int, padded: int) -> tuple[str, str]:
+        """cos and sin [capacity, Dp/2] of every position; angle 0 (cos 1, sin 0) past the rotated pairs."""
+        cos, sin = np.ones((capacity, padded // 2), np.float32), np.zeros((capacity, padded // 2), np.float32)
+        cos[:, :rope.rotary_dim // 2], sin[:, :rope.rotary_dim // 2] = rope_tables(rope, np.arange(capacity))
+        return self.const(cos, np.float32), self.const(sin, np.float32)
+
+    def heads(self, x: str, name: str, heads: int, c: ModelConfig, norm: str | None) -> str:
+        """The projection `name` of x as [N, heads, D], normed per head where the model does (q, k)."""
+        y = self.op("Reshape", self.linear(x, name, c.hidden_size), self.const([0, heads, c.head_dim]))
+        return self.rms_norm(y, norm, c.rms_norm_eps) if norm else y
+
+    def activation(self, x: str, kind: str) -> str:
+        if kind == "gelu_tanh":
+            return self.op("Gelu", x, approximate="tanh")
+        return self.op("Mul", x, self.op("Sigmoid", x))
 
 
 def build_graph(config: ModelConfig, shard: Shard, shapes: dict, quant: str, capacity: int) -> onnx.ModelProto:
     c = config
-    D, Dp = c.head_dim, padded_head_dim(c.head_dim)
+    D, layout = c.head_dim, head_layout(c)
+    Dp = len(layout)
     g = GraphBuilder(shapes, quant)
     f = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
@@ -189,6 +242,8 @@ def build_graph(config: ModelConfig, shard: Shard, shapes: dict, quant: str, cap
         x = g.op("Gather", "model.embed_tokens.weight", "input_ids")
         if shapes["model.embed_tokens.weight"][1] != np.float32:
             x = g.op("Cast", x, to=f)
+        if c.embedding_scale != 1.0:
+            x = g.op("Mul", x, g.const(c.embedding_scale, np.float32))
     else:
         inputs.append(helper.make_tensor_value_info("hidden", f, ["N", c.hidden_size]))
         x = "hidden"
@@ -196,7 +251,7 @@ def build_graph(config: ModelConfig, shard: Shard, shapes: dict, quant: str, cap
     batch = g.op("Shape", "seqlens_k")
     q_shape = g.op("Concat", batch, g.const([-1, c.num_heads * Dp]), axis=0)
     kv_shape = g.op("Concat", batch, g.const([-1, c.num_kv_heads * Dp]), axis=0)
-    cos, sin = g.rotary_tables(rope_inv_freq(c), capacity, Dp)
+    tables: dict[Rope, tuple[str, str]] = {}
 
     for i, layer in enumerate(range(shard.start, shard.end)):
         p = f"model.layers.{layer}."
@@ -204,26 +259,44 @@ def build_graph(config: ModelConfig, shard: Shard, shapes: dict, quant: str, cap
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f, cache_shape))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", f, cache_shape))
+        rope, window = c.rope(layer), c.window(layer)
+        if rope is not None and rope not in tables:
+            tables[rope] = g.rotary_tables(rope, capacity, Dp)
+        cos, sin = tables.get(rope, ("", ""))
         h = g.rms_norm(x, p + "input_layernorm.weight", c.rms_norm_eps)
-        q = g.to_attention(g.linear(h, p + "self_attn.q_proj", c.hidden_size), c.num_heads, D, Dp, q_shape)
-        k = g.to_attention(g.linear(h, p + "self_attn.k_proj", c.hidden_size), c.num_kv_heads, D, Dp, kv_shape)
-        v = g.to_attention(g.linear(h, p + "self_attn.v_proj", c.hidden_size), c.num_kv_heads, D, Dp, kv_shape)
+        norm = (lambda kind: p + f"self_attn.{kind}_norm.weight") if c.qk_norm else (lambda kind: None)
+        q = g.to_attention(g.heads(h, p + "self_attn.q_proj", c.num_heads, c, norm("q")), c.num_heads, layout, q_shape)
+        k = g.to_attention(g.heads(h, p + "self_attn.k_proj", c.num_kv_heads, c, norm("k")), c.num_kv_heads, layout,
+                           kv_shape)
+        v = g.to_attention(g.heads(h, p + "self_attn.v_proj", c.num_kv_heads, c, None), c.num_kv_heads, layout, kv_shape)
         attention = g.op("GroupQueryAttention", q, k, v, f"past_key_{i}", f"past_value_{i}",
                          "seqlens_k", "total_sequence_length", cos, sin,
                          outputs=[f"attention_{i}", f"present_key_{i}", f"present_value_{i}"], domain="com.microsoft",
-                         num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, scale=1 / math.sqrt(D), do_rotary=1)
-        attention = g.from_attention(attention, c.num_heads, D, Dp)
-        x = g.op("Add", x, g.linear(attention, p + "self_attn.o_proj", c.num_heads * D))
-        h = g.rms_norm(x, p + "post_attention_layernorm.weight", c.rms_norm_eps)
-        gate = g.linear(h, p + "mlp.gate_proj", c.hidden_size)
-        mlp = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), g.linear(h, p + "mlp.up_proj", c.hidden_size))
-        x = g.op("Add", x, g.linear(mlp, p + "mlp.down_proj", c.intermediate_size))
+                         num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, scale=c.attention_scale,
+                         do_rotary=int(rope is not None), local_window_size=window if window else -1)
+        attention = g.linear(g.from_attention(attention, c.num_heads, layout, D), p + "self_attn.o_proj", c.num_heads * D)
+        if c.sandwich_norms:   # Gemma: the attention's output is normed, and the MLP's input by its own norm
+            x = g.op("Add", x, g.rms_norm(attention, p + "post_attention_layernorm.weight", c.rms_norm_eps))
+            h = g.rms_norm(x, p + "pre_feedforward_layernorm.weight", c.rms_norm_eps)
+        else:
+            x = g.op("Add", x, attention)
+            h = g.rms_norm(x, p + "post_attention_layernorm.weight", c.rms_norm_eps)
+        gate = g.activation(g.linear(h, p + "mlp.gate_proj", c.hidden_size), c.activation)
+        mlp = g.linear(g.op("Mul", gate, g.linear(h, p + "mlp.up_proj", c.hidden_size)), p + "mlp.down_proj",
+                       c.intermediate_size)
+        if c.sandwich_norms:
+            mlp = g.rms_norm(mlp, p + "post_feedforward_layernorm.weight", c.rms_norm_eps)
+        x = g.op("Add", x, mlp)
 
     if shard.is_last:
         inputs.append(helper.make_tensor_value_info("last_rows", TensorProto.INT64, ["B"]))
         last = g.rms_norm(g.op("Gather", x, "last_rows", axis=0), "model.norm.weight", c.rms_norm_eps)
         head = "lm_head" if "lm_head.weight" in shapes or "lm_head.weight.q" in shapes else "model.embed_tokens"
-        g.op("Identity", g.linear(last, head, c.hidden_size), outputs=["logits"])
+        logits = g.linear(last, head, c.hidden_size)
+        if c.final_logit_softcapping:
+            cap = g.const(c.final_logit_softcapping, np.float32)
+            logits = g.op("Mul", g.op("Tanh", g.op("Div", logits, cap)), cap)
+        g.op("Identity", logits, outputs=["logits"])
         outputs.insert(0, helper.make_tensor_value_info("logits", f, ["B", c.vocab_size]))
     else:
         g.op("Identity", x, outputs=["hidden_out"])

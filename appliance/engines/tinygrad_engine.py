@@ -17,6 +17,10 @@ graph eagerly costs about 0.1 s of Python per layer whatever the device (stories
 0.54 s a chunk eagerly, 0.03 s compiled). A chunk is padded to a power of two, so a few graphs
 serve every prompt length: the padded rows come after the real ones, so the causal mask hides
 them, and the cache entries they write are overwritten before any later step reads them.
+
+The model's description (`ModelConfig`) drives the layer as in the numpy reference: cos/sin tables
+per distinct rope (Gemma 3's two bases; none on SmolLM3's no-rope layers), a mask per distinct
+sliding window, per-head q/k norms, Gemma's extra norms and GeGLU, partial rotary, soft-capping.
 """
 from __future__ import annotations
 
@@ -26,9 +30,9 @@ import numpy as np
 
 from appliance.engines.footprint import DEFAULT_QUANT
 from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
-from appliance.engines.numpy_engine import rope_inv_freq
+from appliance.engines.rope import rope_tables
 from appliance.models.config import ModelConfig
-from appliance.models.weights import as_float32, load_tensors, shard_tensor_names, weight_map
+from appliance.models.weights import as_float32, load_shard
 
 
 class TinygradEngine(Engine):
@@ -45,16 +49,16 @@ class TinygradEngine(Engine):
         self.device = device or Device.DEFAULT
         self.dtype = dtypes.float32 if quant == "f32" else dtypes.float16
         self.use_jit = jit
-        names = shard_tensor_names(weight_map(shard.model_dir), shard.start, shard.end,
-                                   shard.is_first, shard.is_last, c.tie_word_embeddings)
-        host = load_tensors(shard.model_dir, names, copy_on_write=True)
+        host = load_shard(shard.model_dir, c, shard.start, shard.end, copy_on_write=True)
         embed = "model.embed_tokens.weight"
         self.embed = as_float32(host[embed]) if shard.is_first else None
         self.w = {name: to_device(t, self.device, self.dtype) for name, t in host.items()
                   if name != embed or (shard.is_last and c.tie_word_embeddings)}
-        angles = np.arange(self.capacity)[:, None] * rope_inv_freq(c)[None, :]
-        angles = np.concatenate([angles, angles], axis=-1)
-        self.cos, self.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        layers = range(shard.start, shard.end)
+        # One cos/sin table per distinct rope and one mask per distinct window among this shard's layers.
+        self.ropes = list(dict.fromkeys(c.rope(i) for i in layers if c.rope(i) is not None))
+        self.windows = list(dict.fromkeys(c.window(i) for i in layers))
+        self.tables = [rope_tables(rope, np.arange(self.capacity)) for rope in self.ropes]
         self.jits: dict[int, object] = {}
 
     def forward(self, steps: list[Step]) -> list[np.ndarray]:
@@ -79,13 +83,15 @@ class TinygradEngine(Engine):
             padded = T
         x = np.zeros((len(steps), padded, self.config.hidden_size), np.float32)
         for b, s in enumerate(steps):
-            x[b, :T] = self.embed[np.asarray(s.x, np.int64)] if self.shard.is_first else s.x
+            x[b, :T] = self.embed[np.asarray(s.x, np.int64)] * self.config.embedding_scale if self.shard.is_first else s.x
         pos = np.stack([np.arange(s.pos, s.pos + padded) for s in steps])
         last = np.zeros((len(steps), padded), np.float32)
         last[:, T - 1] = 1                        # the row whose logits the last shard returns
-        mask = np.where(np.arange(self.capacity) > pos[0][:, None], -np.inf, 0).astype(np.float32)  # prefill only
-        inputs = [Tensor(a, device=self.device) for a in (x, self.cos[pos][:, :, None], self.sin[pos][:, :, None],
-                                                          mask, last)]
+        distance = pos[:, :, None] - np.arange(self.capacity)[None, None, :]     # [B, T, capacity]
+        masks = [np.where((distance < 0) | ((distance >= window) if window else False), -np.inf, 0).astype(np.float32)
+                 for window in self.windows]
+        tables = [t[pos][:, :, None] for pair in self.tables for t in pair]    # [B, T, 1, rotary_dim/2]
+        inputs = [Tensor(a, device=self.device) for a in (x, last, *masks, *tables)]
         caches = [c for s in steps for c in self._cache(s.request_id)]
         if self.use_jit:
             top = self.capacity - padded
@@ -107,21 +113,24 @@ class TinygradEngine(Engine):
                 for _ in range(self.shard.start, self.shard.end)]
         return self.caches[request_id]
 
-    # ---- the model: x [B, T, H], cos/sin [B, T, 1, D], mask [T, capacity], last [B, T],
-    # ---- B*layers caches, B positions
+    # ---- the model: x [B, T, H], last [B, T], a mask [B, T, capacity] per window, cos and sin
+    # ---- [B, T, 1, rotary_dim/2] per rope, B*layers caches, B positions
 
-    def _graph(self, x, cos, sin, mask, last, *rest):
+    def _graph(self, x, last, *rest):
         layers = self.shard.end - self.shard.start
-        B = x.shape[0]
-        caches, positions = rest[:B * layers], rest[B * layers:]
+        B, c = x.shape[0], self.config
+        masks, rest = dict(zip(self.windows, rest[:len(self.windows)])), rest[len(self.windows):]
+        tables = {rope: rest[2 * i:2 * i + 2] for i, rope in enumerate(self.ropes)}
+        caches, positions = rest[2 * len(self.ropes):][:B * layers], rest[2 * len(self.ropes) + B * layers:]
         for i, layer in enumerate(range(self.shard.start, self.shard.end)):
-            x = self._layer(x, f"model.layers.{layer}.", cos, sin, mask,
+            x = self._layer(x, layer, tables.get(c.rope(layer)), masks[c.window(layer)],
                             [caches[b * layers + i] for b in range(B)], positions)
         if self.shard.is_last:
-            c = self.config
             head = self.w["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"]
             x = (x * last.unsqueeze(-1)).sum(1)  # each row's last real position (a prefill may be padded)
             x = self._norm(x, "model.norm.weight") @ head.cast(x.dtype).T
+            if c.final_logit_softcapping:
+                x = (x / c.final_logit_softcapping).tanh() * c.final_logit_softcapping
         return x.realize()
 
     def _linear(self, x, name):
@@ -133,31 +142,45 @@ class TinygradEngine(Engine):
         eps = self.config.rms_norm_eps
         return x * (x.square().mean(axis=-1, keepdim=True) + eps).rsqrt() * self.w[name]
 
-    def _layer(self, x, p, cos, sin, mask, caches, positions):
+    def _heads(self, h, p, kind, heads):
         c = self.config
+        B, T, _ = h.shape
+        x = self._linear(h, p + f"self_attn.{kind}_proj").reshape(B, T, heads, c.head_dim)
+        return self._norm(x, p + f"self_attn.{kind}_norm.weight") if c.qk_norm and kind != "v" else x
+
+    def _layer(self, x, layer, table, mask, caches, positions):
+        c, p = self.config, f"model.layers.{layer}."
         B, T, _ = x.shape
         D, group = c.head_dim, c.num_heads // c.num_kv_heads
         h = self._norm(x, p + "input_layernorm.weight")
-        q = rotate(self._linear(h, p + "self_attn.q_proj").reshape(B, T, c.num_heads, D), cos, sin)
-        k = rotate(self._linear(h, p + "self_attn.k_proj").reshape(B, T, c.num_kv_heads, D), cos, sin)
-        v = self._linear(h, p + "self_attn.v_proj").reshape(B, T, c.num_kv_heads, D)
+        q, k = self._heads(h, p, "q", c.num_heads), self._heads(h, p, "k", c.num_kv_heads)
+        v = self._heads(h, p, "v", c.num_kv_heads)
+        if table is not None:
+            q, k = rotate(q, *table), rotate(k, *table)
         rows = []
         for b, (cache, pos) in enumerate(zip(caches, positions)):
             cache[:, :, pos:pos + T, :].assign(k[b].stack(v[b]).permute(0, 2, 1, 3))  # [2, kv, T, D]
             keys, values = cache[0, :, :pos + T, :], cache[1, :, :pos + T, :]          # [kv, L, D]
             qb = q[b].permute(1, 0, 2).reshape(c.num_kv_heads, group * T, D)
-            scores = qb @ keys.transpose(1, 2) / math.sqrt(D)                         # [kv, group*T, L]
-            if T > 1:  # prefill: row t may see positions up to pos + t (-inf beyond)
-                L = keys.shape[1]
-                scores = scores.reshape(c.num_kv_heads, group, T, L) + mask[:, :L]
-                scores = scores.reshape(c.num_kv_heads, group * T, L)
-            attention = scores.softmax(-1) @ values                                    # [kv, group*T, D]
+            scores = qb @ keys.transpose(1, 2) * c.attention_scale                    # [kv, group*T, L]
+            L = keys.shape[1]   # row t may see positions up to pos + t, and no further back than its window
+            scores = scores.reshape(c.num_kv_heads, group, T, L) + mask[b, :, :L]
+            attention = scores.reshape(c.num_kv_heads, group * T, L).softmax(-1) @ values   # [kv, group*T, D]
             rows.append(attention.reshape(c.num_heads, T, D).permute(1, 0, 2).reshape(T, c.num_heads * D))
         attention = rows[0].unsqueeze(0) if B == 1 else rows[0].stack(*rows[1:])
-        x = x + self._linear(attention, p + "self_attn.o_proj")
-        h = self._norm(x, p + "post_attention_layernorm.weight")
-        return x + self._linear(self._linear(h, p + "mlp.gate_proj").silu() * self._linear(h, p + "mlp.up_proj"),
-                                p + "mlp.down_proj")
+        out = self._linear(attention, p + "self_attn.o_proj")
+        if c.sandwich_norms:   # Gemma: the attention's output is normed, and the MLP's input by its own norm
+            x = x + self._norm(out, p + "post_attention_layernorm.weight")
+            h = self._norm(x, p + "pre_feedforward_layernorm.weight")
+        else:
+            x = x + out
+            h = self._norm(x, p + "post_attention_layernorm.weight")
+        gate = self._linear(h, p + "mlp.gate_proj")
+        gate = gate.gelu() if c.activation == "gelu_tanh" else gate.silu()
+        mlp = self._linear(gate * self._linear(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+        if c.sandwich_norms:
+            mlp = self._norm(mlp, p + "post_feedforward_layernorm.weight")
+        return x + mlp
 
 
 def to_device(t: np.ndarray, device: str, dtype):
@@ -166,6 +189,8 @@ def to_device(t: np.ndarray, device: str, dtype):
     because not every backend's compiler has the type (clang on x86 does not)."""
     from tinygrad import Tensor, dtypes
 
+    if t.dtype not in (np.float32, np.float16, np.uint16):   # a GGUF file's quantized blocks
+        t = as_float32(t)
     x = Tensor(np.asarray(t), device=device)
     if t.dtype == np.uint16:
         x = (x.cast(dtypes.uint32) << 16).bitcast(dtypes.float32)
@@ -173,6 +198,9 @@ def to_device(t: np.ndarray, device: str, dtype):
 
 
 def rotate(x, cos, sin):
-    """HF rotary embedding on [B, T, heads, D]: the two halves of each head form the pairs."""
-    half = x.shape[-1] // 2
-    return x * cos + (-x[..., half:]).cat(x[..., :half], dim=-1) * sin
+    """HF rotary embedding on [B, T, heads, D] over each head's first 2 * cos.shape[-1] dims (the
+    two halves of that part form the pairs); the rest pass unchanged (partial rotary)."""
+    half, D = cos.shape[-1], x.shape[-1]
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin] + ([x[..., 2 * half:]] if 2 * half < D else [])
+    return parts[0].cat(*parts[1:], dim=-1)

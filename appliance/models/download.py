@@ -31,7 +31,7 @@ from huggingface_hub.utils import tqdm as hf_tqdm
 from huggingface_hub.utils import build_hf_headers, validate_repo_id
 
 from appliance.models.config import ModelConfig
-from appliance.models.store import models_dir
+from appliance.models.store import gguf_cache_path, models_dir, parse_gguf_spec
 from appliance.models.weights import INDEX, shard_tensor_names
 
 CONFIG_FILES = ["config.json", "generation_config.json"]
@@ -263,6 +263,119 @@ def fetch_shard(repo: str, start: int | None = None, end: int | None = None, pro
     fetch(repo, files, progress, revision, cache)
     progress.send("done")
     return folder
+
+
+# -- GGUF files: a node fetches the header and the byte ranges of its own layers' tensors
+GGUF_HEADER_GUESS = 1 << 20        # the first read; doubled until the whole header is in
+
+
+def fetch_gguf_shard(model: str, start: int | None = None, end: int | None = None, progress: Progress | None = None,
+                     revision: str = "main", cache: Path | None = None) -> Path:
+    """A GGUF file of the hub, as a sparse file of its full size in which this node holds the
+    header and the tensors of layers [start, end) (with the embedding / head where the stage
+    needs them); start = end = 0: the header only (the coordinator's config and tokenizer). Every
+    range resumes where a dropped transfer stopped, also after a restart (FILE.ranges.json)."""
+    repo, file = parse_gguf_spec(model)
+    progress = progress or Progress(model)
+    path = gguf_cache_path(repo, file, cache)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if _offline():
+        if not path.exists():
+            raise DownloadError(f"model {model!r} is not on disk under {path} and HF_HUB_OFFLINE is set")
+        return path
+    url = hf_hub_url(repo, file, revision=revision, endpoint=_endpoint())
+    try:
+        meta = get_hf_file_metadata(url)
+    except Exception as e:
+        raise DownloadError(f"cannot download {file} of {repo}: {e}") from e
+    ranges = _GGUFRanges(path, meta.size, meta.etag)
+    header, fetched = GGUF_HEADER_GUESS, 0
+    while True:   # the header: metadata (the vocabulary among it) and where every tensor lies
+        ranges.fetch(url, fetched, min(header, meta.size), progress)
+        fetched = min(header, meta.size)
+        tensors = _gguf_tensors(path, fetched)
+        if tensors is not None or fetched >= meta.size:
+            break
+        header *= 2
+    from appliance.models.gguf_model import GGUF
+
+    gguf = GGUF(path)
+    config = ModelConfig.load(path)
+    start, end = start or 0, config.num_layers if end is None else end
+    names = gguf.tensor_names()
+    wanted = [names[n] for n in shard_tensor_names(names, start, end, start == 0 and end > 0,
+                                                      end == config.num_layers and end > start,
+                                                      config.tie_word_embeddings)]
+    wanted += [t for t in tensors if gguf.hf_name(t) is None]   # rope factors: small, every stage reads them
+    spans = [(max(a, fetched), b) for a, b in sorted(tensors[t] for t in wanted) if b > fetched]   # (past the header read)
+    progress.total = progress.done + sum(b - a for a, b in spans)
+    for a, b in spans:
+        ranges.fetch(url, a, b, progress)
+    progress.send("done")
+    return path
+
+
+def _gguf_tensors(path: Path, header_bytes: int) -> dict[str, tuple[int, int]] | None:
+    """Each tensor's byte range, if the file's first `header_bytes` hold the whole header."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception:
+        return None
+    if reader.data_offset > header_bytes or any(not t.name for t in reader.tensors):
+        return None
+    return {t.name: (int(t.data_offset), int(t.data_offset) + int(t.n_bytes)) for t in reader.tensors}
+
+
+class _GGUFRanges:
+    """The byte ranges of one sparse file fetched so far, kept beside it so a restart resumes."""
+
+    def __init__(self, path: Path, size: int, etag: str | None):
+        self.path, self.state_path = path, path.with_name(path.name + ".ranges.json")
+        state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        if state.get("size") != size or state.get("etag") != etag or not path.exists():
+            state = {"size": size, "etag": etag, "done": {}}   # new, or the file changed on the hub
+            with open(path, "wb") as f:
+                f.truncate(size)
+        self.state = state
+
+    def held(self, a: int, b: int) -> int:
+        return self.state["done"].get(f"{a}-{b}", 0)
+
+    def fetch(self, url: str, a: int, b: int, progress: Progress, attempts: int = 5) -> None:
+        from huggingface_hub.utils import build_hf_headers, get_session
+
+        key = f"{a}-{b}"
+        progress.add(self.held(a, b), network=False)
+        for attempt in range(attempts):
+            done = self.held(a, b)
+            if a + done >= b:
+                return
+            try:
+                headers = {**build_hf_headers(), "Range": f"bytes={a + done}-{b - 1}"}
+                with get_session().stream("GET", url, headers=headers, follow_redirects=True) as response, \
+                        open(self.path, "r+b") as f:
+                    response.raise_for_status()
+                    f.seek(a + done)
+                    for chunk in response.iter_bytes():   # as it arrives: a drop keeps what came
+                        chunk = chunk[:b - a - done]
+                        f.write(chunk)
+                        f.flush()
+                        done += len(chunk)
+                        self.state["done"][key] = done
+                        self._save()
+                        progress.add(len(chunk))
+                        if a + done >= b:
+                            return
+            except Exception as e:   # a dropped connection: go on from what arrived
+                if attempt == attempts - 1:
+                    raise DownloadError(f"cannot download bytes {a}-{b} of {self.path.name}: {e}") from e
+
+    def _save(self) -> None:
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.write_text(json.dumps(self.state))
+        tmp.replace(self.state_path)
 
 
 def fetch_all(repo: str, progress: Progress | None = None, revision: str = "main", cache: Path | None = None) -> Path:

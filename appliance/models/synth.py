@@ -38,13 +38,45 @@ SHAPES: dict[str, dict] = {
                      "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
                      "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
                      "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2},
+    "qwen3-0.6b": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
+                   "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960,
+                   "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "attention_bias": False, "tie_word_embeddings": True,
+                   "bos_token_id": 151643, "eos_token_id": 151645},
+    "gemma3-1b": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+                  "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "intermediate_size": 6912,
+                  "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+                  "vocab_size": 262144, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                  "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None,
+                  "sliding_window": 512, "sliding_window_pattern": 6, "query_pre_attn_scalar": 256,
+                  "final_logit_softcapping": None, "attn_logit_softcapping": None, "attention_bias": False,
+                  "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0},
+    "smollm3-3b": {"architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", "hidden_act": "silu",
+                   "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+                   "num_key_value_heads": 4, "vocab_size": 128256, "max_position_embeddings": 65536,
+                   "rms_norm_eps": 1e-6, "rope_theta": 5000000.0, "no_rope_layer_interval": 4,
+                   "attention_bias": False, "tie_word_embeddings": True, "bos_token_id": 128000,
+                   "eos_token_id": 128012, "pad_token_id": 128004},
+    # Phi-4-mini's longrope factors here are stand-ins of the right length (48: rotary_dim / 2)
+    "phi4-mini": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu",
+                  "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 24,
+                  "num_key_value_heads": 8, "vocab_size": 200064, "max_position_embeddings": 131072,
+                  "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.75, "rms_norm_eps": 1e-5,
+                  "rope_theta": 10000.0, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48,
+                                                          "long_factor": [1.0 + i for i in range(48)]},
+                  "sliding_window": 262144, "attention_bias": False, "tie_word_embeddings": True,
+                  "bos_token_id": 199999, "eos_token_id": 199999, "pad_token_id": 199999},
 }
+# `synthesize(..., tiny=True)`: the family's layer at test size (vocabulary and special ids kept).
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "max_position_embeddings": 256}
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 LLAMA3 = ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
           "{{ m['content'] }}<|eot_id|>{% endfor %}"
           "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+TEMPLATES = Path(__file__).parent / "templates"   # the families' real chat templates
 ZEPHYR = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
           "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
@@ -58,6 +90,23 @@ SPECIALS = {
                      (None, "<|im_end|>", CHATML)),
     "smollm2-135m": ({0: "<|endoftext|>", 1: "<|im_start|>", 2: "<|im_end|>"},
                      ("<|im_start|>", "<|im_end|>", CHATML)),
+    "qwen3-0.6b": ({151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_end|>", 151667: "<think>",
+                    151668: "</think>"}, (None, "<|im_end|>", (TEMPLATES / "qwen3.jinja").read_text())),
+    "gemma3-1b": ({0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 105: "<start_of_turn>", 106: "<end_of_turn>"},
+                  ("<bos>", "<eos>", (TEMPLATES / "gemma3.jinja").read_text())),
+    "smollm3-3b": ({128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128004: "<|finetune_right_pad_id|>",
+                    128011: "<|im_start|>", 128012: "<|im_end|>"},
+                   (None, "<|im_end|>", (TEMPLATES / "smollm3.jinja").read_text())),
+    "phi4-mini": ({199999: "<|endoftext|>", 200018: "<|endofprompt|>", 200019: "<|assistant|>", 200020: "<|end|>",
+                   200021: "<|user|>", 200022: "<|system|>"},
+                  (None, "<|endoftext|>", (TEMPLATES / "phi4.jinja").read_text())),
+}
+# generation_config.json of the families that ship several stop ids and sampling defaults
+GENERATION = {
+    "qwen3-0.6b": {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": True, "temperature": 0.6,
+                   "top_k": 20, "top_p": 0.95},
+    "gemma3-1b": {"bos_token_id": 2, "eos_token_id": [1, 106], "do_sample": True, "top_k": 64, "top_p": 0.95},
+    "phi4-mini": {"bos_token_id": 199999, "eos_token_id": [200020, 199999]},
 }
 
 TRAINING_TEXT = """Once upon a time, there was a little girl named Lily. She loved to play outside in the park.
@@ -74,8 +123,11 @@ STORED = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloa
 
 
 def synthesize(shape: str, out_dir: str | Path, *, seed: int = 0, dtype: str = "float32",
-               layers: int | None = None) -> Path:
-    """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json to out_dir."""
+               layers: int | None = None, tiny: bool | dict = False) -> Path:
+    """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json (and the
+    family's generation_config.json) to out_dir. `tiny`: the layer at test size (TINY), with a
+    4-position sliding window and an 8-position original context for longrope, so short tests
+    cross both; a dict sets other test sizes."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
     if dtype not in STORED:
@@ -85,7 +137,24 @@ def synthesize(shape: str, out_dir: str | Path, *, seed: int = 0, dtype: str = "
     config = dict(SHAPES[shape], torch_dtype=dtype)
     if layers is not None:
         config["num_hidden_layers"] = layers
+    if tiny:
+        sizes = {**TINY, **(tiny if isinstance(tiny, dict) else {})}
+        config.update(sizes)
+        config["vocab_size"] = max(1024, max(SPECIALS[shape][0]) + 1)   # the special ids must still fit
+        if "sliding_window" in config:
+            config["sliding_window"], config["sliding_window_pattern"] = 4, 2
+        if "query_pre_attn_scalar" in config:   # as the 1B and 4B have it: the head size
+            config["query_pre_attn_scalar"] = sizes["head_dim"]
+        if "original_max_position_embeddings" in config:
+            half = int(sizes["head_dim"] * config["partial_rotary_factor"]) // 2
+            config["original_max_position_embeddings"] = 8
+            config["rope_scaling"] = {"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(half)],
+                                      "long_factor": [2.0 + i for i in range(half)]}
+        if "no_rope_layer_interval" in config:
+            config["no_rope_layer_interval"] = 2
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    if shape in GENERATION:
+        (out / "generation_config.json").write_text(json.dumps(GENERATION[shape], indent=2))
     write_random_weights(config, out / "model.safetensors", seed=seed, dtype=dtype)
     write_tokenizer(shape, config["vocab_size"], out)
     return out
@@ -106,6 +175,16 @@ def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
         if c["model_type"] == "qwen2":
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})
+        if c["model_type"] in ("qwen3", "gemma3_text"):
+            shapes.update({p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,)})
+        if c["model_type"] == "gemma3_text":
+            shapes.update({p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)})
+        if c["model_type"] == "phi3":   # fused, as Phi-3 checkpoints store them
+            for a, b, fused in (("q_proj", "v_proj", "self_attn.qkv_proj"), ("gate_proj", "up_proj", "mlp.gate_up_proj")):
+                parts = [k for k in shapes if k.startswith(p) and k.split(".")[-2] in (a, "k_proj", b)
+                         and k.split(".")[-3] == fused.split(".")[0]]
+                rows = sum(shapes.pop(k)[0] for k in parts)
+                shapes[p + fused + ".weight"] = (rows, h)
     shapes["model.norm.weight"] = (h,)
     if not c.get("tie_word_embeddings"):
         shapes["lm_head.weight"] = (c["vocab_size"], h)
@@ -152,6 +231,11 @@ def write_tokenizer(shape: str, vocab_size: int, out: Path) -> None:
 
     data = json.loads(tok.to_str())
     vocab = data["model"]["vocab"]
+    by_id = {i: t for t, i in vocab.items()}
+    for i, special in specials.items():   # a special inside the trained ids (Gemma's 105, 106): it takes the
+        if 16 <= i < len(by_id):          # id, the token that held it moves to the end
+            vocab[by_id[i]] = len(vocab)
+            vocab[special] = i
     for i in range(len(vocab), vocab_size):  # pad to the config's vocab, specials at their real ids
         vocab[specials.get(i, f"<|reserved_{i}|>")] = i
     data["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,

@@ -60,12 +60,17 @@ def _token_text(value) -> str | None:
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
-        path = model_dir / "tokenizer.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{model_dir} has no tokenizer.json")
-        self.hf = HFTokenizer.from_file(str(path))
-        config_path = model_dir / "tokenizer_config.json"
-        self.config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        if model_dir.suffix == ".gguf":   # built from the file's vocabulary, with its chat template
+            from appliance.models.gguf_model import GGUF
+            gguf = GGUF(model_dir)
+            self.hf, self.config = gguf.tokenizer(), gguf.tokenizer_config()
+        else:
+            path = model_dir / "tokenizer.json"
+            if not path.exists():
+                raise FileNotFoundError(f"{model_dir} has no tokenizer.json")
+            self.hf = HFTokenizer.from_file(str(path))
+            config_path = model_dir / "tokenizer_config.json"
+            self.config = json.loads(config_path.read_text()) if config_path.exists() else {}
         # The special tokens a template sees by name, as transformers passes its special_tokens_map.
         self.special_tokens = {name: _token_text(self.config[name]) for name in SPECIAL_TOKENS
                                if self.config.get(name) is not None}
@@ -99,8 +104,9 @@ class Tokenizer:
                                     add_generation_prompt=add_generation_prompt,
                                     **{**self.special_tokens, **extra})
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        text = self.render_chat(messages, add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> list[int]:
+        """`extra` reaches the template as variables (Qwen3's `enable_thinking`)."""
+        text = self.render_chat(messages, add_generation_prompt, **extra)
         # A template writes the special tokens itself; the fallback leaves BOS to the tokenizer.
         return self.encode(text, add_special_tokens=not self.has_chat_template)
 

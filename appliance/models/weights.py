@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.models.gguf_model import GGUF, Blocks, is_gguf
+
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
 INDEX = "model.safetensors.index.json"
 
@@ -33,9 +35,22 @@ def _header(path: Path) -> tuple[dict, int]:
         return json.loads(f.read(length)), 8 + length
 
 
+# A multimodal checkpoint's text tower (Gemma 3 4B and up) under the names a text model has.
+PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.", "language_model.lm_head.": "lm_head."}
+
+
+def canonical_name(name: str) -> str:
+    """The name a text-only checkpoint gives a tensor (a vision tower's tensors keep theirs: no stage wants them)."""
+    for prefix, text in PREFIXES.items():
+        if name.startswith(prefix):
+            return text + name[len(prefix):]
+    return name
+
+
 def shard_tensor_names(names, start: int, end: int, first: bool, last: bool, tied: bool) -> list[str]:
-    """The tensors a stage holding layers [start, end) needs."""
+    """The tensors (as stored) a stage holding layers [start, end) needs."""
     def wanted(name: str) -> bool:
+        name = canonical_name(name)
         if name.startswith("model.layers."):
             return start <= int(name.split(".")[2]) < end
         if name == "model.embed_tokens.weight":
@@ -46,6 +61,38 @@ def shard_tensor_names(names, start: int, end: int, first: bool, last: bool, tie
             return last and not tied
         return False
     return [n for n in names if wanted(n)]
+
+
+def load_shard(model_dir: str | Path, config, start: int, end: int, copy_on_write: bool = False) -> dict[str, np.ndarray]:
+    """The tensors of a stage holding layers [start, end), memory-mapped, under the names of a
+    Llama checkpoint: a multimodal text tower's prefix dropped, Phi-3's fused `qkv_proj` and
+    `gate_up_proj` split into row views (no copy), and norm weights made what they multiply by
+    (Gemma's `1 + w`, small float32 arrays). The engines all read the model through this."""
+    first, last = start == 0, end == config.num_layers
+    if is_gguf(model_dir):   # llama.cpp's file: its norms already hold 1 + w
+        gguf = GGUF(model_dir)
+        raw = gguf.load(shard_tensor_names(gguf.tensor_names(), start, end, first, last, config.tie_word_embeddings))
+        offset = 0.0
+    else:
+        raw = load_tensors(model_dir, shard_tensor_names(weight_map(model_dir), start, end, first, last,
+                                                         config.tie_word_embeddings), copy_on_write)
+        offset = config.norm_offset
+    out = {}
+    for stored, t in raw.items():
+        name = canonical_name(stored)
+        if name.endswith("norm.weight") and offset:
+            t = as_float32(t) + np.float32(offset)
+        if name.endswith("self_attn.qkv_proj.weight"):
+            q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+            base = name[:-len("qkv_proj.weight")]
+            out.update({base + "q_proj.weight": t[:q], base + "k_proj.weight": t[q:q + kv],
+                        base + "v_proj.weight": t[q + kv:]})
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            base, half = name[:-len("gate_up_proj.weight")], t.shape[0] // 2
+            out.update({base + "gate_proj.weight": t[:half], base + "up_proj.weight": t[half:]})
+        else:
+            out[name] = t
+    return out
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
@@ -90,6 +137,8 @@ class _BF16(np.ndarray):
 
 
 def as_float32(t: np.ndarray) -> np.ndarray:
+    if isinstance(t, Blocks):   # a GGUF file's quantized blocks
+        return t.dequantize()
     if isinstance(t, _BF16):
         return bf16_to_f32(t.view(np.uint16))
     return np.asarray(t, dtype=np.float32)

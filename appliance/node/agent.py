@@ -23,8 +23,8 @@ from appliance.bus.protocol import parse_json
 from appliance.config import Config
 from appliance.engines import ENGINES, Shard, Step, load_engine, pick_default_engine
 from appliance.engines.footprint import DEFAULT_QUANT, footprint
-from appliance.models.download import Progress, fetch_shard
-from appliance.models.store import models_dir, resolve_model_dir
+from appliance.models.download import Progress, fetch_gguf_shard, fetch_shard
+from appliance.models.store import models_dir, parse_gguf_spec, resolve_model_dir
 from appliance.node import system
 from appliance.node.identity import node_id
 from appliance.planner import Plan
@@ -205,11 +205,12 @@ class NodeAgent:
 
     # -- downloads: a plan for a hub model fetches the files of this node's layers first
     def model_files(self, model: str, start: int, end: int) -> Path:
-        if Path(model).expanduser().is_dir():
+        if Path(model).expanduser().exists():   # a folder, or a GGUF file
             return resolve_model_dir(model)
         progress = Progress(model, report=self.publish_download)
+        fetch = fetch_gguf_shard if parse_gguf_spec(model) else fetch_shard   # ORG/REPO:FILE.gguf: byte ranges
         try:
-            return fetch_shard(model, start, end, progress, cache=models_dir(self.config.models_dir))
+            return fetch(model, start, end, progress, cache=models_dir(self.config.models_dir))
         except Exception as e:
             progress.send("error", str(e))
             raise

@@ -114,7 +114,9 @@ def parse_params(chat: bool) -> Params:
     if len(prompt) + max_tokens > context:
         raise ApiError(400, f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds the context of {context} tokens",
                        "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens")
-    sampling = Sampling(_given(req.temperature, 1.0), _given(req.top_p, 1.0), req.top_k or 0, req.seed)
+    default = model.generation.sampling()   # generation_config.json's, where the request sets none
+    sampling = Sampling(_given(req.temperature, default["temperature"]), _given(req.top_p, default["top_p"]),
+                        _given(req.top_k, default["top_k"]), req.seed)
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
     logprobs, top = _logprobs_params(req, chat)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -154,7 +156,16 @@ def _chat_prompt(req: ChatCompletionRequest, model, context: int) -> list[int]:
               "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
              for m in req.messages]
     _check_prompt_chars(sum(len(m["role"]) + len(m["content"]) for m in clean), context, "messages")
-    return model.tokenizer.apply_chat_template(clean)
+    return model.tokenizer.apply_chat_template(clean, **_template_switches(req))
+
+
+def _template_switches(req: ChatCompletionRequest) -> dict:
+    """`enable_thinking` (Qwen3's and SmolLM3's templates read it), at the top level or inside
+    `chat_template_kwargs` as vLLM takes it."""
+    thinking = req.enable_thinking
+    if thinking is None and req.chat_template_kwargs is not None:
+        thinking = req.chat_template_kwargs.enable_thinking
+    return {} if thinking is None else {"enable_thinking": thinking}
 
 
 # -- generation
@@ -186,7 +197,7 @@ def run(params: Params, usage: dict):
     try:
         for token in tokens:
             usage["completion_tokens"] += 1
-            if token.id in model.config.eos_token_ids:
+            if token.id in model.stop_ids:
                 yield finish(Piece(text[sent:], finish_reason="stop"))
                 return
             text += decoder.push(token.id)

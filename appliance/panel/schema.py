@@ -70,6 +70,11 @@ class ResponseFormat(Strict):
     type: Literal["text"]
 
 
+class ChatTemplateKwargs(Strict):
+    """The switches a chat template reads, as vLLM takes them."""
+    enable_thinking: Annotated[bool | None, Field(description="a boolean")] = None
+
+
 class Sampled(Strict):
     """What both endpoints take."""
     model: Annotated[str, Field(description="a string: the id of the model served (GET /v1/models)")]
@@ -107,6 +112,9 @@ class ChatCompletionRequest(Sampled):
     max_completion_tokens: integer(1) | None = None
     logprobs: Annotated[bool | None, Field(description="a boolean")] = None
     top_logprobs: integer(0, TOP_LOGPROBS) | None = None
+    enable_thinking: Annotated[bool | None, Field(description="a boolean: Qwen3's and SmolLM3's thinking switch")] = None
+    chat_template_kwargs: Annotated[ChatTemplateKwargs | None, Field(
+        description="an object {\"enable_thinking\": boolean}")] = None
     response_format: ResponseFormat | None = unsupported('only {"type": "text"}: no JSON mode')
     tools: None = unsupported("no tool calls")
     tool_choice: Literal["none"] | None = unsupported("no tool calls")
