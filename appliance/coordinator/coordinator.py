@@ -174,7 +174,8 @@ class Coordinator:
             path = fetch_gguf_shard(model, 0, 0, cache=models_dir(self.config.models_dir))
         else:   # a hub id: the coordinator needs only config.json and the tokenizer
             path = fetch_for_coordinator(model, cache=models_dir(self.config.models_dir))
-        self.model = LoadedModel(model, path, ModelConfig.load(path), Tokenizer(path), generation_defaults(path))
+        self.model = LoadedModel(model, path, ModelConfig.load(path), Tokenizer(path),
+                                 generation=generation_defaults(path))
         self.cluster.set_model(model, self.model.config)
         return self.model
 
