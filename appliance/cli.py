@@ -382,6 +382,9 @@ def announce_key(config: Config) -> None:
     print(f"exo: to add a machine, run on it: exo --join {config.cluster_key}   (or set EXO_CLUSTER_KEY)", flush=True)
 
 
+ALL_LOCAL_NODES_S = 30.0   # how long "ready" waits for every local node to be in the plan (one too small never is)
+
+
 def announce_when_ready(config: Config, coordinator) -> threading.Thread:
     """Print where the API is once it can answer: every node of the plan has loaded its layers (at
     once when no model is configured: the panel is then where one is loaded). Until then /healthz
@@ -392,8 +395,15 @@ def announce_when_ready(config: Config, coordinator) -> threading.Thread:
 
         if config.model:
             cluster = coordinator.cluster
-            with cluster.changed:
-                cluster.changed.wait_for(lambda: cluster.ready_plan() is not None)
+
+            def planned(nodes: int) -> bool:
+                plan = cluster.ready_plan()
+                return plan is not None and len(plan.nodes) >= nodes
+
+            with cluster.changed:   # all local nodes in, if they come soon: no re-plan right after "ready"
+                layers = coordinator.model.config.num_layers if coordinator.model else config.local_nodes
+                cluster.changed.wait_for(lambda: planned(min(config.local_nodes, layers)), timeout=ALL_LOCAL_NODES_S)
+                cluster.changed.wait_for(lambda: planned(1))
         where = " and ".join(panel_urls(config))
         took = time.time() - psutil.Process().create_time()
         # one write, so that no log line of another thread lands inside it

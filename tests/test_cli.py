@@ -74,7 +74,8 @@ def terminal(tmp_path):
 def test_exo_says_where_once_ready_and_ctrl_c_ends_it_cleanly(terminal, tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("{}\n")
     port = free_port()
-    env = f"EXO_CONFIG={tmp_path}/config.yaml EXO_STATE_DIR={tmp_path}/state"
+    # the API and broker on loopback: no advert on the network, as every test (tmux does not pass on EXO_HOST)
+    env = f"EXO_HOST=127.0.0.1 EXO_CONFIG={tmp_path}/config.yaml EXO_STATE_DIR={tmp_path}/state"
     terminal.type(f"{env} {shlex.quote(sys.executable)} -m appliance --model {shlex.quote(str(STORIES))} "
                   f"--local-nodes 2 --port {port}; echo EXIT=$?")
     ready = wait_for(lambda: re.search(r"exo: ready in ([\d.]+) s: API and panel on (\S+)", terminal.screen()), 60,
