@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-BITS_PER_WEIGHT = {"bf16": 16.0, "q8": 8.0, "q4": 5.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q4_K_M": 4.89, "Q4_0": 4.5}
+from appliance.engines.footprint import WEIGHT_BYTES
+
+GGUF_BITS_PER_WEIGHT = {"Q8_0": 8.5, "Q6_K": 6.5625, "Q4_K_M": 4.89, "Q4_0": 4.5}
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,9 @@ class CatalogModel:
     @property
     def quants(self) -> dict[str, int]:
         """Bytes the weights take per quantization (ours: bf16, q8, q4; GGUF types this model has)."""
-        kinds = ["bf16", "q8", "q4", *self.gguf]
-        return {kind: int(self.params * BITS_PER_WEIGHT[kind] / 8) for kind in kinds}
+        ours = {"bf16": self.params * 2, **{q: self.params * WEIGHT_BYTES[q] for q in ("q8", "q4")}}
+        return {kind: int(size) for kind, size in {
+            **ours, **{t: self.params * GGUF_BITS_PER_WEIGHT[t] / 8 for t in self.gguf}}.items()}
 
     def to_dict(self) -> dict:
         return {**asdict(self), "quants": self.quants}
