@@ -265,8 +265,9 @@ def check_broker_reachable(config: Config) -> None:
 def print_admin_token(config: Config) -> None:
     from appliance.panel.auth import ADMIN_TOKEN_FILE, admin_token
 
-    token = admin_token(config.state_dir)
-    sys.stdout.write(f"exo: admin token {token} (kept in {os.path.join(config.state_dir, ADMIN_TOKEN_FILE)})\n")
+    token = admin_token(config)
+    where = "the config" if config.admin_token else os.path.join(config.state_dir, ADMIN_TOKEN_FILE)
+    sys.stdout.write(f"exo: admin token {token} (kept in {where})\n")
     sys.stdout.flush()
 
 

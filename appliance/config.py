@@ -46,6 +46,7 @@ class Config:
     local_nodes: int = 1
     api_keys: list[str] = field(default_factory=list)
     metrics_public: bool = False        # with api_keys: let /metrics be scraped without a key
+    admin_token: str = ""               # panel: the admin actions' token; empty: made once, kept in the state dir
     log_level: str = "INFO"
 
     @property

@@ -244,9 +244,11 @@ def test_generated_files_are_private(deployed):
     creds = deployed["work"] / "credentials"
     assert (creds / "mqtt" / "localhost").read_text().strip() == \
         yaml.safe_load(open("/etc/exo/config.yaml"))["broker_password"]
-    # The panel's first API key is the admin token kept on the controller.
-    assert yaml.safe_load(open("/etc/exo/panel.yaml"))["api_keys"][0] == \
-        (creds / "panel-admin-token").read_text().strip()
+    # The panel's API key and admin token are the ones kept on the controller (the end-to-end
+    # test uses them against a deployed panel).
+    panel = yaml.safe_load(open("/etc/exo/panel.yaml"))
+    assert panel["api_keys"][0] == (creds / "panel-api-key").read_text().strip()
+    assert panel["admin_token"] == (creds / "panel-admin-token").read_text().strip()
     assert "exo/" not in open("/etc/mosquitto/exo.passwd").read()
 
 

@@ -21,7 +21,7 @@ def create_app(coordinator: Coordinator) -> Flask:
 
     app = Flask(__name__)
     app.config["coordinator"] = coordinator
-    app.config["admin_token"] = admin_token(coordinator.config.state_dir)
+    app.config["admin_token"] = admin_token(coordinator.config)
     app.config["MAX_CONTENT_LENGTH"] = coordinator.config.max_body_bytes   # 413 before the body is read
     app.before_request(check_api_key)
     app.register_blueprint(api)

@@ -1,6 +1,7 @@
 """Bearer tokens: optional API keys (`api_keys` in the config) on /v1/*, the panel's data and
-/metrics, and the admin token that the admin actions need (generated once, kept in the state dir
-with mode 0600, printed by `exo`)."""
+/metrics, and the admin token that the admin actions need (`admin_token` in the config, as
+Ansible writes it; otherwise generated once, kept in the state dir with mode 0600; printed by
+`exo`)."""
 from __future__ import annotations
 
 import hmac
@@ -10,12 +11,17 @@ from pathlib import Path
 
 from flask import current_app, jsonify, request
 
+from appliance.config import Config
+
 ADMIN_TOKEN_FILE = "admin_token"
 
 
-def admin_token(state_dir: str | os.PathLike) -> str:
-    """The admin token: read from the state dir, or made and stored there (0600) the first time."""
-    path = Path(state_dir) / ADMIN_TOKEN_FILE
+def admin_token(config: Config) -> str:
+    """The admin token: the config's, else read from the state dir, or made and stored there (0600)
+    the first time."""
+    if config.admin_token:
+        return config.admin_token
+    path = Path(config.state_dir) / ADMIN_TOKEN_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
