@@ -8,22 +8,27 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import random
 import shutil
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("EXO_TEST_CACHE", "/var/cache/exo-test"))
 MIRROR = "http://deb.debian.org/debian"
-# What a Raspberry Pi OS Lite root has that matters to us; mosquitto too, so that the stage's
-# 00-packages-nr installs from the root's own package lists, without the network.
-BASE_PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "ca-certificates",
-                 "libmosquitto1", "mosquitto-clients", "mosquitto", "iproute2", "procps"]
+# What a Raspberry Pi OS Lite root has that matters to us (an SSH server, sudo, python3-apt for
+# Ansible's apt module); mosquitto too, so that the stage's 00-packages-nr installs from the
+# root's own package lists, without the network.
+BASE_PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "python3-apt",
+                 "ca-certificates", "libmosquitto1", "mosquitto-clients", "mosquitto", "iproute2",
+                 "procps", "openssh-server", "sudo"]
 STAGE = REPO / "image" / "stage-exo"
 TIMINGS = REPO / "test-artifacts" / "deploy-timings.txt"
 
@@ -193,3 +198,132 @@ def connect(address: str, username: str | None = None, password: str | None = No
 def publish(client: mqtt.Client, topic: str, payload: bytes | str, retain: bool = False) -> None:
     """Publish at QoS 1 and wait for the broker's PUBACK (which a denied publish also gets)."""
     client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+
+
+def image_root(arch: str) -> Path:
+    """A cached copy of the base root with the image stage installed: what a flashed card holds
+    before its first boot. Rebuilt when the stage, the units or the lock change."""
+    parts = sorted(p for p in [*STAGE.rglob("*"), *(REPO / "systemd").iterdir(), REPO / "requirements.lock"]
+                   if p.is_file() and "staged" not in p.parts)
+    digest = hashlib.sha256(base_root(arch).name.encode())
+    for part in parts:
+        digest.update(part.read_bytes())
+    root = CACHE / f"image-{arch}-{digest.hexdigest()[:10]}"
+    with open(CACHE / f".lock-image-{arch}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".complete").exists():
+            partial = root.with_name(root.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            work = CACHE / f"stage-work-{arch}"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            fresh_root(arch, partial)
+            install_stage(partial, arch, work)
+            shutil.rmtree(work)
+            partial.rename(root)
+            (root / ".complete").touch()
+    return root
+
+
+class Overlay:
+    """A writable overlay over a cached root: a card of its own, made in a moment, that keeps its
+    changes across reboots (the upper folder) until the test ends."""
+
+    def __init__(self, lower: Path, folder: Path):
+        self.path = folder / "merged"
+        for name in ("upper", "work", "merged"):
+            (folder / name).mkdir(parents=True)
+        run("mount", "-t", "overlay", "overlay", "-o",
+            f"lowerdir={lower},upperdir={folder / 'upper'},workdir={folder / 'work'}", self.path)
+
+    def close(self):
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+
+class Network:
+    """A bridge in a network namespace of its own, and one namespace per machine plugged into it
+    with a veth pair and one address (the pattern of tests/faults.py's Lab)."""
+
+    def __init__(self):
+        self.tag = "exd" + uuid.uuid4().hex[:5]
+        self.subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 255)}"
+        self.switch = f"{self.tag}-sw"
+        self.namespaces: list[str] = []
+        run("ip", "netns", "add", self.switch)
+        run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
+        run("ip", "-n", self.switch, "link", "set", "br0", "up")
+
+    def add(self, name: str) -> tuple[str, str]:
+        """A namespace for machine `name`, plugged in; returns (namespace, address)."""
+        index = len(self.namespaces) + 1
+        namespace, port = f"{self.tag}-{name}", f"p{index}"
+        run("ip", "netns", "add", namespace)
+        self.namespaces.append(namespace)
+        run("ip", "-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", "host0",
+            "netns", namespace)
+        run("ip", "-n", self.switch, "link", "set", port, "master", "br0", "up")
+        address = f"{self.subnet}.{index}"
+        run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", "host0")
+        run("ip", "-n", namespace, "link", "set", "host0", "up")
+        run("ip", "-n", namespace, "link", "set", "lo", "up")
+        return namespace, address
+
+    def close(self) -> None:
+        for namespace in [*self.namespaces, self.switch]:
+            for pid in subprocess.run(["ip", "netns", "pids", namespace], capture_output=True,
+                                      text=True).stdout.split():
+                try:
+                    os.kill(int(pid), 9)
+                except ProcessLookupError:
+                    pass
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+
+
+class Container:
+    """A booted systemd-nspawn container (in a network namespace of ours, or sharing this
+    machine's); commands run in it through nsenter."""
+
+    def __init__(self, root: Path, log: Path, netns: str | None = None):
+        self.root, self.log_path, self.netns = root, log, netns
+        self.start()
+
+    def start(self):
+        network = [f"--network-namespace-path=/run/netns/{self.netns}"] if self.netns else []
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--console=read-only",
+             *network, "-D", str(self.root), "--boot"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        self.leader = self._find_leader()
+
+    def _find_leader(self, timeout: float = 30) -> int:
+        # No event tells us the container's PID 1 exists: poll for it briefly.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"systemd-nspawn exited; see {self.log_path}"
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                if child.name() == "systemd":
+                    return child.pid
+            time.sleep(0.05)
+        raise TimeoutError("the container's systemd did not start")
+
+    def sh(self, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        return run("nsenter", "-t", self.leader, "-a", "sh", "-c", command, check=check, timeout=timeout)
+
+    def unit(self, name: str, prop: str) -> str:
+        return self.sh(f"systemctl show -P {prop} {name}").stdout.strip()
+
+    def wait_booted(self, timeout: float = 120) -> None:
+        """Until the container's systemd has finished starting up (running or degraded)."""
+        self.sh(f"timeout {timeout} sh -c 'until systemctl is-system-running --wait >/dev/null 2>&1"
+                f" || [ \"$(systemctl is-system-running)\" = degraded ]; do sleep 0.5; done'",
+                timeout=timeout + 10)
+
+    def stop(self):
+        self.proc.terminate()               # nspawn asks the container's systemd to halt
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()

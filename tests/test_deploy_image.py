@@ -5,7 +5,11 @@ EXO_TEST_STAGE_ARCH=amd64 or arm64 chooses. pi-gen itself is not run here (see d
 """
 from __future__ import annotations
 
+import configparser
+import importlib.machinery
+import importlib.util
 import os
+import re
 
 import pytest
 import yaml
@@ -16,7 +20,8 @@ from .deploy_helpers import (REPO, STAGE, arm64_emulation, fresh_root, in_chroot
                              needs_root, record_time, run)
 
 SCRIPTS = [STAGE / "prerun.sh", *sorted((STAGE / "00-install").glob("*.sh")),
-           REPO / "image" / "build.sh", REPO / "image" / "wheelhouse.sh", REPO / "image" / "config"]
+           REPO / "image" / "build.sh", REPO / "image" / "wheelhouse.sh", REPO / "image" / "lock.sh",
+           REPO / "image" / "config"]
 
 
 @needs("shellcheck")
@@ -59,7 +64,7 @@ def test_stage_install_in_a_debootstrap_chroot(tmp_path):
     assert enabled.split("\n")[:4] == ["exo-firstboot enabled", "exo-node enabled",
                                        "exo-panel disabled", "mosquitto disabled"], enabled
     # A flashed card gets its own machine id, hence its own node id, on first boot.
-    assert (root / "etc/machine-id").read_text() == ""
+    assert (root / "etc/machine-id").read_text() == "uninitialized\n"
     assert not (root / "var/lib/exo").exists()
     assert (root / "etc/mosquitto/conf.d/exo-base.conf").is_file()
     assert os.access(root / "usr/local/sbin/exo-firstboot", os.X_OK)
@@ -70,14 +75,14 @@ def test_stage_install_in_a_debootstrap_chroot(tmp_path):
     (root / "boot/firmware/exo.yaml").write_text(yaml.safe_dump({
         "role": ["node", "broker"], "cluster": "kitchen", "broker": "127.0.0.1:1883",
         "broker_username": "exo", "broker_password": "s3cret", "name": "pi-a",
-        "wifi": {"ssid": "Lab", "password": "wifi-s3cret", "country": "GB"}}))
+        "wifi": {"ssid": 'Lab "5" = #1 \u00fc', "password": "wifi-s3cret", "country": "GB"}}, allow_unicode=True))
     in_chroot(root, "/usr/local/sbin/exo-firstboot\n")
     assert (root / "etc/hostname").read_text() == "exo-012345\n"
     config = yaml.safe_load((root / "etc/exo/config.yaml").read_text())
     assert config == {"cluster": "kitchen", "broker": "127.0.0.1:1883", "broker_username": "exo",
                       "broker_password": "s3cret", "name": "pi-a"}
     wifi = (root / "etc/NetworkManager/system-connections/exo-wifi.nmconnection")
-    assert "ssid=Lab" in wifi.read_text() and oct(wifi.stat().st_mode & 0o777) == "0o600"
+    assert 'ssid=Lab "5" = #1 \u00fc\n' in wifi.read_text() and oct(wifi.stat().st_mode & 0o777) == "0o600"
     assert "listener 1883" in (root / "etc/mosquitto/conf.d/exo.conf").read_text()
     assert (root / "etc/mosquitto/exo.passwd").read_text().startswith("exo:$7$")
     from appliance.cluster_key import cluster_hash   # the broker card advertises itself: nodes need no address
@@ -118,3 +123,33 @@ def test_build_sh_stages_arm64_wheels_and_units_and_runs_pi_gen(tmp_path):
     staged = (pigen / "staged").read_text()
     assert "exo_appliance-" in staged and "exo-node.service" in staged
     assert any("numpy-" in line and "aarch64" in line for line in staged.splitlines())
+
+
+def load_firstboot():
+    loader = importlib.machinery.SourceFileLoader("exo_firstboot", str(STAGE / "00-install/files/exo-firstboot"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+def read_keyfile_value(text: str) -> str:
+    """Undo GLib's key-file escapes, as NetworkManager reads a value."""
+    return re.sub(r"\\(.)", lambda m: {"s": " ", "n": "\n", "t": "\t", "r": "\r"}.get(m.group(1), m.group(1)), text)
+
+
+@pytest.mark.parametrize("ssid, password", [
+    ('Caf\u00e9 "Lab" = #2', "p\"a=ss#w\u00f6rd;'x"),
+    (" lead\\ing", "#starts with a hash"),
+])
+def test_wifi_keyfile_keeps_any_ssid_and_passphrase(ssid, password):
+    """The NetworkManager keyfile exo-firstboot writes, read back as an ini file: the SSID and
+    passphrase come back exactly, quotes, `=`, `#`, `;`, backslashes and non-ASCII included."""
+    text = load_firstboot().wifi_keyfile({"ssid": ssid, "password": password, "country": "GB"})
+    keyfile = configparser.RawConfigParser(interpolation=None, delimiters=("=",), comment_prefixes=("#",),
+                                           inline_comment_prefixes=None, strict=True)
+    keyfile.optionxform = str
+    keyfile.read_string(text)
+    assert read_keyfile_value(keyfile["wifi"]["ssid"]) == ssid
+    assert read_keyfile_value(keyfile["wifi-security"]["psk"]) == password
+    assert keyfile["wifi-security"]["key-mgmt"] == "wpa-psk"
+    assert keyfile["connection"]["type"] == "wifi"

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import time
 import uuid
 
-import psutil
 import pytest
 import yaml
 
@@ -19,8 +19,8 @@ from appliance.broker import free_port, wait_for_port
 
 from tests.system import needs
 
-from .deploy_helpers import (REPO, STAGE, Watcher, fresh_root, install_stage, needs_root,  # noqa: F401
-                             note_time, record_time, run)
+from .deploy_helpers import (REPO, STAGE, Container, Network, Overlay, Watcher, fresh_root,  # noqa: F401
+                             image_root, install_stage, needs_root, note_time, record_time, run)
 
 UNITS = [REPO / "systemd" / "exo-node.service", REPO / "systemd" / "exo-panel.service",
          STAGE / "00-install" / "files" / "exo-firstboot.service"]
@@ -34,42 +34,6 @@ def test_security_exposure_is_at_most_2_5(unit):
     score = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout).group(1))
     note_time(f"security score {unit.name} = {score}", 0)
     assert score <= 2.5, out.stdout
-
-
-class Container:
-    """A booted systemd-nspawn container; commands run in it through nsenter."""
-
-    def __init__(self, root, log):
-        # Shares this machine's network namespace: the node reaches the test broker on loopback.
-        self.proc = subprocess.Popen(
-            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--console=read-only",
-             "-D", str(root), "--boot"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        self.leader = self._find_leader()
-
-    def _find_leader(self, timeout: float = 30) -> int:
-        # No event tells us the container's PID 1 exists: poll for it briefly.
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "systemd-nspawn exited"
-            for child in psutil.Process(self.proc.pid).children(recursive=True):
-                if child.name() == "systemd":
-                    return child.pid
-            time.sleep(0.05)
-        raise TimeoutError("the container's systemd did not start")
-
-    def sh(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
-        return run("nsenter", "-t", self.leader, "-a", "sh", "-c", command, check=check)
-
-    def unit(self, name: str, prop: str) -> str:
-        return self.sh(f"systemctl show -P {prop} {name}").stdout.strip()
-
-    def stop(self):
-        self.proc.terminate()               # nspawn asks the container's systemd to halt
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture
@@ -108,8 +72,7 @@ def test_nspawn_boot_runs_the_node_and_restarts_it_after_kill_9(tmp_path, test_b
 
     prefix = f"exo/{cluster}/node"
     watcher = Watcher(test_broker, [f"{prefix}/+/info", f"{prefix}/+/status"])
-    log = open(tmp_path / "console.log", "w")
-    container = Container(root, log)
+    container = Container(root, tmp_path / "console.log")
     try:
         booted = time.monotonic()
         topic, payload = watcher.wait_for(
@@ -150,4 +113,72 @@ def test_nspawn_boot_runs_the_node_and_restarts_it_after_kill_9(tmp_path, test_b
     finally:
         watcher.close()
         container.stop()
-        log.close()
+
+
+# First boot, every role: a card booted from the image's root with an exo.yaml for the role, in
+# a network namespace of its own. A node or panel card alone gets a broker the test runs in
+# that namespace (the card reaches it on 127.0.0.1); a broker card serves its own.
+ROLES = {"node": ["node"], "panel": ["panel"], "broker": ["broker"], "all": ["node", "panel", "broker"]}
+
+
+def until(container: Container, command: str, timeout: int = 90) -> str:
+    """Run command in the container until it succeeds (a service coming up); its output."""
+    loop = shlex.quote(f"until {command}; do sleep 0.5; done")
+    return container.sh(f"timeout {timeout} sh -c {loop}", timeout=timeout + 10).stdout
+
+
+@needs_root
+@needs("systemd-nspawn", "debootstrap", "mosquitto", "nsenter", "unshare")
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("role", ROLES)
+def test_first_boot_serves_the_role_its_exo_yaml_names(role, tmp_path):
+    roles = ROLES[role]
+    network = Network()
+    namespace, _ = network.add("card")
+    overlay = Overlay(image_root("amd64"), tmp_path / "card")
+    user, password = "exo", "p'w=#ü"
+    settings = {"role": roles[0] if len(roles) == 1 else roles, "cluster": "fb", "broker": "127.0.0.1:1883",
+                "broker_username": user, "broker_password": password, "log_level": "DEBUG"}
+    (overlay.path / "boot/firmware").mkdir(parents=True, exist_ok=True)
+    (overlay.path / "boot/firmware/exo.yaml").write_text(yaml.safe_dump(settings, allow_unicode=True))
+    broker = None
+    if "broker" not in roles:      # a broker elsewhere on the LAN: here, in the card's namespace
+        (tmp_path / "broker.conf").write_text("listener 1883 127.0.0.1\nallow_anonymous true\nuser root\n")
+        broker = subprocess.Popen(["ip", "netns", "exec", namespace, "mosquitto", "-c", str(tmp_path / "broker.conf")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    container = None
+    try:
+        container = Container(overlay.path, tmp_path / "console.log", namespace)
+        container.wait_booted()
+        assert container.unit("exo-firstboot.service", "ExecMainStatus") == "0"
+        assert (overlay.path / "boot/firmware/exo.yaml.applied").exists()
+        expected = {"exo-node.service": "node" in roles, "exo-panel.service": "panel" in roles,
+                    "mosquitto.service": "broker" in roles}
+        enabled = {unit: container.sh(f"systemctl is-enabled {unit}", check=False).stdout.strip() == "enabled"
+                   for unit in expected}
+        assert enabled == expected
+        (overlay.path / "root/broker-password").write_text(password)
+        login = f"-h 127.0.0.1 -u {user} -P \"$(cat /root/broker-password)\""
+        if "broker" in roles:      # the broker takes exo.yaml's user and refuses anyone else
+            until(container, f"mosquitto_pub {login} -t exo/fb/probe -m x")
+            refused = container.sh("mosquitto_pub -h 127.0.0.1 -u exo -P wrong -t exo/fb/probe -m x", check=False)
+            assert refused.returncode != 0
+        if "node" in roles:        # the node announces itself on the broker
+            info = until(container, f"mosquitto_sub {login} -t 'exo/fb/node/+/info' -C 1 -W 5 | grep '\"online\": *true'")
+            assert '"hostname"' in info
+        if "panel" in roles:       # the panel serves its API, with the node when the card has one
+            state = until(container, "/opt/exo/venv/bin/python -c \"import urllib.request; "
+                                     "print(urllib.request.urlopen('http://127.0.0.1:52415/api/state').read().decode())\"")
+            assert json.loads(state)["cluster"] == "fb"
+            if "node" in roles:
+                until(container, "/opt/exo/venv/bin/python -c \"import json, urllib.request; "
+                                 "s = json.load(urllib.request.urlopen('http://127.0.0.1:52415/api/state')); "
+                                 "assert [n for n in s['nodes'] if n['online']]\"")
+    finally:
+        if container:
+            container.stop()
+        if broker:
+            broker.terminate()
+            broker.wait(10)
+        overlay.close()
+        network.close()
