@@ -1,7 +1,8 @@
 """systemd/: the units' security ratings, and a real boot of the image's root with systemd-nspawn.
 
-The booted root is a copy of the cached debootstrap root with the image stage installed (the same
-install as test_deploy_image). systemd never boots on this machine's own root.
+The booted root is an overlay over the cached image root: the debootstrap root with the image
+stage installed (the same install as test_deploy_image). systemd never boots on this machine's
+own root.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from appliance.broker import free_port, wait_for_port
 
 from tests.system import needs
 
-from .deploy_helpers import (REPO, STAGE, Container, Network, Overlay, Watcher, fresh_root,  # noqa: F401
-                             image_root, install_stage, needs_root, note_time, record_time, run)
+from .deploy_helpers import (REPO, STAGE, Container, Network, Overlay, Watcher, image_root,  # noqa: F401
+                             needs_root, note_time, record_time, run)
 
 UNITS = [REPO / "systemd" / "exo-node.service", REPO / "systemd" / "exo-panel.service",
          STAGE / "00-install" / "files" / "exo-firstboot.service"]
@@ -60,9 +61,9 @@ def info(payload: bytes) -> dict:
 @pytest.mark.timeout(1200)  # a cold cache builds a debootstrap root / venv first
 def test_nspawn_boot_runs_the_node_and_restarts_it_after_kill_9(tmp_path, test_broker):
     start = time.monotonic()
-    root = fresh_root("amd64", tmp_path / "root")
-    install_stage(root, "amd64", tmp_path)
-    note_time("nspawn root: copy + stage install", time.monotonic() - start)
+    overlay = Overlay(image_root("amd64"), tmp_path / "card")
+    root = overlay.path
+    note_time("nspawn root: image root (cached) + overlay", time.monotonic() - start)
 
     # Configure the card the way a user does before flashing: exo.yaml on the boot partition.
     cluster = f"t{uuid.uuid4().hex[:8]}"
@@ -113,6 +114,7 @@ def test_nspawn_boot_runs_the_node_and_restarts_it_after_kill_9(tmp_path, test_b
     finally:
         watcher.close()
         container.stop()
+        overlay.close()
 
 
 # First boot, every role: a card booted from the image's root with an exo.yaml for the role, in
