@@ -11,6 +11,7 @@ apt_packages=(
   mosquitto mosquitto-clients # the broker the ansible test configures
   shellcheck                  # image/ stage scripts
   python3-venv python3-apt    # the package role's venv; ansible's apt module
+  openssh-client iproute2     # the end-to-end test: SSH into the cards, their network namespaces
 )
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -29,3 +30,9 @@ fi
 python3 -m pip install -q -r "$(dirname "$0")/../ansible/requirements.txt"
 # The tests' own clients (the core's [test] extra has them too).
 python3 -m pip install -q "paho-mqtt>=2.0,<3" "pytest>=8" psutil PyYAML
+
+# The roots the tests boot, built now so that nothing downloads while they run (kept in
+# /var/cache/exo-test, EXO_TEST_CACHE): the debootstrap root with an SSH server, sudo and
+# python3-apt in it, the wheels requirements.lock names, and the image root (the stage installed).
+cd "$(dirname "$0")/.."
+python3 -c "from tests.deploy_helpers import image_root; print(image_root('amd64'))"

@@ -53,6 +53,7 @@ PROVIDERS = {
     "systemd-nspawn": (_command("systemd-nspawn"), "systemd-container"),
     "unshare": (_command("unshare"), "util-linux"),
     "nsenter": (_command("nsenter"), "util-linux"),
+    "ssh": (_command("ssh"), "openssh-client"),
     "chroot": (_command("chroot"), "coreutils"),
     "ip": (_command("ip"), "iproute2"),
     "ansible-playbook": (_command("ansible-playbook"), "pip:-r ansible/requirements.txt"),
