@@ -59,6 +59,8 @@ def deployed(tmp_path_factory):
         "vars": {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
                  "exo_cluster": cluster, "exo_broker_host": "127.0.0.1", "exo_broker_port": port,
                  "exo_broker_tls": True, "exo_broker_tls_port": tls_port,
+                 # No panel serves here (no systemd): a free port, so no other panel answers.
+                 "exo_panel_port": free_port(),
                  "exo_credentials_dir": str(work / "credentials")},
         "children": {"broker": {"hosts": {"localhost": {"broker_listen_address": "127.0.0.1"}}},
                      "panel": {"hosts": {"localhost": {}}},
