@@ -8,12 +8,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import random
 import shutil
 import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -238,45 +236,6 @@ class Overlay:
 
     def close(self):
         subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
-
-
-class Network:
-    """A bridge in a network namespace of its own, and one namespace per machine plugged into it
-    with a veth pair and one address (the pattern of tests/faults.py's Lab)."""
-
-    def __init__(self):
-        self.tag = "exd" + uuid.uuid4().hex[:5]
-        self.subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 255)}"
-        self.switch = f"{self.tag}-sw"
-        self.namespaces: list[str] = []
-        run("ip", "netns", "add", self.switch)
-        run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
-        run("ip", "-n", self.switch, "link", "set", "br0", "up")
-
-    def add(self, name: str) -> tuple[str, str]:
-        """A namespace for machine `name`, plugged in; returns (namespace, address)."""
-        index = len(self.namespaces) + 1
-        namespace, port = f"{self.tag}-{name}", f"p{index}"
-        run("ip", "netns", "add", namespace)
-        self.namespaces.append(namespace)
-        run("ip", "-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", "host0",
-            "netns", namespace)
-        run("ip", "-n", self.switch, "link", "set", port, "master", "br0", "up")
-        address = f"{self.subnet}.{index}"
-        run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", "host0")
-        run("ip", "-n", namespace, "link", "set", "host0", "up")
-        run("ip", "-n", namespace, "link", "set", "lo", "up")
-        return namespace, address
-
-    def close(self) -> None:
-        for namespace in [*self.namespaces, self.switch]:
-            for pid in subprocess.run(["ip", "netns", "pids", namespace], capture_output=True,
-                                      text=True).stdout.split():
-                try:
-                    os.kill(int(pid), 9)
-                except ProcessLookupError:
-                    pass
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
 
 
 class Container:

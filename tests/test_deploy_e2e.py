@@ -24,7 +24,9 @@ import yaml
 
 from tests.system import needs
 
-from .deploy_helpers import (REPO, Container, Network, Overlay, image_root, needs_root, note_time,  # noqa: F401
+from tests.faults import Lab as Bridge
+
+from .deploy_helpers import (REPO, Container, Overlay, image_root, needs_root, note_time,  # noqa: F401
                              record_time, run)
 
 pytestmark = [pytest.mark.e2e, needs_root,
@@ -43,8 +45,8 @@ class Lab:
 
     def __init__(self, tmp: Path):
         self.tmp = tmp
-        self.network = Network()
-        self.controller, _ = self.network.add("ctl")
+        self.network = Bridge()        # tests/faults.py: namespaces on a bridge, one address each
+        self.controller = self.network.add_host("ctl").namespace
         self.key = tmp / "id_ed25519"
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.key)
         self.overlays: dict[str, Overlay] = {}
@@ -52,7 +54,8 @@ class Lab:
         self.addresses: dict[str, str] = {}
         lower = image_root("amd64")
         for name in MACHINES:
-            namespace, self.addresses[name] = self.network.add(name)
+            host = self.network.add_host(name)
+            namespace, self.addresses[name] = host.namespace, host.address
             overlay = self.overlays[name] = Overlay(lower, tmp / name)
             first_user(overlay.path, self.key.with_suffix(".pub").read_text())
             self.machines[name] = Container(overlay.path, tmp / f"{name}.console.log", namespace)

@@ -20,8 +20,10 @@ from appliance.broker import free_port, wait_for_port
 
 from tests.system import needs
 
-from .deploy_helpers import (REPO, STAGE, Container, Network, Overlay, Watcher, image_root,  # noqa: F401
-                             needs_root, note_time, record_time, run)
+from tests.faults import Lab
+
+from .deploy_helpers import (REPO, STAGE, Container, Overlay, Watcher, image_root, needs_root,  # noqa: F401
+                             note_time, record_time, run)
 
 UNITS = [REPO / "systemd" / "exo-node.service", REPO / "systemd" / "exo-panel.service",
          STAGE / "00-install" / "files" / "exo-firstboot.service"]
@@ -135,8 +137,8 @@ def until(container: Container, command: str, timeout: int = 90) -> str:
 @pytest.mark.parametrize("role", ROLES)
 def test_first_boot_serves_the_role_its_exo_yaml_names(role, tmp_path):
     roles = ROLES[role]
-    network = Network()
-    namespace, _ = network.add("card")
+    network = Lab()                # a bridge in a namespace of its own, one host on it
+    namespace = network.add_host("card").namespace
     overlay = Overlay(image_root("amd64"), tmp_path / "card")
     user, password = "exo", "p'w=#ü"
     settings = {"role": roles[0] if len(roles) == 1 else roles, "cluster": "fb", "broker": "127.0.0.1:1883",
