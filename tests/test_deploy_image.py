@@ -153,3 +153,19 @@ def test_wifi_keyfile_keeps_any_ssid_and_passphrase(ssid, password):
     assert read_keyfile_value(keyfile["wifi-security"]["psk"]) == password
     assert keyfile["wifi-security"]["key-mgmt"] == "wpa-psk"
     assert keyfile["connection"]["type"] == "wifi"
+
+
+def test_the_lock_pins_every_dependency_within_its_range():
+    """requirements.lock is made again (image/lock.sh) whenever pyproject.toml's dependencies change."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pinned = {canonicalize_name(name): version for name, version in
+              re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / "requirements.lock").read_text(), re.M)}
+    for line in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        wanted = Requirement(line)
+        name = canonicalize_name(wanted.name)
+        assert name in pinned, f"{name} is not in requirements.lock: run image/lock.sh"
+        assert wanted.specifier.contains(pinned[name]), f"requirements.lock pins {name} {pinned[name]}, not {wanted}"
