@@ -22,10 +22,10 @@ def http(method: str, url: str, token: str = "", body: dict | None = None) -> tu
         return e.code, json.loads(e.read() or b"{}")
 
 
-def ready_plan(panel: str, nodes: int) -> dict | None:
+def ready_plan(panel: str, key: str, nodes: int) -> dict | None:
     """The state when the panel serves a ready plan across `nodes` online nodes, else None."""
     try:
-        _, state = http("GET", f"{panel}/api/state")
+        _, state = http("GET", f"{panel}/api/state", key)
     except (OSError, ValueError):
         return None
     online = [n for n in state.get("nodes", []) if n.get("online")]
@@ -34,14 +34,14 @@ def ready_plan(panel: str, nodes: int) -> dict | None:
     return None
 
 
-def wait_plan(panel: str, nodes: int, timeout: float) -> dict:
+def wait_plan(panel: str, key: str, nodes: int, timeout: float) -> dict:
     # The state is a snapshot to poll: the panel's event stream says the same, less simply.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if state := ready_plan(panel, nodes):
+        if state := ready_plan(panel, key, nodes):
             return state
         time.sleep(0.5)
-    raise SystemExit(f"no ready plan over {nodes} nodes within {timeout} s: {http('GET', f'{panel}/api/state')[1]}")
+    raise SystemExit(f"no ready plan over {nodes} nodes within {timeout} s: {http('GET', f'{panel}/api/state', key)[1]}")
 
 
 def complete(panel: str, key: str, model: str) -> str:
@@ -67,7 +67,7 @@ def hammer(panel: str, key: str, model: str, stop_file: str) -> dict:
 def main(argv: list[str]) -> None:
     command, panel, *rest = argv
     if command == "wait-plan":
-        result = wait_plan(panel, int(rest[0]), float(rest[1]))
+        result = wait_plan(panel, rest[0], int(rest[1]), float(rest[2]))
     elif command == "complete":
         result = {"text": complete(panel, rest[0], rest[1])}
     elif command == "post":

@@ -60,6 +60,9 @@ class Lab:
             first_user(overlay.path, self.key.with_suffix(".pub").read_text())
             self.machines[name] = Container(overlay.path, tmp / f"{name}.console.log", namespace)
 
+    def api_key(self) -> str:
+        return (self.tmp / "credentials" / "panel-api-key").read_text().strip()
+
     @property
     def panel(self) -> str:
         return f"http://{self.addresses['pi-01']}:{PANEL_PORT}"
@@ -161,7 +164,7 @@ def deployed(lab):
         first = lab.playbook()
     with timed("first run to a ready plan over both nodes"):
         try:
-            state = lab.client("wait-plan", lab.panel, str(len(NODES)), "180")
+            state = lab.client("wait-plan", lab.panel, lab.api_key(), str(len(NODES)), "180")
         except AssertionError as e:
             raise AssertionError(f"{e}\n{lab.journals()}") from None
     return {"first": first, "state": state, "credentials": lab.tmp / "credentials"}
@@ -192,7 +195,7 @@ def test_the_admin_token_ansible_wrote_works_for_admin_actions(lab, deployed):
     assert lab.client("post", lab.panel, "/api/models/load", "wrong", body)["status"] == 401
     loaded = lab.client("post", lab.panel, "/api/models/load", token, body)
     assert loaded["status"] == 202, loaded
-    lab.client("wait-plan", lab.panel, str(len(NODES)), "120")
+    lab.client("wait-plan", lab.panel, lab.api_key(), str(len(NODES)), "120")
 
 
 @pytest.mark.timeout(900)
@@ -209,9 +212,9 @@ def test_a_rebooted_node_comes_back_into_the_plan(lab, deployed):
     machine_id = node.sh("cat /etc/machine-id").stdout.strip()
     with timed("reboot of a node to a ready plan over both nodes"):
         node.stop()
-        lab.client("wait-plan", lab.panel, str(len(NODES) - 1), "120")    # planned without it
+        lab.client("wait-plan", lab.panel, lab.api_key(), str(len(NODES) - 1), "120")    # planned without it
         node.start()
-        lab.client("wait-plan", lab.panel, str(len(NODES)), "180")
+        lab.client("wait-plan", lab.panel, lab.api_key(), str(len(NODES)), "180")
     assert node.sh("cat /etc/machine-id").stdout.strip() == machine_id, "the node's machine id changed on reboot"
 
 
@@ -251,7 +254,7 @@ def test_a_newer_wheel_rolls_over_the_nodes_one_at_a_time_while_the_cluster_answ
     finally:
         stop.touch()
         hammer.wait(120)
-    lab.client("wait-plan", lab.panel, str(len(NODES)), "180")
+    lab.client("wait-plan", lab.panel, lab.api_key(), str(len(NODES)), "180")
     upgrade = "".join(output)
     for name in NODES:
         installed = lab.machines[name].sh("/opt/exo/venv/bin/exo --version").stdout
