@@ -200,9 +200,11 @@ def publish(client: mqtt.Client, topic: str, payload: bytes | str, retain: bool 
 
 def image_root(arch: str) -> Path:
     """A cached copy of the base root with the image stage installed: what a flashed card holds
-    before its first boot. Rebuilt when the stage, the units or the lock change."""
-    parts = sorted(p for p in [*STAGE.rglob("*"), *(REPO / "systemd").iterdir(), REPO / "requirements.lock"]
-                   if p.is_file() and "staged" not in p.parts)
+    before its first boot. Rebuilt when the stage, the units, the lock or exo itself (its wheel is
+    baked in) change."""
+    parts = sorted(p for p in [*STAGE.rglob("*"), *(REPO / "systemd").iterdir(), REPO / "requirements.lock",
+                               *(REPO / "appliance").rglob("*"), REPO / "pyproject.toml"]
+                   if p.is_file() and "staged" not in p.parts and "__pycache__" not in p.parts)
     digest = hashlib.sha256(base_root(arch).name.encode())
     for part in parts:
         digest.update(part.read_bytes())
