@@ -9,6 +9,7 @@ apt_packages=(
   debootstrap                 # the base root for the nspawn and chroot tests
   qemu-user-static binfmt-support  # arm64 chroot where binfmt_misc is available
   mosquitto mosquitto-clients # the broker the ansible test configures
+  avahi-daemon                # the broker role advertises the broker with it
   shellcheck                  # image/ stage scripts
   python3-venv python3-apt    # the package role's venv; ansible's apt module
   openssh-client iproute2     # the end-to-end test: SSH into the cards, their network namespaces

@@ -22,11 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("EXO_TEST_CACHE", "/var/cache/exo-test"))
 MIRROR = "http://deb.debian.org/debian"
 # What a Raspberry Pi OS Lite root has that matters to us (an SSH server, sudo, python3-apt for
-# Ansible's apt module); mosquitto too, so that the stage's 00-packages-nr installs from the
-# root's own package lists, without the network.
+# Ansible's apt module, avahi-daemon for the broker role's DNS-SD advert); mosquitto too, so that
+# the stage's 00-packages-nr installs from the root's own package lists, without the network.
 BASE_PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "python3-apt",
                  "ca-certificates", "libmosquitto1", "mosquitto-clients", "mosquitto", "iproute2",
-                 "procps", "openssh-server", "sudo"]
+                 "procps", "openssh-server", "sudo", "avahi-daemon"]
 STAGE = REPO / "image" / "stage-exo"
 TIMINGS = REPO / "test-artifacts" / "deploy-timings.txt"
 
