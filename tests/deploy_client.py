@@ -64,8 +64,28 @@ def hammer(panel: str, key: str, model: str, stop_file: str) -> dict:
     return {"done": done, "failures": failures}
 
 
+def browse(cluster: str, key: str, timeout: float) -> dict:
+    """The cluster's broker as DNS-SD advertises it on this LAN, found by exo's own browser
+    (python-zeroconf): only an advert with the hash of this cluster and key counts."""
+    from appliance.config import Config
+    from appliance.discovery import Discovery
+
+    discovery = Discovery(Config(cluster=cluster, cluster_key=key)).start()
+    try:
+        advert = discovery.wait_for_broker(timeout)
+    finally:
+        discovery.stop()
+    if advert is None:
+        raise SystemExit(f"no advert of cluster {cluster} within {timeout} s")
+    return {"name": advert.name, "cluster": advert.cluster, "address": advert.address, "since": advert.since}
+
+
 def main(argv: list[str]) -> None:
-    command, panel, *rest = argv
+    command, *args = argv
+    if command == "browse":
+        print(json.dumps(browse(args[0], args[1], float(args[2]))), flush=True)
+        return
+    panel, *rest = args
     if command == "wait-plan":
         result = wait_plan(panel, rest[0], int(rest[1]), float(rest[2]))
     elif command == "complete":

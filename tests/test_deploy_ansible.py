@@ -86,7 +86,7 @@ DEPLOYED_FILES = [
     "/etc/mosquitto/conf.d/exo.conf", "/etc/mosquitto/conf.d/exo-base.conf",
     "/etc/mosquitto/exo.passwd", "/etc/mosquitto/exo.passwd.sha256", "/etc/mosquitto/exo.acl",
     "/etc/mosquitto/certs/exo-ca.crt", "/etc/mosquitto/certs/exo-server.crt",
-    "/etc/mosquitto/certs/exo-server.key",
+    "/etc/mosquitto/certs/exo-server.key", "/etc/avahi/services/exo-mqtt.service",
     "/etc/systemd/system/exo-node.service", "/etc/systemd/system/exo-panel.service",
     "/etc/systemd/system/multi-user.target.wants/exo-node.service",
     "/etc/systemd/system/multi-user.target.wants/exo-panel.service",
@@ -107,6 +107,18 @@ def test_site_is_idempotent(deployed):
     assert recap_changed(first.stdout) > 0
     assert recap_changed(second.stdout) == 0, second.stdout[-4000:]
     assert "[WARNING]" not in first.stderr + second.stderr
+
+
+@needs_root
+@needs("ansible-playbook", "mosquitto")
+def test_the_broker_is_advertised_with_exos_own_advert_on_the_port_nodes_use(deployed):
+    """The avahi service file is exo's (appliance.discovery.avahi_service), TLS's port with TLS on."""
+    from appliance.config import Config
+    from appliance.discovery import avahi_service
+
+    tls_port = int(deployed["tls_address"].rsplit(":", 1)[1])
+    written = Path("/etc/avahi/services/exo-mqtt.service").read_text()
+    assert written == avahi_service(Config(cluster=deployed["cluster"]), tls_port)
 
 
 class Mosquitto:

@@ -4,7 +4,9 @@
 Four machines, each a systemd-nspawn container booted from the image's root (the stage installed
 in the cached debootstrap root, a writable overlay each) in a network namespace of its own on one
 bridge: pi-01 runs the broker and the panel, pi-02 and pi-03 are nodes; the controller is a
-fourth namespace on the bridge, where ansible-playbook and the test's client run. The image's
+fourth namespace on the bridge, where ansible-playbook and the test's client run. The inventory
+gives a cluster key, and pi-03 no broker address: it finds the broker by the DNS-SD advert the
+broker role makes with avahi. The image's
 first user `exo` logs in with a key made by the test and may sudo, as on a flashed card.
 
 Marked e2e (minutes): CI runs it; `-m "not e2e"` leaves it out locally. Each phase's time goes
@@ -22,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from appliance import cluster_key
+from appliance.config import Config
 from tests.system import needs
 
 from tests.faults import Lab as Bridge
@@ -37,6 +41,8 @@ MODEL_SOURCE = REPO.parent / "shared" / "models" / "stories260K" / "hf"
 MODEL = "/opt/exo/models/stories260K"
 MACHINES = {"pi-01": ["broker", "panel"], "pi-02": ["nodes"], "pi-03": ["nodes"]}
 NODES = [name for name, groups in MACHINES.items() if "nodes" in groups]
+FINDS_THE_BROKER = "pi-03"      # its config has no broker line: it browses DNS-SD for the advert
+CLUSTER = Config(cluster="e2e", cluster_key=cluster_key.new_key())
 PANEL_PORT = 52415
 
 
@@ -116,9 +122,11 @@ def inventory(lab: Lab, credentials: Path) -> dict:
     for name, member_of in MACHINES.items():
         for group in member_of:
             groups[group]["hosts"][name] = {"ansible_host": lab.addresses[name]}
+    groups["nodes"]["hosts"][FINDS_THE_BROKER]["node_broker"] = ""
     return {"all": {"vars": {
         "ansible_user": "exo", "ansible_ssh_private_key_file": str(lab.key),
-        "exo_cluster": "e2e", "exo_credentials_dir": str(credentials),
+        "exo_cluster": CLUSTER.cluster, "exo_cluster_key": CLUSTER.cluster_key,
+        "exo_credentials_dir": str(credentials),
         "exo_model": MODEL, "exo_model_source": str(MODEL_SOURCE)},
         "children": groups}}
 
@@ -186,6 +194,26 @@ def test_the_playbook_ends_in_a_cluster_serving_the_inventorys_model(lab, deploy
     assert text.strip(), "an empty completion"
     refused = lab.client("post", lab.panel, "/v1/completions", "not-the-key", json.dumps({"model": MODEL, "prompt": "x"}))
     assert refused["status"] == 401
+
+
+def test_a_node_given_no_broker_finds_the_advertised_one_and_logins_derive_from_the_key(lab, deployed):
+    """Issue 14: the broker role advertises its mosquitto (avahi, exo's own advert), a node with
+    no broker line joins through it, and the MQTT logins are those exo derives from the key."""
+    advert = lab.client("browse", CLUSTER.cluster, CLUSTER.cluster_key, "30")   # from the controller's namespace
+    assert advert["address"] == f"{lab.addresses['pi-01']}:1883", advert
+    assert advert["cluster"] == CLUSTER.cluster and advert["since"] == 0, advert
+
+    configs = {name: yaml.safe_load(lab.machines[name].sh("cat /etc/exo/config.yaml").stdout) for name in NODES}
+    configs["panel"] = yaml.safe_load(lab.machines["pi-01"].sh("cat /etc/exo/panel.yaml").stdout)
+    assert "broker" not in configs[FINDS_THE_BROKER], configs[FINDS_THE_BROKER]
+    for name, config in configs.items():
+        assert config["cluster_key"] == CLUSTER.cluster_key, name
+        assert config["broker_password"] == cluster_key.password(CLUSTER, config["broker_username"]), name
+    # It is in the plan (the first test checks every node is), and it got there by the advert.
+    in_plan = {s["node"] for s in deployed["state"]["plan"]["shards"]}
+    assert configs[FINDS_THE_BROKER]["broker_username"] in in_plan
+    log = lab.machines[FINDS_THE_BROKER].sh("journalctl -q --no-pager -u exo-node").stdout
+    assert f"at {lab.addresses['pi-01']}:1883" in log, log[-3000:]
 
 
 def test_the_admin_token_ansible_wrote_works_for_admin_actions(lab, deployed):
