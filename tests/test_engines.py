@@ -142,15 +142,20 @@ def perplexity(engine, ids: list[int]) -> float:
     return float(np.exp(np.mean(nll)))
 
 
-@needs_stories
-def test_quantized_perplexity_stays_close_to_f32(tmp_path):
-    ids = Tokenizer(STORIES).encode(TEXT)
-    f32 = perplexity(engine("onnxruntime", whole(STORIES), tmp_path), ids)
+def quantized_perplexity_deltas(label: str, model_dir, ids: list[int], tmp_path) -> dict[str, float]:
+    """Each onnxruntime quant's perplexity relative to f32 (printed: the figures in docs/performance.md)."""
+    f32 = perplexity(engine("onnxruntime", whole(model_dir), tmp_path), ids)
     delta = {}
     for quant in ("f16", "q8", "q4"):
-        ppl = perplexity(engine("onnxruntime", whole(STORIES), tmp_path, quant=quant), ids)
+        ppl = perplexity(engine("onnxruntime", whole(model_dir), tmp_path, quant=quant), ids)
         delta[quant] = ppl / f32 - 1
-        print(f"stories260K perplexity f32 {f32:.4f}  {quant} {ppl:.4f}  ({100 * delta[quant]:+.2f} %)")
+        print(f"{label} perplexity f32 {f32:.4f}  {quant} {ppl:.4f}  ({100 * delta[quant]:+.3f} %)")
+    return delta
+
+
+@needs_stories
+def test_quantized_perplexity_stays_close_to_f32(tmp_path):
+    delta = quantized_perplexity_deltas("stories260K", STORIES, Tokenizer(STORIES).encode(TEXT), tmp_path)
     assert abs(delta["f16"]) < 0.001
     assert abs(delta["q8"]) < 0.01
     assert abs(delta["q4"]) < 0.15  # measured +7.6 %: a 260K-parameter model is fragile
@@ -165,13 +170,7 @@ def test_quantized_perplexity_of_each_family(shape, tmp_path):
     its original context): f16 and q8 stay close to f32, q4 within its error; the figures go to
     docs/performance.md."""
     model_dir = synth_model(shape)
-    ids = Tokenizer(model_dir).encode(TEXT)[:24]
-    f32 = perplexity(engine("onnxruntime", whole(model_dir), tmp_path), ids)
-    delta = {}
-    for quant in ("f16", "q8", "q4"):
-        ppl = perplexity(engine("onnxruntime", whole(model_dir), tmp_path, quant=quant), ids)
-        delta[quant] = ppl / f32 - 1
-        print(f"{shape} perplexity f32 {f32:.2f}  {quant} {ppl:.2f}  ({100 * delta[quant]:+.3f} %)")
+    delta = quantized_perplexity_deltas(shape, model_dir, Tokenizer(model_dir).encode(TEXT)[:24], tmp_path)
     assert abs(delta["f16"]) < 0.001
     assert abs(delta["q8"]) < 0.01
     assert abs(delta["q4"]) < 0.05
