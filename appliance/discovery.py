@@ -61,6 +61,16 @@ class Advert:
                    float(props.get("since") or 0))
 
 
+def check_every_second(stopping: threading.Event, check, who: str) -> None:
+    """Run `check` every FOLLOW_S until `stopping` is set; a check that fails is logged, and the
+    next one comes all the same."""
+    while not stopping.wait(FOLLOW_S):
+        try:
+            check()
+        except Exception:
+            log.exception("%s: could not check the broker", who)
+
+
 def answers(address: str) -> bool:
     """Whether something takes a TCP connection at HOST:PORT. A broker whose host vanished is
     found out this way within a second, long before MQTT's keepalive gives up on it."""
@@ -176,11 +186,7 @@ class Follower:
         return self
 
     def run(self) -> None:
-        while not self.stopping.wait(FOLLOW_S):
-            try:
-                self.check()
-            except Exception:
-                log.exception("discovery: could not check the broker")
+        check_every_second(self.stopping, self.check, "discovery")
 
     def check(self) -> None:
         current = self.bus.address

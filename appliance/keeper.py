@@ -22,7 +22,7 @@ import time
 
 from appliance.broker import EmbeddedBroker
 from appliance.config import Config
-from appliance.discovery import FOLLOW_S, Discovery, answers
+from appliance.discovery import Discovery, answers, check_every_second
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,7 @@ class Keeper:
                 self.cluster.announce()
 
     def run(self) -> None:
-        while not self.stopping.wait(FOLLOW_S):
-            try:
-                self.check()
-            except Exception:
-                log.exception("keeper: could not check the broker")
+        check_every_second(self.stopping, self.check, "keeper")
 
     def check(self) -> None:
         if self.broker:
