@@ -253,8 +253,6 @@ def wait_for_broker(config: Config) -> None:
 
 
 def check_broker_reachable(config: Config) -> None:
-    import socket
-
     host, port = config.broker_address
     try:
         socket.create_connection((host, port), timeout=5).close()
