@@ -24,7 +24,7 @@ import paho.mqtt.client as mqtt
 import psutil
 
 from appliance.broker import EmbeddedBroker
-from appliance.bus.protocol import Sampling, Topics
+from appliance.bus.protocol import WIRE_ACTIVATIONS, Sampling, Topics
 from appliance.config import Config
 from appliance.coordinator.coordinator import Coordinator, GenerationError
 
@@ -172,7 +172,7 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
     config = ModelConfig.load(model_dir)
     own_broker = None if broker else EmbeddedBroker(port=0).start()
     broker = broker or own_broker.address
-    hop = hop_latency_ms(broker, config.hidden_size * 4 + 100)
+    hop = hop_latency_ms(broker, config.hidden_size * WIRE_ACTIVATIONS.itemsize + 100)   # a decode step's frame
     results = []
     try:
         for engine, quant, nodes in itertools.product(engines, quants, node_counts):

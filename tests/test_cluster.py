@@ -189,7 +189,7 @@ def test_a_prompt_sent_in_many_chunks_gives_the_same_tokens(broker, tmp_path, mo
         prompt = coordinator.model.tokenizer.encode("Lily and Tom went to the park. " * 12)
         greedy = protocol.Sampling(temperature=0)
         whole = [t.id for t in coordinator.generate(prompt, 20, greedy)]
-        monkeypatch.setattr(coordinator_module, "MAX_FRAME_BYTES", 16 * 64 * 4)   # 16 tokens a chunk
+        monkeypatch.setattr(coordinator_module, "MAX_FRAME_BYTES", 16 * 64 * 2)   # 16 tokens a chunk
         assert len(coordinator_module.prefill_chunks(prompt, 64)) > 5
         assert [t.id for t in coordinator.generate(prompt, 20, greedy)] == whole
     finally:

@@ -131,7 +131,7 @@ class Observer:
 
 def prefill_chunks(prompt: list[int], hidden_size: int) -> list[tuple[int, list[int]]]:
     """(position, token ids) chunks whose activations stay within MAX_FRAME_BYTES."""
-    size = max(1, MAX_FRAME_BYTES // (hidden_size * 4))
+    size = max(1, MAX_FRAME_BYTES // (hidden_size * protocol.WIRE_ACTIVATIONS.itemsize))
     return [(pos, prompt[pos:pos + size]) for pos in range(0, len(prompt), size)]
 
 

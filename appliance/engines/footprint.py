@@ -2,9 +2,9 @@
 
 Weights are counted in the form the engine keeps after loading, not as stored: onnxruntime holds
 q4 as 4-bit blocks of 32 with a float32 scale each, q8 as int8 with a float32 scale per output
-channel; numpy widens every matrix to float32; tinygrad keeps f32 or f16 on its device and the
-embedding as float32 on the host. The KV room is one request's float32 keys and values over the
-full context. Light on purpose (no numpy, no engine imports): the coordinator plans with it.
+channel; numpy widens every matrix to float32; tinygrad keeps f32 or f16 on its device. No engine
+widens the embedding: numpy and tinygrad map it as stored, onnxruntime keeps it float16. The KV
+room is one request's float32 keys and values over the full context. Light on purpose (no numpy, no engine imports): the coordinator plans with it.
 """
 from __future__ import annotations
 
@@ -58,8 +58,6 @@ def footprint(config: ModelConfig, engine: str, quant: str = "", positions: int 
 
 def embedding_bytes(c: ModelConfig, engine: str, quant: str) -> int:
     rows = c.vocab_size * c.hidden_size
-    if engine == "numpy":                       # memory-mapped in its stored dtype
-        return rows * DTYPE_BYTES.get(c.torch_dtype, 4)
     if engine == "onnxruntime":                 # float16 beside quantized weights
         return rows * (4 if quant == "f32" else 2)
-    return rows * 4                             # tinygrad: float32 on the host
+    return rows * DTYPE_BYTES.get(c.torch_dtype, 4)   # numpy, tinygrad: memory-mapped in its stored dtype

@@ -2,11 +2,14 @@
 weights quantized to 4 bits (MatMulNBits, block 32) or 8 bits (int8 per output channel, run by
 MatMulInteger on activations quantized per row) or kept as float16/float32.
 
-Weights. The graph holds no weight bytes: each initializer is handed to the session as an OrtValue
-over a memory map. float32 shards map the model's safetensors directly; quantized (q4, q8) and
-f16 shards are converted once and cached under `cache_dir` (default ~/.cache/exo/onnx) in a
-directory keyed by a hash of the model's config and weight files (name, size, mtime), the layer
-range and the quant, so a restart maps the cached file instead of quantizing again.
+Weights. The graph holds no weight bytes. float32 shards hand the model's safetensors to the
+session as OrtValues over a memory map. Quantized (q4, q8) and f16 shards are converted once and
+cached under `cache_dir` (default ~/.cache/exo/onnx) in a directory keyed by a hash of the model's
+config and weight files (name, size, mtime), the layer range and the quant. Beside the converted
+weights the cache keeps the session onnxruntime optimized from them, with its prepacked weights
+(the kernels' own layout) saved to a data file: a node maps that file, so its weights are
+file-backed pages, not a heap copy made at every start. The first start converts in a child
+process, so the node itself never holds the checkpoint, the converted and the packed weights at once.
 
 KV cache. One float32 pool per shard: [layers, 2 (key, value), slots, kv_heads, capacity, Dp].
 Each request owns a slot. A call runs a contiguous range of slots [lo, hi): for every layer the
@@ -26,6 +29,8 @@ import json
 import mmap
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +52,7 @@ class OnnxEngine(Engine):
 
     def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = DEFAULT_QUANT["onnxruntime"],
                  cache_dir: str | Path | None = None, max_seq: int = MAX_CONTEXT, slots: int = 8, threads: int = 0,
-                 profile_prefix: str | None = None):
+                 spin: bool = False, profile_prefix: str | None = None):
         import onnxruntime as ort
 
         super().__init__(shard, config, max_seq)
@@ -55,26 +60,25 @@ class OnnxEngine(Engine):
             raise ValueError(f"quant must be one of {QUANTS}, not {quant!r}")
         c = self.config
         self.quant = quant
-        self.weights, self.cache_path = shard_weights(shard, c, quant, cache_dir)
-        shapes = {name: (t.shape, t.dtype) for name, t in self.weights.items()}
-        model = build_graph(c, shard, shapes, quant, self.capacity)
-
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        # Idle threads sleep instead of spinning: several stages may share one machine's cores
-        # (local nodes), and on a Pi spinning only adds heat.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Idle threads spin only when told this node has its machine's cores to itself; several
+        # stages sharing them (local nodes) would spin against each other.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         if profile_prefix:   # onnxruntime's own per-operator trace (see engines/profile.py)
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-        names = list(self.weights)
-        self._initializers = [ort.OrtValue.ortvalue_from_numpy(self.weights[n]) for n in names]
-        options.add_external_initializers(names, self._initializers)
-        # f16 keeps its weights float16 in memory and widens them per step; folding the Cast would
-        # store a float32 copy instead.
-        disabled = ["ConstantFolding"] if quant == "f16" else None
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
-                                            disabled_optimizers=disabled)
-        release_pages(self.weights.values())
+        if maps_checkpoint(shard, c, quant):
+            self.weights, self.cache_path = dict(convert_weights(load_shard(shard.model_dir, c, shard.start, shard.end),
+                                                                 quant, shard.is_first, shard.is_last)), None
+            self.session = session_over(self.weights, build_graph(c, shard, shapes(self.weights), quant, self.capacity),
+                                        options, quant)
+            release_pages(self.weights.values())
+        else:
+            path = cached_shard(shard, quant, cache_dir, self.capacity)
+            self.weights, self.cache_path = load_arrays(path), path / "weights.bin"
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # optimized when saved
+            self.session = ort.InferenceSession(str(path / session_name(self.capacity) / "model.onnx"), options,
+                                                providers=["CPUExecutionProvider"])
 
         self.layers, self.head_dim = shard.end - shard.start, padded_head_dim(c)
         self.pool = self._new_pool(slots)
@@ -168,17 +172,72 @@ class OnnxEngine(Engine):
 
 # ---- weights and the on-disk cache -------------------------------------------------------------
 
-def shard_weights(shard: Shard, config: ModelConfig, quant: str, cache_dir) -> tuple[dict[str, np.ndarray], Path | None]:
-    """The graph's initializers, memory-mapped: from the checkpoint for f32, else from the cache."""
-    hf = load_shard(shard.model_dir, config, shard.start, shard.end)
-    if quant == "f32" and all(t.dtype == np.float32 for t in hf.values()):
-        return dict(convert_weights(hf, quant, shard.is_first, shard.is_last)), None
+def maps_checkpoint(shard: Shard, config: ModelConfig, quant: str) -> bool:
+    """f32 from a float32 checkpoint: the session reads the checkpoint's own memory maps."""
+    return quant == "f32" and all(t.dtype == np.float32 for t in load_shard(shard.model_dir, config, shard.start,
+                                                                          shard.end).values())
+
+
+def shapes(weights: dict[str, np.ndarray]) -> dict:
+    return {name: (t.shape, t.dtype) for name, t in weights.items()}
+
+
+def session_over(weights: dict[str, np.ndarray], model, options, quant: str):
+    """A session whose initializers are OrtValues over `weights` (no copy of their bytes)."""
+    import onnxruntime as ort
+
+    names = list(weights)
+    options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(weights[n]) for n in names])
+    # f16 keeps its weights float16 in memory and widens them per step; folding the Cast would
+    # store a float32 copy instead.
+    disabled = ["ConstantFolding"] if quant == "f16" else None
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled)
+
+
+def session_name(capacity: int) -> str:
+    return f"session-{capacity}"   # the graph's KV inputs are sized by the capacity
+
+
+def cached_shard(shard: Shard, quant: str, cache_dir, capacity: int) -> Path:
+    """The shard's cache directory, holding its converted weights and its saved session; made by
+    a child process the first time."""
     path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / cache_key(shard, quant)
-    if not (path / "index.json").exists():
+    if not (path / session_name(capacity) / "model.onnx").exists():
         global QUANTIZED_SHARDS
-        QUANTIZED_SHARDS += 1
+        QUANTIZED_SHARDS += not (path / "index.json").exists()
+        job = {"model_dir": str(shard.model_dir), "start": shard.start, "end": shard.end,
+               "num_layers": shard.num_layers, "quant": quant, "path": str(path), "capacity": capacity}
+        done = subprocess.run([sys.executable, "-m", "appliance.engines.onnx_engine", json.dumps(job)])
+        if done.returncode:
+            raise RuntimeError(f"converting layers {shard.start}-{shard.end} to {quant} failed "
+                               f"(exit code {done.returncode}); see the log above")
+    return path
+
+
+def prepare_shard(shard: Shard, quant: str, path: Path, capacity: int) -> None:
+    """Convert the weights (once), then let onnxruntime optimize the graph over them and save it
+    with its prepacked weights in a data file beside it."""
+    import onnxruntime as ort
+
+    config = ModelConfig.load(shard.model_dir)
+    if not (path / "index.json").exists():
+        hf = load_shard(shard.model_dir, config, shard.start, shard.end)
         save_arrays(path, convert_weights(hf, quant, shard.is_first, shard.is_last))
-    return load_arrays(path), path / "weights.bin"
+    weights = load_arrays(path)
+    tmp = path / f"{session_name(capacity)}.tmp{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3   # not the warning that the saved graph suits this machine only: it is its cache
+    options.optimized_model_filepath = str(tmp / "model.onnx")
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+    session_over(weights, build_graph(config, shard, shapes(weights), quant, capacity), options, quant)
+    try:
+        tmp.rename(path / session_name(capacity))
+    except OSError:   # another process on this machine saved the same session first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def release_pages(arrays) -> None:
@@ -236,3 +295,9 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
         count = int(np.prod(meta["shape"]))
         out[name] = raw[meta["offset"]:meta["offset"] + count * dtype.itemsize].view(dtype).reshape(meta["shape"])
     return out
+
+
+if __name__ == "__main__":   # cached_shard's child: python -m appliance.engines.onnx_engine JOB
+    job = json.loads(sys.argv[1])
+    prepare_shard(Shard(Path(job["model_dir"]), job["start"], job["end"], job["num_layers"]), job["quant"],
+                  Path(job["path"]), job["capacity"])

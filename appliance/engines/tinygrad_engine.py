@@ -2,8 +2,8 @@
 
 The device is tinygrad's default (env DEV=CPU|CUDA|METAL|AMD|CL) or the `device=` option. Weights
 go from their memory-mapped safetensors file to the device, as float32 or float16
-(`quant="f32"|"f16"`); the embedding stays a memory map on the host and only the looked-up rows
-go to the device.
+(`quant="f32"|"f16"`); the embedding stays a memory map on the host in its stored dtype, and only
+the looked-up rows are widened and go to the device.
 
 KV cache: one realized device buffer per request and local layer, [2, kv_heads, capacity, D]; a
 step writes its new positions with `assign` into a slice, so nothing is copied.
@@ -51,7 +51,7 @@ class TinygradEngine(Engine):
         self.use_jit = jit
         host = load_shard(shard.model_dir, c, shard.start, shard.end, copy_on_write=True)
         embed = "model.embed_tokens.weight"
-        self.embed = as_float32(host[embed]) if shard.is_first else None
+        self.embed = host[embed] if shard.is_first else None   # mapped as stored; a lookup widens its rows
         self.w = {name: to_device(t, self.device, self.dtype) for name, t in host.items()
                   if name != embed or (shard.is_last and c.tie_word_embeddings)}
         layers = range(shard.start, shard.end)
@@ -83,7 +83,8 @@ class TinygradEngine(Engine):
             padded = T
         x = np.zeros((len(steps), padded, self.config.hidden_size), np.float32)
         for b, s in enumerate(steps):
-            x[b, :T] = self.embed[np.asarray(s.x, np.int64)] * self.config.embedding_scale if self.shard.is_first else s.x
+            x[b, :T] = as_float32(self.embed[np.asarray(s.x, np.int64)]) * self.config.embedding_scale \
+                if self.shard.is_first else s.x
         pos = np.stack([np.arange(s.pos, s.pos + padded) for s in steps])
         last = np.zeros((len(steps), padded), np.float32)
         last[:, T - 1] = 1                        # the row whose logits the last shard returns
