@@ -196,7 +196,20 @@ def session_over(weights: dict[str, np.ndarray], model, options, quant: str):
 
 
 def session_name(capacity: int) -> str:
-    return f"session-{capacity}"   # the graph's KV inputs are sized by the capacity
+    """The saved session's folder: its graph's KV inputs are sized by the capacity, and its
+    prepacked layout suits this CPU's instruction set (a card moved to another board re-saves)."""
+    return f"session-{capacity}-{cpu_features()}"
+
+
+def cpu_features() -> str:
+    import platform
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next((line for line in lines if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
 
 
 def cached_shard(shard: Shard, quant: str, cache_dir, capacity: int) -> Path:
