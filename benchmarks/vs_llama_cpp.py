@@ -1,0 +1,227 @@
+"""exo against llama.cpp on this machine: same weights, same prompts, same client. Not a test.
+
+    python3 benchmarks/vs_llama_cpp.py MODEL_DIR [--quants q4,q8] [--engine onnxruntime]
+                                       [--llama-cpp DIR] [--gguf-q4 FILE] [--gguf-q8 FILE]
+
+MODEL_DIR is a Hugging Face folder (`exo models synth --shape tinyllama-1.1b --dtype float16
+--out DIR` makes one). The script writes that model as Q4_0 and Q8_0 GGUF files with the `gguf`
+package (tests/gguf_writer.py, the project's own writer; cached under --work), unless files are
+given, so both programs read the same weights. It needs llama.cpp's `llama-bench` and
+`llama-server` on PATH or in --llama-cpp DIR; docs/performance.md says how to build them from
+the llama-cpp-python source package without a download at run time.
+
+Rows, for each quant, one after the other on this machine:
+- decode and prefill of one stream: `llama-bench -p 128 -n 64` against `exo bench` (one node);
+- one request over HTTP, 128 tokens from a short prompt, end to end: `llama-server` against `exo`;
+- 8 concurrent requests over HTTP, aggregate tokens per second (`llama-server -np 8`);
+- peak RSS: llama-bench's process against exo bench's node, each holding the whole model.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from appliance.bench import bench  # noqa: E402
+
+GGUF_TYPES = {"q4": "Q4_0", "q8": "Q8_0"}
+PROMPT = ("The old lighthouse keeper climbed the stairs every evening to light the lamp, and the "
+          "ships that passed the rocks at night knew his light. ") * 4
+HTTP_TOKENS = 128
+STREAMS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_tool(name: str, directory: str | None) -> str:
+    path = shutil.which(name, path=directory) if directory else shutil.which(name)
+    if not path:
+        sys.exit(f"{name} not found {'in ' + directory if directory else 'on PATH'}: see docs/performance.md")
+    return path
+
+
+def model_gguf(model_dir: Path, quant: str, work: Path) -> Path:
+    """The model as a GGUF file of `quant`, written once and kept under `work`."""
+    from tests.gguf_writer import write_gguf
+
+    stamp = "".join(f"{p.name}{p.stat().st_size}{p.stat().st_mtime_ns}" for p in sorted(model_dir.iterdir()))
+    key = hashlib.sha256(f"{model_dir.resolve()}{stamp}".encode()).hexdigest()[:16]
+    path = work / f"{model_dir.name}-{key}-{GGUF_TYPES[quant]}.gguf"
+    if not path.exists():
+        print(f"writing {path} ...", flush=True)
+        partial = path.with_suffix(".part")
+        write_gguf(model_dir, partial, GGUF_TYPES[quant])
+        partial.rename(path)
+    return path
+
+
+def run_measuring_peak(command: list[str]) -> tuple[str, float]:
+    """Run a command to its end; its stdout and its peak RSS in MB (the kernel's maxrss)."""
+    with tempfile.TemporaryFile() as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read().decode()
+    if process.returncode:
+        raise RuntimeError(f"{command[0]} failed ({process.returncode})")
+    return text, usage.ru_maxrss / 1024
+
+
+def llama_bench(tool: str, gguf: Path, threads: int) -> dict:
+    text, peak = run_measuring_peak([tool, "-m", str(gguf), "-p", "128", "-n", "64", "-r", "3",
+                                     "-t", str(threads), "-o", "json"])
+    rows = json.loads(text)
+    prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] and not r["n_gen"])
+    decode = next(r["avg_ts"] for r in rows if r["n_gen"] and not r["n_prompt"])
+    return {"decode": decode, "prefill": prefill, "peak_mb": peak}
+
+
+def exo_bench(model_dir: Path, engine: str, quant: str) -> dict:
+    [r] = bench(model_dir, [engine], [quant], [1], [1], 128, 64, repeat=3, report=lambda r: None)
+    return {"decode": r.decode_tok_s_per_stream, "prefill": r.prefill_tok_s, "peak_mb": r.peak_rss_mb[0]}
+
+
+class Server:
+    """A server process answering the OpenAI completions API on 127.0.0.1:port."""
+
+    def __init__(self, command: list[str], port: int, ready_path: str, env: dict | None = None):
+        self.port, self.ready_path = port, ready_path
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{self.ready_path}", timeout=5) as r:
+                    body = r.read()
+                    if r.status == 200 and b'"ready": false' not in body and b'"ready":false' not in body:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("server not ready")
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, 15)
+        self.process.wait(30)
+
+
+def http_rates(port: int) -> dict:
+    """One request alone, then STREAMS at once; generated tokens per second of wall time."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+    model = client.models.list().data[0].id
+
+    def one(i: int) -> int:
+        stream = client.completions.create(model=model, prompt=f"{i}. {PROMPT}", max_tokens=HTTP_TOKENS,
+                                           temperature=0, stream=True)
+        return sum(1 for chunk in stream if chunk.choices and chunk.choices[0].text)
+
+    one(0)   # warm-up
+    start = time.perf_counter()
+    single = one(1) / (time.perf_counter() - start)
+    counts = [0] * STREAMS
+    threads = [threading.Thread(target=lambda i=i: counts.__setitem__(i, one(100 + i))) for i in range(STREAMS)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"http_one": single, "http_many": sum(counts) / (time.perf_counter() - start)}
+
+
+def llama_server_rates(tool: str, gguf: Path, threads: int) -> dict:
+    port = free_port()
+    server = Server([tool, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(STREAMS),
+                     "-c", str(STREAMS * 1024), "-t", str(threads)], port, "/health")
+    try:
+        server.wait_ready()
+        return http_rates(port)
+    finally:
+        server.stop()
+
+
+def exo_server_rates(model_dir: Path, engine: str, quant: str) -> dict:
+    port = free_port()
+    env = dict(os.environ, EXO_HOST="127.0.0.1", EXO_STATE_DIR=tempfile.mkdtemp(prefix="exo-vs-"))
+    server = Server([sys.executable, "-m", "appliance", "--open", "--host", "127.0.0.1", "--port", str(port),
+                     "--model", str(model_dir), "--engine", engine, "--quant", quant,
+                     "--max-requests", str(STREAMS), "--max-context", "1024", "--log-level", "WARNING"],
+                    port, "/healthz", env)
+    try:
+        server.wait_ready()
+        return http_rates(port)
+    finally:
+        server.stop()
+
+
+ROWS = [("decode, one stream (tok/s)", "decode"), ("prefill 128 tokens (tok/s)", "prefill"),
+        (f"one request, {HTTP_TOKENS} tokens over HTTP (tok/s)", "http_one"),
+        (f"{STREAMS} concurrent requests, aggregate (tok/s)", "http_many"), ("peak RSS, one node (MB)", "peak_mb")]
+
+
+def table(results: dict) -> str:
+    lines = ["| | quant | llama.cpp | exo | exo / llama.cpp |", "|---|---|---|---|---|"]
+    for label, key in ROWS:
+        for quant, (theirs, ours) in results.items():
+            if key in theirs and key in ours:
+                lines.append(f"| {label} | {quant} | {theirs[key]:.1f} | {ours[key]:.1f} | "
+                             f"{ours[key] / theirs[key]:.2f}× |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", type=Path, help="a Hugging Face model folder")
+    parser.add_argument("--quants", default="q4,q8")
+    parser.add_argument("--engine", default="onnxruntime", help="exo's engine")
+    parser.add_argument("--llama-cpp", help="folder holding llama-bench and llama-server (default: PATH)")
+    parser.add_argument("--gguf-q4", type=Path, help="use this Q4_0 GGUF of the model instead of writing one")
+    parser.add_argument("--gguf-q8", type=Path, help="use this Q8_0 GGUF of the model instead of writing one")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's threads")
+    parser.add_argument("--work", type=Path, default=Path("~/.cache/exo/vs-llama-cpp").expanduser())
+    parser.add_argument("--no-http", action="store_true", help="only llama-bench against exo bench")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    tools = {name: find_tool(name, args.llama_cpp) for name in ("llama-bench", "llama-server")}
+    results = {}
+    for quant in [q for q in args.quants.split(",") if q]:
+        gguf = getattr(args, f"gguf_{quant}") or model_gguf(args.model, quant, args.work)
+        print(f"{quant}: llama-bench ...", flush=True)
+        theirs = llama_bench(tools["llama-bench"], gguf, args.threads)
+        print(f"{quant}: exo bench ...", flush=True)
+        ours = exo_bench(args.model, args.engine, quant)
+        if not args.no_http:
+            print(f"{quant}: llama-server ...", flush=True)
+            theirs |= llama_server_rates(tools["llama-server"], gguf, args.threads)
+            print(f"{quant}: exo ...", flush=True)
+            ours |= exo_server_rates(args.model, args.engine, quant)
+        results[quant] = (theirs, ours)
+        print(json.dumps({quant: {"llama.cpp": theirs, "exo": ours}}), flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
