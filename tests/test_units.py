@@ -82,6 +82,24 @@ def test_weights_count_as_the_engine_holds_them():
     assert blocks(shards) == [("a", 22)]
 
 
+LLAMA_3_1_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+                "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+                "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+PI5_8GB = 7 * GB   # what an 8 GB Pi 5 has free with Raspberry Pi OS Lite running
+
+
+def test_llama_3_1_8b_at_q4_fits_two_8gb_pis_and_not_one():
+    """The Pi budget's claim: the embedding stays float16 (1.05 GB, not 2.1 GB of float32)."""
+    config = ModelConfig.from_dict(LLAMA_3_1_8B)
+    fp = footprint(config, "onnxruntime", "q4", positions=2048)
+    assert fp.embedding == 128256 * 4096 * 2
+    with pytest.raises(PlanError):
+        split_layers([NodeCapacity("pi1", PI5_8GB, footprint=fp)], config)
+    shards = split_layers([NodeCapacity(f"pi{i}", PI5_8GB, footprint=fp) for i in (1, 2)], config)
+    assert blocks(shards) == [("pi1", 16), ("pi2", 16)]
+
+
 def test_the_kv_room_of_reserved_requests_is_counted():
     config = model(layers=22)
     fp = footprint(config, "onnxruntime", "q8", positions=2048)   # 1 GB weights, 45 MB KV per request
