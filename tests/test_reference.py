@@ -43,6 +43,20 @@ PHI3 = dict(num_key_value_heads=2, partial_rotary_factor=0.75, original_max_posi
             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
                              "short_factor": [1.0, 1.5, 2.0], "long_factor": [3.0, 5.0, 8.0]})
 
+# Mixtures of experts: 8 experts, 2 a token. Qwen3-MoE with the top 2's weights as the softmax left
+# them and a dense layer (mlp_only_layers), then renormalised with every second layer sparse; Mixtral
+# (always renormalised, a sliding window); Qwen2-MoE's shared expert behind its sigmoid gate.
+EXPERTS = dict(num_key_value_heads=2, num_experts_per_tok=2, moe_intermediate_size=24)
+MOE = {
+    "qwen3-moe-dense-layer": ("Qwen3MoeConfig", dict(**EXPERTS, num_experts=8, norm_topk_prob=False,
+                                                     mlp_only_layers=[1])),
+    "qwen3-moe-norm-step2": ("Qwen3MoeConfig", dict(**EXPERTS, num_experts=8, norm_topk_prob=True,
+                                                    decoder_sparse_step=2)),
+    "mixtral-sliding": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                                              sliding_window=4)),
+    "qwen2-moe-shared": ("Qwen2MoeConfig", dict(**EXPERTS, num_experts=8, shared_expert_intermediate_size=40)),
+}
+
 # name: (config class, config overrides, stored dtype, save_pretrained options)
 CASES = {
     "llama": ("LlamaConfig", {}, torch.float32, {}),
@@ -62,6 +76,7 @@ CASES = {
         "smollm3-no-rope-layers": ("SmolLM3Config", dict(num_key_value_heads=2, no_rope_layers=[1, 0, 1])),
         "gemma3-text": ("Gemma3TextConfig", GEMMA3),
         "phi3-longrope-partial": ("Phi3Config", PHI3),
+        **MOE,
     }.items()},
     # (transformers' Gemma3ForConditionalGeneration does not soft-cap; the real 4B+ configs set no cap)
     "gemma3-multimodal": ("Gemma3Config", dict(text_config={**GEMMA3, "final_logit_softcapping": None}, vision_config=dict(
@@ -134,13 +149,18 @@ def test_logits_match_transformers(tmp_path, case):
         assert (got.argmax(-1) == expected.argmax(-1)).all()   # greedy picks the same tokens
 
 
-@pytest.mark.parametrize("case", ["llama", "llama-tied", "qwen2-bias-tied", "qwen2-bf16"])
+@pytest.mark.parametrize("case", ["llama", "llama-tied", "qwen2-bias-tied", "qwen2-bf16", *MOE])
 def test_sizes_the_planner_sees(tmp_path, case):
     path = make_model(tmp_path, *CASES[case])
     config, names = ModelConfig.load(path), list(weight_map(path))
     tensors = load_tensors(path, names)
     assert config.total_bytes == sum(t.nbytes for t in tensors.values())
-    assert config.layer_params == sum(tensors[n].size for n in names if n.startswith("model.layers.0."))
+    per_layer = [sum(tensors[n].size for n in names if n.startswith(f"model.layers.{i}.")) for i in range(LAYERS)]
+    assert config.layer_params == max(per_layer)
+    if config.num_experts:   # a token reads all but the experts it did not choose
+        sparse = config.sparse_layers.index(True)
+        expert = sum(tensors[n].size for n in names if ".experts.0." in n and f".layers.{sparse}." in n)
+        assert config.active_layer_params == per_layer[sparse] - (config.num_experts - config.experts_per_token) * expert
 
 
 def test_sharded_checkpoint_has_an_index(tmp_path):

@@ -4,7 +4,8 @@ Readable first: every other engine is checked against this one, and this one aga
 transformers. The layer is Llama's, with what `ModelConfig` turns on per family: q/k/v bias
 (Qwen2), per-head q/k norms (Qwen3, Gemma 3), Gemma's four norms per layer, GeGLU, scaled
 embeddings, query scale and logit soft-capping, per-layer sliding windows and rope bases (Gemma 3,
-Mistral), layers without rope (SmolLM3), partial rotary and longrope (Phi-3.5, Phi-4-mini).
+Mistral), layers without rope (SmolLM3), partial rotary and longrope (Phi-3.5, Phi-4-mini), and
+mixture-of-experts MLPs (Qwen3-MoE, Qwen2-MoE's shared expert, Mixtral): see `route` and `_experts`.
 """
 from __future__ import annotations
 
@@ -40,6 +41,17 @@ def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     half = cos.shape[-1]
     x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+
+
+def route(logits: np.ndarray, k: int, normalise: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Router logits [N, experts] -> each row's k chosen experts [N, k] and their weights [N, k]:
+    a softmax over all experts, the k largest, renormalised to sum 1 where the model says so
+    (Mixtral always, Qwen-MoE by `norm_topk_prob`). The onnxruntime engine's MoE op does the same."""
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    weights = np.take_along_axis(probs, chosen, axis=-1)
+    return chosen, weights / weights.sum(axis=-1, keepdims=True) if normalise else weights
 
 
 def softcap(x: np.ndarray, cap: float | None) -> np.ndarray:
@@ -149,8 +161,25 @@ class NumpyEngine(Engine):
         else:
             x = x + out
             h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
-        mlp = ACTIVATIONS[c.activation](self._linear(h, p + "mlp.gate_proj")) * self._linear(h, p + "mlp.up_proj")
-        mlp = self._linear(mlp, p + "mlp.down_proj")
+        mlp = self._experts(h, p) if c.is_sparse(layer) else self._mlp(h, p + "mlp.")
         if c.sandwich_norms:
             mlp = rms_norm(mlp, self.w[p + "post_feedforward_layernorm.weight"], c.rms_norm_eps)
         return x + mlp
+
+    def _mlp(self, h, p):
+        gate = ACTIVATIONS[self.config.activation](self._linear(h, p + "gate_proj"))
+        return self._linear(gate * self._linear(h, p + "up_proj"), p + "down_proj")
+
+    def _experts(self, h, p):
+        """A sparse layer's MLP: each expert runs once, on the rows that chose it, and only the
+        chosen experts' weights are read."""
+        c = self.config
+        chosen, weights = route(self._linear(h, p + "mlp.gate"), c.experts_per_token, c.norm_topk_prob)
+        out = np.zeros_like(h)
+        for expert in np.unique(chosen):
+            rows, slot = np.nonzero(chosen == expert)
+            out[rows] += weights[rows, slot, None] * self._mlp(h[rows], p + f"mlp.experts.{expert}.")
+        if c.shared_expert_size:   # Qwen2-MoE: every token's shared expert, gated by a sigmoid
+            gate = 1 / (1 + np.exp(-self._linear(h, p + "mlp.shared_expert_gate")))
+            out += gate * self._mlp(h, p + "mlp.shared_expert.")
+        return out

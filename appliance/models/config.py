@@ -5,7 +5,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "phi3"}
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "phi3", "qwen3_moe", "qwen2_moe", "mixtral"}
+# Mixture-of-experts families -> the dense family whose attention they share.
+MOE_BASE = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2", "mixtral": "mistral"}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -68,6 +70,14 @@ class ModelConfig:
     sliding_layers: tuple[bool, ...] = ()   # per layer: the sliding window applies (empty: all layers)
     rope_layers: tuple[bool, ...] = ()      # per layer: rope applies (SmolLM3's no-rope layers; empty: all)
     local_rope_theta: float | None = None   # sliding layers' own rope base (Gemma 3), unscaled
+    # Mixture of experts (Qwen3-MoE, Qwen2-MoE, Mixtral): a sparse layer's MLP is `num_experts`
+    # MLPs of `moe_intermediate_size`, of which a router picks `experts_per_token` per token.
+    num_experts: int = 0                 # 0: a dense model
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True          # the chosen experts' softmax weights renormalised to sum 1
+    sparse_layers: tuple[bool, ...] = ()  # per layer: its MLP is the experts (decoder_sparse_step, mlp_only_layers)
+    shared_expert_size: int = 0          # Qwen2-MoE: one more MLP every token runs, gated by a sigmoid
 
     @classmethod
     def from_dict(cls, c: dict) -> "ModelConfig":
@@ -78,7 +88,8 @@ class ModelConfig:
         model_type = {"gemma3": "gemma3_text"}.get(c.get("model_type", "llama"), c.get("model_type", "llama"))
         if model_type not in SUPPORTED:
             raise ValueError(f"model_type {model_type!r} is not supported (supported: {sorted(SUPPORTED)})")
-        if model_type in ("qwen2", "qwen3") and c.get("use_sliding_window"):
+        family = MOE_BASE.get(model_type, model_type)   # the attention's family
+        if family in ("qwen2", "qwen3") and c.get("use_sliding_window"):
             raise ValueError(f"{model_type} with use_sliding_window is not supported")
         if c.get("attn_logit_softcapping"):
             raise ValueError("attention logit soft-capping (Gemma 2) is not supported")
@@ -105,7 +116,7 @@ class ModelConfig:
             pattern = c.get("sliding_window_pattern", 6)
             types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
         sliding = tuple(t == "sliding_attention" for t in types) if gemma else ()
-        window = c.get("sliding_window") if model_type in ("mistral", "phi3") or gemma else None
+        window = c.get("sliding_window") if family in ("mistral", "phi3") or gemma else None
         if model_type == "smollm3":
             rope_layers = tuple(bool(x) for x in c.get("no_rope_layers") or
                                 [(i + 1) % c.get("no_rope_layer_interval", 4) != 0 for i in range(layers)])
@@ -124,13 +135,13 @@ class ModelConfig:
             rope_theta=theta or c.get("rope_theta", 10000.0),
             max_position_embeddings=c.get("max_position_embeddings", 2048),
             tie_word_embeddings=c.get("tie_word_embeddings", gemma),
-            attention_bias=c.get("attention_bias", model_type == "qwen2"),
+            attention_bias=c.get("attention_bias", c.get("qkv_bias", family == "qwen2")),
             rope_scaling=scaling,
             sliding_window=window,
             torch_dtype=c.get("torch_dtype") or c.get("dtype") or "float32",
             bos_token_id=c.get("bos_token_id"),
             eos_token_ids=_ids(c.get("eos_token_id")),
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            qk_norm=family in ("qwen3", "gemma3_text"),
             norm_offset=1.0 if gemma else 0.0,
             sandwich_norms=gemma,
             activation=_activation(c.get("hidden_activation") or c.get("hidden_act") or "silu"),
@@ -141,6 +152,7 @@ class ModelConfig:
             sliding_layers=sliding,
             rope_layers=rope_layers,
             local_rope_theta=local_theta if gemma else None,
+            **_experts(c, model_type, layers),
         )
 
     # Per layer: what the shared description says each layer does.
@@ -158,6 +170,10 @@ class ModelConfig:
         if self.local_rope_theta and self.window(layer):
             return Rope(self.local_rope_theta, None, rotary_dim)
         return Rope(self.rope_theta, self.rope_scaling, rotary_dim)
+
+    def is_sparse(self, layer: int) -> bool:
+        """The layer's MLP is a mixture of experts."""
+        return bool(self.sparse_layers) and self.sparse_layers[layer]
 
     @property
     def attention_scale(self) -> float:
@@ -178,18 +194,45 @@ class ModelConfig:
     def bytes_per_param(self) -> int:
         return DTYPE_BYTES.get(self.torch_dtype, 4)
 
-    @property
-    def layer_params(self) -> int:
+    def mlp_params(self, layer: int, active: bool = False) -> int:
+        """The layer's MLP: dense, or every expert (`active`: the k a token runs) with the router
+        and the shared expert and its gate."""
+        h = self.hidden_size
+        if not self.is_sparse(layer):
+            return 3 * h * self.intermediate_size
+        experts = self.experts_per_token if active else self.num_experts
+        shared = 3 * h * self.shared_expert_size + h if self.shared_expert_size else 0
+        return experts * 3 * h * self.moe_intermediate_size + self.num_experts * h + shared
+
+    def params_of_layer(self, layer: int, active: bool = False) -> int:
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
         attention = h * self.num_heads * self.head_dim * 2 + h * kv * 2
         bias = self.num_heads * self.head_dim + 2 * kv if self.attention_bias else 0
-        mlp = 3 * h * self.intermediate_size
         norms = (4 if self.sandwich_norms else 2) * h + (2 * self.head_dim if self.qk_norm else 0)
-        return attention + bias + mlp + norms
+        return attention + bias + self.mlp_params(layer, active) + norms
+
+    @property
+    def layer_params(self) -> int:
+        """The largest layer (a model mixing sparse and dense layers is planned by its larger kind)."""
+        return max(self.params_of_layer(i) for i in self._layer_kinds())
+
+    @property
+    def active_layer_params(self) -> int:
+        """What one token reads of the largest layer: a sparse layer's router and k chosen experts."""
+        return max(self.params_of_layer(i, active=True) for i in self._layer_kinds())
+
+    def _layer_kinds(self) -> list[int]:
+        """One layer of each kind (sparse, dense) the model has."""
+        kinds = {self.is_sparse(i): i for i in range(self.num_layers)}
+        return list(kinds.values()) or [0]
 
     @property
     def layer_bytes(self) -> int:
         return self.layer_params * self.bytes_per_param
+
+    @property
+    def active_layer_bytes(self) -> int:
+        return self.active_layer_params * self.bytes_per_param
 
     @property
     def embedding_bytes(self) -> int:
@@ -199,7 +242,21 @@ class ModelConfig:
     def total_bytes(self) -> int:
         head = 0 if self.tie_word_embeddings else self.embedding_bytes
         final_norm = self.hidden_size * self.bytes_per_param
-        return self.num_layers * self.layer_bytes + self.embedding_bytes + head + final_norm
+        layers = sum(self.params_of_layer(i) for i in range(self.num_layers)) * self.bytes_per_param
+        return layers + self.embedding_bytes + head + final_norm
+
+
+def _experts(c: dict, model_type: str, layers: int) -> dict:
+    """The mixture-of-experts fields of a config (Mixtral: every layer sparse, always renormalised)."""
+    if model_type not in MOE_BASE:
+        return {}
+    step, dense = c.get("decoder_sparse_step") or 1, set(c.get("mlp_only_layers") or ())
+    return dict(num_experts=c.get("num_experts") or c["num_local_experts"],
+                experts_per_token=c["num_experts_per_tok"],
+                moe_intermediate_size=c.get("moe_intermediate_size") or c["intermediate_size"],
+                norm_topk_prob=c.get("norm_topk_prob", False) if model_type != "mixtral" else True,
+                sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(layers)),
+                shared_expert_size=c.get("shared_expert_intermediate_size") or 0)
 
 
 def _activation(name: str) -> str:

@@ -39,11 +39,20 @@ def _header(path: Path) -> tuple[dict, int]:
 PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.", "language_model.lm_head.": "lm_head."}
 
 
+# Mixtral's expert names -> Qwen-MoE's, which the engines read: mlp.gate (the router), mlp.experts.E.*_proj.
+MIXTRAL = {"block_sparse_moe.": "mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+
+
 def canonical_name(name: str) -> str:
-    """The name a text-only checkpoint gives a tensor (a vision tower's tensors keep theirs: no stage wants them)."""
+    """The name a text-only checkpoint gives a tensor (a vision tower's tensors keep theirs: no stage
+    wants them), and a Mixtral expert's the name a Qwen-MoE one has."""
     for prefix, text in PREFIXES.items():
         if name.startswith(prefix):
-            return text + name[len(prefix):]
+            name = text + name[len(prefix):]
+            break
+    if ".block_sparse_moe." in name:
+        for old, new in MIXTRAL.items():
+            name = name.replace(old, new)
     return name
 
 
