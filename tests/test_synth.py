@@ -20,7 +20,7 @@ atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 # The 2025 families at test size (synth's TINY): their vocabularies (up to 262144) at full width
 # would write gigabytes per test model.
-AT_TEST_SIZE = {"qwen3-0.6b", "gemma3-1b", "smollm3-3b", "phi4-mini"}
+AT_TEST_SIZE = {"qwen3-0.6b", "gemma3-1b", "smollm3-3b", "phi4-mini", "qwen3-30b-a3b", "mixtral-8x7b"}
 
 
 @functools.cache
@@ -31,7 +31,8 @@ def synth_model(shape: str, layers: int = 2):
 
 # Parameter counts of the real checkpoints, to the precision they are usually quoted.
 FULL_PARAMS = {"tinyllama-1.1b": 1.10e9, "llama-3.2-1b": 1.24e9, "qwen2.5-0.5b": 0.494e9, "smollm2-135m": 0.135e9,
-               "qwen3-0.6b": 0.596e9, "gemma3-1b": 1.0e9, "smollm3-3b": 3.08e9, "phi4-mini": 3.84e9}
+               "qwen3-0.6b": 0.596e9, "gemma3-1b": 1.0e9, "smollm3-3b": 3.08e9, "phi4-mini": 3.84e9,
+               "qwen3-30b-a3b": 30.5e9, "mixtral-8x7b": 46.7e9}
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -173,8 +173,9 @@ class OnnxEngine(Engine):
 # ---- weights and the on-disk cache -------------------------------------------------------------
 
 def maps_checkpoint(shard: Shard, config: ModelConfig, quant: str) -> bool:
-    """f32 from a float32 checkpoint: the session reads the checkpoint's own memory maps."""
-    return quant == "f32" and all(t.dtype == np.float32 for t in load_shard(shard.model_dir, config, shard.start,
+    """f32 from a float32 checkpoint: the session reads the checkpoint's own memory maps (not a
+    mixture of experts: its experts are stacked into new arrays)."""
+    return quant == "f32" and not config.num_experts and all(t.dtype == np.float32 for t in load_shard(shard.model_dir, config, shard.start,
                                                                           shard.end).values())
 
 

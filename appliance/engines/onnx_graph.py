@@ -21,12 +21,17 @@ local_window_size, layers without rope do_rotary=0.
 q8 multiplies int8 weights (one scale per output channel) by int8 activations (one scale per
 row): onnxruntime's integer GEMM reads each weight once for all the rows of a batch, so 8 rows
 cost 1.1x one row, where 8-bit MatMulNBits costs 1.9x (docs/performance.md).
+A sparse layer's MLP (mixture of experts) is onnxruntime's MoE op (f32, f16) or QMoE (q4, q8: 4 or
+8-bit blocks of 32, one scale each): it takes the router's logits and the experts stacked
+([experts, 2 * inter, hidden], gate and up rows interleaved; [experts, hidden, inter]), does the
+softmax and top-k itself and runs only the chosen experts, each on the rows that chose it.
 Weights are not stored in the graph: every initializer is marked external and handed to the
 session as an OrtValue over a memory map (`SessionOptions.add_external_initializers`).
 """
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import onnx
@@ -85,10 +90,32 @@ def quantize_8bit(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.round(w.T / scales).astype(np.int8), scales.astype(np.float32)
 
 
+def quantize_8bit_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HF [out, in] float weight -> QMoE's 8-bit blocks of 32 (uint8 [out, in] around a zero point of
+    128) and their scales [out, in/32], symmetric."""
+    n, k = w.shape
+    blocks = np.asarray(w, np.float32).reshape(n, k // BLOCK, BLOCK)
+    scales = np.abs(blocks).max(axis=-1) / 127
+    scales[scales == 0] = 1
+    q = np.round(blocks / scales[..., None]).astype(np.int16) + 128
+    return q.astype(np.uint8).reshape(n, k), scales.astype(np.float32)
+
+
+EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+ROUTERS = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")   # kept float32: they pick the experts
+
+
 def convert_weights(tensors: dict[str, np.ndarray], quant: str, first: bool, last: bool):
     """Yield (graph initializer name, array) for every HF tensor of the shard, one at a time so a
-    bfloat16 checkpoint is widened tensor by tensor."""
+    bfloat16 checkpoint is widened tensor by tensor; a sparse layer's experts come stacked, at the end."""
+    experts: dict[str, dict] = {}
     for name, t in tensors.items():
+        if match := EXPERT.match(name):
+            experts.setdefault(match.group(1), {})[int(match.group(2)), match.group(3)] = t
+            continue
+        if name.endswith(ROUTERS):
+            yield name, as_float32(t)
+            continue
         if name != "model.embed_tokens.weight" and gguf_blocks_fit(t, quant):
             yield from _from_gguf_blocks(name, t)
             continue
@@ -105,6 +132,34 @@ def convert_weights(tensors: dict[str, np.ndarray], quant: str, first: bool, las
             yield name, t.astype(np.float16)
         else:
             yield name, t  # f32 matrices, norms and biases stay float32
+    for prefix, parts in experts.items():
+        yield from stacked_experts(prefix, parts, quant)
+
+
+def stacked_experts(prefix: str, parts: dict, quant: str):
+    """One layer's experts as (Q)MoE takes them: fc1 [experts, 2 * inter, hidden] with the gate and up
+    rows interleaved, fc2 [experts, hidden, inter]; quantized expert by expert. The inner size is
+    padded to a multiple of 32 (QMoE's blocks) with zero rows and columns, which add nothing."""
+    count = 1 + max(e for e, _ in parts)
+    for fc, kinds in (("fc1", ("gate", "up")), ("fc2", ("down",))):
+        arrays = []
+        for e in range(count):
+            w = [as_float32(parts[e, kind]) for kind in kinds]
+            w = np.stack(w, axis=1).reshape(-1, w[0].shape[1]) if fc == "fc1" else w[0]
+            arrays.append(_expert_matrix(w, fc, quant))
+        for j, suffix in enumerate(("", ) if quant in ("f32", "f16") else (".q", ".scales")):
+            yield prefix + "." + fc + suffix, np.stack([a[j] for a in arrays])
+
+
+def _expert_matrix(w: np.ndarray, fc: str, quant: str) -> tuple[np.ndarray, ...]:
+    pad = -w.shape[0 if fc == "fc1" else 1] % (2 * BLOCK if fc == "fc1" else BLOCK)
+    w = np.pad(w, ((0, pad), (0, 0)) if fc == "fc1" else ((0, 0), (0, pad)))
+    if quant == "q4":
+        packed, scales = quantize_4bit(w)
+        return packed.reshape(w.shape[0], -1), scales.reshape(w.shape[0], -1)
+    if quant == "q8":
+        return quantize_8bit_blocks(w)
+    return (w.astype(np.float16 if quant == "f16" else np.float32),)
 
 
 def gguf_blocks_fit(t: np.ndarray, quant: str) -> bool:
@@ -222,6 +277,30 @@ class GraphBuilder:
         y = self.op("Reshape", self.linear(x, name, c.hidden_size), self.const([0, heads, c.head_dim]))
         return self.rms_norm(y, norm, c.rms_norm_eps) if norm else y
 
+    def mlp(self, x: str, p: str, inner: int, c: ModelConfig) -> str:
+        gate = self.activation(self.linear(x, p + "gate_proj", c.hidden_size), c.activation)
+        return self.linear(self.op("Mul", gate, self.linear(x, p + "up_proj", c.hidden_size)), p + "down_proj", inner)
+
+    def experts(self, x: str, p: str, c: ModelConfig) -> str:
+        """A sparse layer's MLP: router logits, then (Q)MoE, which routes each row to its k experts."""
+        router = self.linear(x, p + "gate", c.hidden_size)
+        attrs = dict(k=c.experts_per_token, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                     activation_beta=0.0, normalize_routing_weights=int(c.norm_topk_prob), domain="com.microsoft")
+        fc1, fc2 = p + "experts.fc1", p + "experts.fc2"
+        if fc1 + ".q" in self.shapes:
+            bits = 4 if self.quant == "q4" else 8
+            y = self.op("QMoE", x, router, fc1 + ".q", fc1 + ".scales", "", fc2 + ".q", fc2 + ".scales",
+                        expert_weight_bits=bits, block_size=BLOCK, accuracy_level=4, weights_prepacked=0, **attrs)
+        elif self.shapes[fc1][1] == np.float16:   # f16: the experts run in float16, as they are held
+            half = [self.op("Cast", v, to=TensorProto.FLOAT16) for v in (x, router)]
+            y = self.op("Cast", self.op("MoE", *half, fc1, "", fc2, **attrs), to=TensorProto.FLOAT)
+        else:
+            y = self.op("MoE", x, router, fc1, "", fc2, **attrs)
+        if c.shared_expert_size:   # Qwen2-MoE: the shared expert, gated by a sigmoid
+            gate = self.op("Sigmoid", self.linear(x, p + "shared_expert_gate", c.hidden_size))
+            y = self.op("Add", y, self.op("Mul", gate, self.mlp(x, p + "shared_expert.", c.shared_expert_size, c)))
+        return y
+
     def activation(self, x: str, kind: str) -> str:
         if kind == "gelu_tanh":
             return self.op("Gelu", x, approximate="tanh")
@@ -281,9 +360,7 @@ def build_graph(config: ModelConfig, shard: Shard, shapes: dict, quant: str, cap
         else:
             x = g.op("Add", x, attention)
             h = g.rms_norm(x, p + "post_attention_layernorm.weight", c.rms_norm_eps)
-        gate = g.activation(g.linear(h, p + "mlp.gate_proj", c.hidden_size), c.activation)
-        mlp = g.linear(g.op("Mul", gate, g.linear(h, p + "mlp.up_proj", c.hidden_size)), p + "mlp.down_proj",
-                       c.intermediate_size)
+        mlp = g.experts(h, p + "mlp.", c) if c.is_sparse(layer) else g.mlp(h, p + "mlp.", c.intermediate_size, c)
         if c.sandwich_norms:
             mlp = g.rms_norm(mlp, p + "post_feedforward_layernorm.weight", c.rms_norm_eps)
         x = g.op("Add", x, mlp)

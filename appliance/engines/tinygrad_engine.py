@@ -46,6 +46,9 @@ class TinygradEngine(Engine):
         if quant not in ("f32", "f16"):
             raise ValueError(f"the tinygrad engine runs f32 or f16, not {quant!r}")
         c = self.config
+        if c.num_experts:
+            raise ValueError(f"the tinygrad engine does not run mixtures of experts ({c.model_type}): "
+                             "use the onnxruntime or numpy engine")
         self.device = device or Device.DEFAULT
         self.dtype = dtypes.float32 if quant == "f32" else dtypes.float16
         self.use_jit = jit

@@ -66,10 +66,25 @@ SHAPES: dict[str, dict] = {
                                                           "long_factor": [1.0 + i for i in range(48)]},
                   "sliding_window": 262144, "attention_bias": False, "tie_word_embeddings": True,
                   "bos_token_id": 199999, "eos_token_id": 199999, "pad_token_id": 199999},
+    # Mixtures of experts: Qwen3-30B-A3B (128 experts, 8 a token) and Mixtral 8x7B (8 experts, 2 a token).
+    "qwen3-30b-a3b": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_act": "silu",
+                      "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                      "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                      "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                      "mlp_only_layers": [], "vocab_size": 151936, "max_position_embeddings": 40960,
+                      "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "attention_bias": False,
+                      "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645},
+    "mixtral-8x7b": {**_LLAMA, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+                     "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
+                     "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+                     "sliding_window": None, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2},
 }
-# `synthesize(..., tiny=True)`: the family's layer at test size (vocabulary and special ids kept).
+# `synthesize(..., tiny=True)`: the family's layer at test size (vocabulary and special ids kept;
+# a mixture keeps its expert count and k, each expert 64 wide).
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 16, "max_position_embeddings": 256}
+TINY_EXPERT = 64
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -77,6 +92,8 @@ LLAMA3 = ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role
           "{{ m['content'] }}<|eot_id|>{% endfor %}"
           "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 TEMPLATES = Path(__file__).parent / "templates"   # the families' real chat templates
+MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+           "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}")
 ZEPHYR = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
           "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
@@ -97,6 +114,9 @@ SPECIALS = {
     "smollm3-3b": ({128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128004: "<|finetune_right_pad_id|>",
                     128011: "<|im_start|>", 128012: "<|im_end|>"},
                    (None, "<|im_end|>", (TEMPLATES / "smollm3.jinja").read_text())),
+    "qwen3-30b-a3b": ({151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_end|>", 151667: "<think>",
+                       151668: "</think>"}, (None, "<|im_end|>", (TEMPLATES / "qwen3.jinja").read_text())),
+    "mixtral-8x7b": ({0: "<unk>", 1: "<s>", 2: "</s>"}, ("<s>", "</s>", MISTRAL)),
     "phi4-mini": ({199999: "<|endoftext|>", 200018: "<|endofprompt|>", 200019: "<|assistant|>", 200020: "<|end|>",
                    200021: "<|user|>", 200022: "<|system|>"},
                   (None, "<|endoftext|>", (TEMPLATES / "phi4.jinja").read_text())),
@@ -105,6 +125,8 @@ SPECIALS = {
 GENERATION = {
     "qwen3-0.6b": {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": True, "temperature": 0.6,
                    "top_k": 20, "top_p": 0.95},
+    "qwen3-30b-a3b": {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": True, "temperature": 0.6,
+                      "top_k": 20, "top_p": 0.95},
     "gemma3-1b": {"bos_token_id": 2, "eos_token_id": [1, 106], "do_sample": True, "top_k": 64, "top_p": 0.95},
     "phi4-mini": {"bos_token_id": 199999, "eos_token_id": [200020, 199999]},
 }
@@ -152,6 +174,10 @@ def synthesize(shape: str, out_dir: str | Path, *, seed: int = 0, dtype: str = "
                                       "long_factor": [2.0 + i for i in range(half)]}
         if "no_rope_layer_interval" in config:
             config["no_rope_layer_interval"] = 2
+        if "moe_intermediate_size" in config:
+            config["moe_intermediate_size"] = TINY_EXPERT
+        elif config["model_type"] == "mixtral":   # Mixtral's experts are intermediate_size wide
+            config["intermediate_size"] = TINY_EXPERT
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if shape in GENERATION:
         (out / "generation_config.json").write_text(json.dumps(GENERATION[shape], indent=2))
@@ -165,17 +191,28 @@ def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     head_dim = c.get("head_dim") or h // c["num_attention_heads"]
     q, kv = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], h)}
+    experts = c.get("num_experts") or c.get("num_local_experts") or 0
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
                        p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                       p + "mlp.down_proj.weight": (h, inter)})
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q)})
+        if experts:   # every layer sparse (the two shapes here), named as Qwen-MoE checkpoints name them
+            width = c.get("moe_intermediate_size") or inter
+            mlp = [p + "mlp.gate.weight"] if c["model_type"] != "mixtral" else [p + "block_sparse_moe.gate.weight"]
+            shapes[mlp[0]] = (experts, h)
+            for e in range(experts):
+                x = p + f"mlp.experts.{e}." if c["model_type"] != "mixtral" else p + f"block_sparse_moe.experts.{e}."
+                names = ("gate_proj", "up_proj", "down_proj") if c["model_type"] != "mixtral" else ("w1", "w3", "w2")
+                shapes.update({x + names[0] + ".weight": (width, h), x + names[1] + ".weight": (width, h),
+                               x + names[2] + ".weight": (h, width)})
+        else:
+            shapes.update({p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                           p + "mlp.down_proj.weight": (h, inter)})
         if c["model_type"] == "qwen2":
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})
-        if c["model_type"] in ("qwen3", "gemma3_text"):
+        if c["model_type"] in ("qwen3", "qwen3_moe", "gemma3_text"):
             shapes.update({p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,)})
         if c["model_type"] == "gemma3_text":
             shapes.update({p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)})
