@@ -193,3 +193,30 @@ def test_batch_of_requests_matches_one_at_a_time(tmp_path):
         np.testing.assert_allclose(out, alone[i + 1], atol=1e-5)
     engine.free("a")
     assert engine.requests() == ["b"]
+
+
+def onnx_logits(path, bounds, quant, cache_dir):
+    from appliance.engines.onnx_engine import OnnxEngine
+
+    engines = [OnnxEngine(Shard(path, a, b, LAYERS), quant=quant, cache_dir=cache_dir) for a, b in zip(bounds, bounds[1:])]
+
+    def step(pos, tokens):
+        x = np.asarray(tokens, np.int32)
+        for engine in engines:
+            (x,) = engine.forward([Step("r", pos, x)])
+        return x
+
+    return np.stack([step(0, PROMPT)] + [step(len(PROMPT) + i, [t]) for i, t in enumerate(DECODE)])
+
+
+@pytest.mark.parametrize("case", MOE)
+def test_onnxruntime_mixtures_match_transformers(tmp_path, case):
+    """onnxruntime's MoE op (f32) routes as transformers does: the same logits, the same greedy tokens."""
+    path = make_model(tmp_path / "model", *CASES[case])
+    expected = torch_logits(path)
+    for bounds in SPLITS[:2]:
+        got = onnx_logits(path, bounds, "f32", tmp_path / "cache")
+        diff = np.abs(got - expected).max()
+        print(f"{case} onnxruntime split {bounds}: max abs logit diff {diff:.2e}")
+        assert diff < TOLERANCE, f"{case} split {bounds}: max abs diff {diff:.2e}"
+        assert (got.argmax(-1) == expected.argmax(-1)).all()
