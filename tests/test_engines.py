@@ -313,10 +313,11 @@ def held_bytes(engine) -> int:
 @pytest.mark.parametrize("name,quant", [("onnxruntime", "q4"), ("onnxruntime", "q8"), ("onnxruntime", "f16"),
                                         ("numpy", "f32")])
 @pytest.mark.parametrize("part", ["first", "last"])
-def test_the_footprint_is_what_the_engine_holds(name, quant, part, tmp_path):
+@pytest.mark.parametrize("shape", ["smollm2-135m", "qwen3-30b-a3b"])
+def test_the_footprint_is_what_the_engine_holds(name, quant, part, shape, tmp_path):
     from appliance.engines.footprint import footprint
 
-    model_dir = synth_model("smollm2-135m", layers=4)
+    model_dir = synth_model(shape, layers=4)
     config = ModelConfig.load(model_dir)
     shard = Shard(Path(model_dir), 0, 2, 4) if part == "first" else Shard(Path(model_dir), 2, 4, 4)
     options = {"quant": quant, "cache_dir": tmp_path} if name == "onnxruntime" else {}

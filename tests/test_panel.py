@@ -117,6 +117,15 @@ def test_catalog_fit_counts_whole_layers_per_node_in_its_own_quant():
     assert all(m["fits"] is False for m in catalog_fit([]))
 
 
+def test_four_8gb_pis_hold_qwen3_30b_a3b_at_q4_and_two_do_not():
+    """A mixture of experts is held whole (every expert), so its size is its full parameter count."""
+    pi = {"usable": int(7.3 * 2**30 * 0.8), "engine": "onnxruntime", "quant": "q4"}   # an 8 GB Pi 5's free memory
+    fits = {n: next(m for m in catalog_fit([{**pi, "id": str(i)} for i in range(n)]) if m["id"] == "Qwen/Qwen3-30B-A3B")
+            for n in (2, 4)}
+    assert fits[4]["fits"] is True and fits[2]["fits"] is False
+    assert fits[4]["active_params"] < fits[4]["params"] / 9
+
+
 def test_state_and_events_carry_heartbeats(cluster, events):
     kind, data = events.until(lambda k, d: k == "status", 5, "status event")
     assert data["id"] in {n["id"] for n in state(cluster)["nodes"]}

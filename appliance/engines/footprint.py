@@ -4,7 +4,10 @@ Weights are counted in the form the engine keeps after loading, not as stored: o
 q4 as 4-bit blocks of 32 with a float32 scale each, q8 as int8 with a float32 scale per output
 channel; numpy widens every matrix to float32; tinygrad keeps f32 or f16 on its device. No engine
 widens the embedding: numpy and tinygrad map it as stored, onnxruntime keeps it float16. The KV
-room is one request's float32 keys and values over the full context. Light on purpose (no numpy, no engine imports): the coordinator plans with it.
+room is one request's float32 keys and values over the full context. A mixture of experts is held
+whole (every expert: the memory) but a token reads only its router and k experts (`active_layer`:
+for speed estimates); onnxruntime holds the experts in QMoE's blocks of 32 (q8 too: a scale a
+block). Light on purpose (no numpy, no engine imports): the coordinator plans with it.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ class Footprint:
     embedding: int   # the first stage's token embedding
     head: int        # the last stage's final norm and output head
     kv_layer: int    # one request's KV cache for one layer, at full context
+    active_layer: int = 0   # what one token reads of a layer (a mixture: the router and k experts); 0: all of it
 
     def shard(self, layers: int, first: bool, last: bool, requests: int) -> int:
         """A shard of `layers` layers holding `requests` full KV caches."""
@@ -44,16 +48,41 @@ def matrix_bytes(rows: int, cols: int, engine: str, quant: str) -> int:
     return rows * cols * FLOAT_BYTES.get(quant, 4)
 
 
-def footprint(config: ModelConfig, engine: str, quant: str = "", positions: int = 2048) -> Footprint:
-    c, quant = config, quant or DEFAULT_QUANT.get(engine, "f32")
+def expert_bytes(rows: int, cols: int, engine: str, quant: str) -> int:
+    """One expert's [rows, cols] matrix: onnxruntime's QMoE holds q8 in blocks of 32 as well."""
+    if engine == "onnxruntime" and quant == "q8":
+        return rows * cols + rows * -(-cols // BLOCK) * 4
+    return matrix_bytes(rows, cols, engine, quant)
+
+
+def layer_bytes(c: ModelConfig, layer: int, engine: str, quant: str, active: bool = False) -> int:
+    """One layer as the engine holds it (`active`: what one token reads of it)."""
     h, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    matrices = [(q, h), (kv, h), (kv, h), (h, q), (c.intermediate_size, h), (c.intermediate_size, h),
-                (h, c.intermediate_size)]
+    matrices = [(q, h), (kv, h), (kv, h), (h, q)]
     norms = (4 if c.sandwich_norms else 2) * h + (2 * c.head_dim if c.qk_norm else 0)
     small = (norms + ((q + 2 * kv) if c.attention_bias else 0)) * 4   # norms and biases: float32
-    layer = sum(matrix_bytes(r, k, engine, quant) for r, k in matrices) + small
+    if not c.is_sparse(layer):
+        matrices += [(c.intermediate_size, h), (c.intermediate_size, h), (h, c.intermediate_size)]
+        return sum(matrix_bytes(r, k, engine, quant) for r, k in matrices) + small
+    inner, shared = c.moe_intermediate_size, c.shared_expert_size
+    if shared:
+        matrices += [(shared, h), (shared, h), (h, shared)]
+        small += h * 4                                           # its sigmoid gate, float32
+    small += c.num_experts * h * 4                               # the router, float32
+    expert = 2 * expert_bytes(inner, h, engine, quant) + expert_bytes(h, inner, engine, quant)
+    experts = c.experts_per_token if active else c.num_experts
+    return sum(matrix_bytes(r, k, engine, quant) for r, k in matrices) + small + experts * expert
+
+
+def footprint(config: ModelConfig, engine: str, quant: str = "", positions: int = 2048) -> Footprint:
+    """A layer is counted as the model's largest (a mixture with dense layers: a sparse one)."""
+    c, quant = config, quant or DEFAULT_QUANT.get(engine, "f32")
+    h, kv = c.hidden_size, c.num_kv_heads * c.head_dim
+    kinds = {c.is_sparse(i): i for i in range(c.num_layers)}.values()
+    layer = max(layer_bytes(c, i, engine, quant) for i in kinds)
+    active = max(layer_bytes(c, i, engine, quant, active=True) for i in kinds)
     return Footprint(layer, embedding_bytes(c, engine, quant), h * 4 + matrix_bytes(c.vocab_size, h, engine, quant),
-                     2 * kv * min(positions, c.max_position_embeddings) * 4)
+                     2 * kv * min(positions, c.max_position_embeddings) * 4, active)
 
 
 def embedding_bytes(c: ModelConfig, engine: str, quant: str) -> int:

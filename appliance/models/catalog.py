@@ -28,6 +28,7 @@ class CatalogModel:
     bytes: int
     license: str
     gguf: dict[str, str] = field(default_factory=dict)   # type -> "REPO:FILE.gguf"
+    active_params: int = 0   # a mixture of experts: what one token reads (embedding and head counted); 0: dense
 
     @property
     def quants(self) -> dict[str, int]:
@@ -71,6 +72,11 @@ CATALOG = [
     CatalogModel("microsoft/Phi-4-mini-instruct", "Phi-4-mini instruct", 3_836_021_760, 32, 3072, 7_672_043_520, "mit",
                  {"Q8_0": "bartowski/microsoft_Phi-4-mini-instruct-GGUF:microsoft_Phi-4-mini-instruct-Q8_0.gguf",
                   "Q4_K_M": "bartowski/microsoft_Phi-4-mini-instruct-GGUF:microsoft_Phi-4-mini-instruct-Q4_K_M.gguf"}),
+    # A mixture of experts: 128 experts a layer, 8 a token. Every expert is held, so it needs several
+    # Pis (q4 ~19 GB: four 8 GB boards), but a token reads ~3.3 B weights (ModelConfig.active_layer_params).
+    CatalogModel("Qwen/Qwen3-30B-A3B", "Qwen3 30B-A3B (MoE)", 30_532_122_624, 48, 2048, 61_064_245_248, "apache-2.0",
+                 {"Q8_0": "Qwen/Qwen3-30B-A3B-GGUF:Qwen3-30B-A3B-Q8_0.gguf",
+                  "Q4_K_M": "Qwen/Qwen3-30B-A3B-GGUF:Qwen3-30B-A3B-Q4_K_M.gguf"}, active_params=3_353_032_704),
     CatalogModel("mistralai/Mistral-7B-Instruct-v0.3", "Mistral 7B Instruct v0.3", 7_248_023_552, 32, 4096, 14_496_047_104, "apache-2.0"),
     CatalogModel("meta-llama/Llama-3.1-8B-Instruct", "Llama 3.1 8B Instruct", 8_030_261_248, 32, 4096, 16_060_522_496, "llama3.1"),
 ]

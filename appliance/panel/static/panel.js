@@ -417,7 +417,8 @@ function catalogRow(st, m) {
   const sizes = m.sizes || {};
   return h("tr", { "data-model": m.id, class: loaded ? "loaded" : "" },
     h("td", {}, h("strong", {}, m.name), h("br"), h("small", { class: "muted" }, m.id)),
-    h("td", {}, fmtParams(m.params)),
+    h("td", {}, fmtParams(m.params), m.active_params ? [h("br"), h("small", { class: "muted" },
+      `${fmtParams(m.active_params)} active`)] : null),
     h("td", {}, m.layers),
     h("td", { class: "sizes" }, ["q4", "q8", "f16"].map(q => h("span", { "data-quant": q },
       h("small", { class: "muted" }, q), ` ${fmtBytes(sizes[q])}`)).flatMap((el, i) => i ? [h("br"), el] : [el])),
