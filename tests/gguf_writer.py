@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from appliance.models.config import ModelConfig
 from appliance.models.gguf_model import GEMMA3_NAMES, LAYER_NAMES, TOP_NAMES, permute_rows
 from appliance.models.weights import as_float32, load_tensors, weight_map
 
-ARCHES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3", "phi3": "phi3"}
+ARCHES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3", "phi3": "phi3",
+          "qwen3_moe": "qwen3moe"}
+EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 K_QUANTS = {"Q4_K": 0, "Q5_K": 0, "Q6_K": 208}   # where the block's f16 scale d sits
 
 
@@ -81,15 +84,19 @@ def write_gguf(model_dir: Path, path: Path, qtype: str = "F32", split_max_tensor
         w.add_rope_scaling_orig_ctx_len(rope.scaling["original_max_position_embeddings"])
         w.add_tensor("rope_factors_long.weight", np.asarray(rope.scaling["long_factor"], np.float32))
         w.add_tensor("rope_factors_short.weight", np.asarray(rope.scaling["short_factor"], np.float32))
+    if c.num_experts:
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.experts_per_token)
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
     _add_tokenizer(w, model_dir, c)
     names = list(weight_map(model_dir))
-    for name, t in load_tensors(model_dir, names).items():
+    for name, t in stack_experts(load_tensors(model_dir, names)).items():
         t = as_float32(t)
         if name.endswith("norm.weight"):
             t = t + np.float32(c.norm_offset)   # llama.cpp stores Gemma's norms as 1 + w
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             t = permute_rows(t, c.num_heads if "q_proj" in name else c.num_kv_heads)
-        if t.ndim != 2 or qtype == "F32":
+        if t.ndim == 1 or qtype == "F32":
             w.add_tensor(gguf_name(name, arch), np.ascontiguousarray(t, np.float32))
         elif qtype == "F16":
             w.add_tensor(gguf_name(name, arch), t.astype(np.float16))
@@ -104,6 +111,18 @@ def write_gguf(model_dir: Path, path: Path, qtype: str = "F32", split_max_tensor
     if split_max_tensors:
         return next(path.parent.glob(path.stem + "-00001-of-*.gguf"))
     return path
+
+
+def stack_experts(tensors: dict) -> dict:
+    """Each layer's experts as llama.cpp stores them: one [experts, rows, cols] tensor per matrix."""
+    out, experts = {}, {}
+    for name, t in tensors.items():
+        if match := EXPERT.match(name):
+            layer, e, kind = match.groups()
+            experts.setdefault(f"model.layers.{layer}.mlp.experts.{kind}_proj.weight", {})[int(e)] = as_float32(t)
+        else:
+            out[name] = t
+    return {**out, **{name: np.stack([parts[e] for e in sorted(parts)]) for name, parts in experts.items()}}
 
 
 def _add_tokenizer(w: GGUFWriter, model_dir: Path, c: ModelConfig) -> None:

@@ -118,6 +118,28 @@ def test_q4_0_and_q8_0_blocks_reach_matmulnbits_as_they_are(tmp_path):
         assert np.abs(got - logits(path)).max() < 0.1   # what is left: the activations' int8 rounding
 
 
+def test_a_qwen3moe_file_loads_its_experts_and_q4_0_experts_reach_qmoe_as_they_are(tmp_path):
+    """llama.cpp's qwen3moe: the router (ffn_gate_inp) and each matrix of all experts stacked in one
+    tensor (ffn_gate_exps ...). F32: the safetensors model's logits exactly; Q4_0 at q4: QMoE's
+    blocks are the file's (fc2 of expert 3 unpacked is the file's down_proj of expert 3)."""
+    from appliance.engines.onnx_engine import OnnxEngine
+    from appliance.models.weights import as_float32, load_shard
+
+    config = ModelConfig.load(gguf("qwen3-30b-a3b", "F32"))
+    assert (config.model_type, config.num_experts, config.experts_per_token) == ("qwen3_moe", 128, 8)
+    assert config.moe_intermediate_size == 64 and config.norm_topk_prob and all(config.sparse_layers)
+    np.testing.assert_array_equal(logits(gguf("qwen3-30b-a3b", "F32")), logits(model("qwen3-30b-a3b")))
+    path = gguf("qwen3-30b-a3b", "Q4_0")
+    engine = OnnxEngine(Shard(path, 0, 2, 2), quant="q4", cache_dir=tmp_path)
+    packed, scales = engine.weights["model.layers.1.mlp.experts.fc2.q"][3], engine.weights["model.layers.1.mlp.experts.fc2.scales"][3]
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1, 32)
+    values = (q.astype(np.float32) - 8) * scales[..., None]
+    held = as_float32(load_shard(path, engine.config, 1, 2)["model.layers.1.mlp.experts.3.down_proj.weight"])
+    np.testing.assert_array_equal(values.reshape(held.shape), held)
+    got = logits(path, "onnxruntime", quant="q4", cache_dir=tmp_path)
+    assert np.abs(got - logits(path)).max() < 0.1   # the activations' int8 rounding
+
+
 def test_the_tokenizer_and_chat_template_come_from_the_file():
     for shape in ("qwen3-0.6b", "gemma3-1b", "llama-3.2-1b"):
         ours, original = Tokenizer(gguf(shape, "F32")), Tokenizer(model(shape))
@@ -186,6 +208,17 @@ def test_a_node_maps_only_its_own_layers():
     for tensors in (first, last):   # views of the mapped file, not copies
         assert all(not t.flags.owndata for t in tensors.values())
     assert sum(t.nbytes for t in first.values()) < path.stat().st_size
+
+
+def test_a_node_maps_only_its_own_layers_experts():
+    """A mixture's stage maps its own layers' experts, each expert a view of the stacked tensor."""
+    from appliance.models.weights import load_shard
+
+    path = gguf("qwen3-30b-a3b", "Q8_0")
+    last = load_shard(path, ModelConfig.load(path), 1, 2)
+    assert not any(n.startswith("model.layers.0.") for n in last)
+    assert len([n for n in last if ".mlp.experts." in n]) == 3 * 128
+    assert all(not t.flags.owndata for t in last.values())
 
 
 def test_a_node_downloads_only_its_layers_byte_ranges_and_resumes(tmp_path, monkeypatch):

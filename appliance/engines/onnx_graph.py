@@ -138,20 +138,29 @@ def convert_weights(tensors: dict[str, np.ndarray], quant: str, first: bool, las
 
 def stacked_experts(prefix: str, parts: dict, quant: str):
     """One layer's experts as (Q)MoE takes them: fc1 [experts, 2 * inter, hidden] with the gate and up
-    rows interleaved, fc2 [experts, hidden, inter]; quantized expert by expert. The inner size is
-    padded to a multiple of 32 (QMoE's blocks) with zero rows and columns, which add nothing."""
+    rows interleaved, fc2 [experts, hidden, inter]; quantized expert by expert (a GGUF file's Q4_0 or
+    Q8_0 blocks as they are). The inner size is padded to a multiple of 32 (QMoE's blocks) with zero
+    rows and columns, which add nothing."""
     count = 1 + max(e for e, _ in parts)
     for fc, kinds in (("fc1", ("gate", "up")), ("fc2", ("down",))):
-        arrays = []
-        for e in range(count):
-            w = [as_float32(parts[e, kind]) for kind in kinds]
-            w = np.stack(w, axis=1).reshape(-1, w[0].shape[1]) if fc == "fc1" else w[0]
-            arrays.append(_expert_matrix(w, fc, quant))
+        arrays = [_expert_matrix([parts[e, kind] for kind in kinds], fc, quant) for e in range(count)]
         for j, suffix in enumerate(("", ) if quant in ("f32", "f16") else (".q", ".scales")):
             yield prefix + "." + fc + suffix, np.stack([a[j] for a in arrays])
 
 
-def _expert_matrix(w: np.ndarray, fc: str, quant: str) -> tuple[np.ndarray, ...]:
+def _interleave(rows: list[np.ndarray]) -> np.ndarray:
+    """[gate, up] -> gate row 0, up row 0, gate row 1, ... (QMoE's fused SwiGLU layout)."""
+    return np.stack(rows, axis=1).reshape(-1, *rows[0].shape[1:]) if len(rows) > 1 else rows[0]
+
+
+def _expert_matrix(parts: list[np.ndarray], fc: str, quant: str) -> tuple[np.ndarray, ...]:
+    inner = parts[0].shape[0] if fc == "fc1" else as_float32(parts[0][:1]).shape[1]
+    if inner % BLOCK == 0 and all(gguf_blocks_fit(t, quant) for t in parts):
+        blocks = [dict(_from_gguf_blocks("", t)) for t in parts]
+        packed = _interleave([b[".q"] for b in blocks])
+        scales = _interleave([b[".scales"].reshape(t.shape[0], -1) for b, t in zip(blocks, parts)])
+        return packed.reshape(packed.shape[0], -1), scales
+    w = _interleave([as_float32(t) for t in parts])
     pad = -w.shape[0 if fc == "fc1" else 1] % (2 * BLOCK if fc == "fc1" else BLOCK)
     w = np.pad(w, ((0, pad), (0, 0)) if fc == "fc1" else ((0, 0), (0, pad)))
     if quant == "q4":

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "phi3": "phi3"}
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "phi3": "phi3",
+               "qwen3moe": "qwen3_moe"}
 
 # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
 LAYER_NAMES = {
@@ -31,6 +32,10 @@ LAYER_NAMES = {
     "attn_output": "self_attn.o_proj", "attn_qkv": "self_attn.qkv_proj",
     "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    # a mixture of experts: the router, and every expert's matrix stacked in one [experts, rows, cols]
+    # tensor (weights.load_shard gives each expert its own view under its Hugging Face name)
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 GEMMA3_NAMES = {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
                 "post_ffw_norm": "post_feedforward_layernorm"}
@@ -116,6 +121,12 @@ class GGUF:
             "torch_dtype": {0: "float32", 1: "float16", 32: "bfloat16"}.get(self.get("general.file_type"), "float16"),
             "bos_token_id": self.get("tokenizer.ggml.bos_token_id"), "eos_token_id": list(dict.fromkeys(eos)),
         }
+        if self.arch_get("expert_count"):   # llama.cpp renormalises qwen3moe's top k (as Qwen3-30B-A3B's norm_topk_prob)
+            c.update(num_experts=self.arch_get("expert_count"), num_experts_per_tok=self.arch_get("expert_used_count"),
+                     moe_intermediate_size=self.arch_get("expert_feed_forward_length") or c["intermediate_size"],
+                     norm_topk_prob=bool(self.arch_get("expert_weights_norm", True)))
+            if self.arch == "llama":   # Mixtral is written as a llama with experts
+                c["model_type"] = "mixtral"
         scaling = self.arch_get("rope.scaling.type")
         if scaling == "linear":
             c["rope_scaling"] = {"rope_type": "linear", "factor": self.arch_get("rope.scaling.factor")}

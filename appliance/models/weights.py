@@ -72,10 +72,13 @@ def shard_tensor_names(names, start: int, end: int, first: bool, last: bool, tie
     return [n for n in names if wanted(n)]
 
 
+STACKED_EXPERTS = tuple(f"mlp.experts.{kind}_proj.weight" for kind in ("gate", "up", "down"))
+
+
 def load_shard(model_dir: str | Path, config, start: int, end: int, copy_on_write: bool = False) -> dict[str, np.ndarray]:
     """The tensors of a stage holding layers [start, end), memory-mapped, under the names of a
     Llama checkpoint: a multimodal text tower's prefix dropped, Phi-3's fused `qkv_proj` and
-    `gate_up_proj` split into row views (no copy), and norm weights made what they multiply by
+    `gate_up_proj` split into row views (no copy), a GGUF file's stacked experts into one view each, and norm weights made what they multiply by
     (Gemma's `1 + w`, small float32 arrays). The engines all read the model through this."""
     first, last = start == 0, end == config.num_layers
     if is_gguf(model_dir):   # llama.cpp's file: its norms already hold 1 + w
@@ -96,6 +99,9 @@ def load_shard(model_dir: str | Path, config, start: int, end: int, copy_on_writ
             base = name[:-len("qkv_proj.weight")]
             out.update({base + "q_proj.weight": t[:q], base + "k_proj.weight": t[q:q + kv],
                         base + "v_proj.weight": t[q + kv:]})
+        elif name.endswith(STACKED_EXPERTS) and t.ndim == 3:   # a GGUF file's experts: a view of each
+            base, kind = name.rsplit(".experts.", 1)
+            out.update({f"{base}.experts.{e}.{kind}": t[e] for e in range(t.shape[0])})
         elif name.endswith("mlp.gate_up_proj.weight"):
             base, half = name[:-len("gate_up_proj.weight")], t.shape[0] // 2
             out.update({base + "gate_proj.weight": t[:half], base + "up_proj.weight": t[half:]})

@@ -1,0 +1,106 @@
+"""Decode time of one mixture-of-experts layer against a dense layer of the same active size.
+
+A Qwen3-30B-A3B layer holds 128 experts of 768 and runs 8 a token: 8 x 768 = 6144, which is the
+`intermediate_size` of a dense Qwen3 layer with the same attention (the dense twin). If only the
+chosen experts are read, a decode step through the sparse layer costs about what the dense twin
+costs, not 16 times more. Both models are written with random weights at the real shapes
+(`synth`: what `exo models synth --shape qwen3-30b-a3b --layers N` writes, and the twin beside
+it), and the middle layers run as a stage of their own (hidden states in and out: no embedding,
+no head), with 1 row a step and with several requests batched into one step.
+
+Not part of the test suite: run it by hand,
+
+    python -m benchmarks.moe_layer --dir /var/tmp/exo-bench/moe --layers 4 --quants q4,q8 --rows 1,8
+
+(about 6 GB of bfloat16 weights for the two models; minutes to write and quantize once).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from appliance.engines.base import Shard, Step
+from appliance.engines.footprint import footprint
+from appliance.engines.onnx_engine import OnnxEngine
+from appliance.models.config import ModelConfig
+from appliance.models.synth import SHAPES, synthesize, write_random_weights
+
+SHAPE = "qwen3-30b-a3b"
+MOE_KEYS = ("moe_intermediate_size", "num_experts", "num_experts_per_tok", "norm_topk_prob", "decoder_sparse_step",
+            "mlp_only_layers")
+
+
+def dense_twin(moe: dict) -> dict:
+    """The same layer with one dense MLP as wide as the experts a token runs."""
+    dense = {k: v for k, v in moe.items() if k not in MOE_KEYS}
+    dense.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"],
+                 intermediate_size=moe["num_experts_per_tok"] * moe["moe_intermediate_size"])
+    return dense
+
+
+def models(root: Path, layers: int) -> dict[str, Path]:
+    """The MoE model and its dense twin, written once (bfloat16, as Hub checkpoints are)."""
+    out = {"moe": root / f"{SHAPE}-{layers}", "dense": root / f"{SHAPE}-dense-twin-{layers}"}
+    if not (out["moe"] / "model.safetensors").exists():
+        synthesize(SHAPE, out["moe"], layers=layers, dtype="bfloat16")
+    if not (out["dense"] / "model.safetensors").exists():
+        config = dense_twin({**SHAPES[SHAPE], "num_hidden_layers": layers, "torch_dtype": "bfloat16"})
+        out["dense"].mkdir(parents=True, exist_ok=True)
+        (out["dense"] / "config.json").write_text(json.dumps(config, indent=2))
+        write_random_weights(config, out["dense"] / "model.safetensors", seed=0, dtype="bfloat16")
+    return out
+
+
+def ms_per_step(engine: OnnxEngine, rows: int, steps: int, context: int = 32) -> float:
+    """Median milliseconds of one decode step of `rows` requests batched, after a prefill each."""
+    rng = np.random.default_rng(0)
+    hidden = engine.config.hidden_size
+    for r in range(rows):
+        engine.forward([Step(f"r{r}", 0, rng.standard_normal((context, hidden)).astype(np.float32))])
+    times = []
+    for i in range(steps):
+        batch = [Step(f"r{r}", context + i, rng.standard_normal((1, hidden)).astype(np.float32)) for r in range(rows)]
+        start = time.perf_counter()
+        engine.forward(batch)
+        times.append(time.perf_counter() - start)
+    for r in range(rows):
+        engine.free(f"r{r}")
+    return 1000 * float(np.median(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", default="/var/tmp/exo-bench/moe", help="where the two models and the quant cache go")
+    parser.add_argument("--layers", type=int, default=4, help="layers of each model; the middle ones are timed")
+    parser.add_argument("--quants", default="q4,q8")
+    parser.add_argument("--rows", default="1,8", help="requests batched into one decode step")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    args = parser.parse_args()
+    root = Path(args.dir)
+    paths = models(root, args.layers)
+    timed = args.layers - 2
+    print("| layer | quant | rows a step | ms a step per layer | ms a token per layer | MB read a token per layer "
+          "| MB held per layer | GB/s at 1 row |")
+    print("|---|---|---|---|---|---|---|---|")
+    for quant in args.quants.split(","):
+        for kind, path in paths.items():
+            config = ModelConfig.load(path)
+            engine = OnnxEngine(Shard(path, 1, args.layers - 1, args.layers), quant=quant, cache_dir=root / "cache",
+                                threads=args.threads)
+            held = footprint(config, "onnxruntime", quant)
+            active = held.active_layer or held.layer
+            for rows in (int(r) for r in args.rows.split(",")):
+                step = ms_per_step(engine, rows, args.steps) / timed
+                rate = f"{active / step / 1e6:.1f}" if rows == 1 else ""
+                print(f"| {kind} | {quant} | {rows} | {step:.2f} | {step / rows:.2f} | {active / 1e6:.1f} "
+                      f"| {held.layer / 1e6:.1f} | {rate} |", flush=True)
+            del engine
+
+
+if __name__ == "__main__":
+    main()
