@@ -77,7 +77,8 @@ def parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the catalog, download a model, or make a synthetic one")
     models.add_argument("action", choices=["list", "download", "synth"])
     models.add_argument("model", nargs="?", help="hub id to download (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
-    models.add_argument("--shape", help="synth: tinyllama-1.1b, llama-3.2-1b, qwen2.5-0.5b or smollm2-135m")
+    models.add_argument("--shape", help="synth: a real model's shape from models/synth.py, e.g. tinyllama-1.1b, "
+                                        "qwen3-0.6b, qwen3-30b-a3b (a mixture of experts), mixtral-8x7b")
     models.add_argument("--out", help="synth: the folder to write")
     models.add_argument("--layers", type=int, help="synth: fewer layers than the real model")
     models.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],

@@ -55,15 +55,19 @@ def models(root: Path, layers: int) -> dict[str, Path]:
     return out
 
 
-def ms_per_step(engine: OnnxEngine, rows: int, steps: int, context: int = 32) -> float:
-    """Median milliseconds of one decode step of `rows` requests batched, after a prefill each."""
+def ms_per_step(engine: OnnxEngine, rows: int, steps: int, same: bool = False, context: int = 32) -> float:
+    """Median milliseconds of one decode step of `rows` requests batched, after a prefill each.
+    `same`: every row gets the same hidden state, so all rows choose the same k experts."""
     rng = np.random.default_rng(0)
     hidden = engine.config.hidden_size
+    draw = lambda r, n: rng.standard_normal((n, hidden)).astype(np.float32)   # noqa: E731
+    prompt = draw(0, context)
     for r in range(rows):
-        engine.forward([Step(f"r{r}", 0, rng.standard_normal((context, hidden)).astype(np.float32))])
+        engine.forward([Step(f"r{r}", 0, prompt if same else draw(r, context))])
     times = []
     for i in range(steps):
-        batch = [Step(f"r{r}", context + i, rng.standard_normal((1, hidden)).astype(np.float32)) for r in range(rows)]
+        x = draw(0, 1)
+        batch = [Step(f"r{r}", context + i, x if same else draw(r, 1)) for r in range(rows)]
         start = time.perf_counter()
         engine.forward(batch)
         times.append(time.perf_counter() - start)
@@ -77,7 +81,8 @@ def main() -> None:
     parser.add_argument("--dir", default="/var/tmp/exo-bench/moe", help="where the two models and the quant cache go")
     parser.add_argument("--layers", type=int, default=4, help="layers of each model; the middle ones are timed")
     parser.add_argument("--quants", default="q4,q8")
-    parser.add_argument("--rows", default="1,8", help="requests batched into one decode step")
+    parser.add_argument("--rows", default="1,8,8same",
+                        help="requests batched into one decode step (NNsame: all rows choose the same experts)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     args = parser.parse_args()
@@ -94,10 +99,12 @@ def main() -> None:
                                 threads=args.threads)
             held = footprint(config, "onnxruntime", quant)
             active = held.active_layer or held.layer
-            for rows in (int(r) for r in args.rows.split(",")):
-                step = ms_per_step(engine, rows, args.steps) / timed
+            for spec in args.rows.split(","):
+                rows, same = int(spec.removesuffix("same")), spec.endswith("same")
+                step = ms_per_step(engine, rows, args.steps, same) / timed
                 rate = f"{active / step / 1e6:.1f}" if rows == 1 else ""
-                print(f"| {kind} | {quant} | {rows} | {step:.2f} | {step / rows:.2f} | {active / 1e6:.1f} "
+                label = f"{rows}, same experts" if same else str(rows)
+                print(f"| {kind} | {quant} | {label} | {step:.2f} | {step / rows:.2f} | {active / 1e6:.1f} "
                       f"| {held.layer / 1e6:.1f} | {rate} |", flush=True)
             del engine
 
