@@ -20,10 +20,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, quants
 from appliance.engines.rope import inv_freq
 from appliance.models.config import ModelConfig
 from appliance.models.gguf_model import GEMMA3_NAMES, LAYER_NAMES, TOP_NAMES, permute_rows
-from appliance.models.weights import as_float32, load_tensors, weight_map
+from appliance.models.weights import as_float32, canonical_name, load_tensors, weight_map
 
 ARCHES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3", "phi3": "phi3",
-          "qwen3_moe": "qwen3moe"}
+          "qwen3_moe": "qwen3moe", "mixtral": "llama"}
 EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 K_QUANTS = {"Q4_K": 0, "Q5_K": 0, "Q6_K": 208}   # where the block's f16 scale d sits
 
@@ -117,6 +117,7 @@ def stack_experts(tensors: dict) -> dict:
     """Each layer's experts as llama.cpp stores them: one [experts, rows, cols] tensor per matrix."""
     out, experts = {}, {}
     for name, t in tensors.items():
+        name = canonical_name(name)   # Mixtral's block_sparse_moe.experts.E.w1 -> mlp.experts.E.gate_proj
         if match := EXPERT.match(name):
             layer, e, kind = match.groups()
             experts.setdefault(f"model.layers.{layer}.mlp.experts.{kind}_proj.weight", {})[int(e)] = as_float32(t)

@@ -140,6 +140,13 @@ def test_a_qwen3moe_file_loads_its_experts_and_q4_0_experts_reach_qmoe_as_they_a
     assert np.abs(got - logits(path)).max() < 0.1   # the activations' int8 rounding
 
 
+def test_a_mixtral_file_is_a_llama_with_experts():
+    path = gguf("mixtral-8x7b", "F32")
+    config = ModelConfig.load(path)
+    assert (config.model_type, config.num_experts, config.experts_per_token) == ("mixtral", 8, 2)
+    np.testing.assert_array_equal(logits(path), logits(model("mixtral-8x7b")))
+
+
 def test_the_tokenizer_and_chat_template_come_from_the_file():
     for shape in ("qwen3-0.6b", "gemma3-1b", "llama-3.2-1b"):
         ours, original = Tokenizer(gguf(shape, "F32")), Tokenizer(model(shape))

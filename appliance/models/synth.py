@@ -163,7 +163,7 @@ def synthesize(shape: str, out_dir: str | Path, *, seed: int = 0, dtype: str = "
         sizes = {**TINY, **(tiny if isinstance(tiny, dict) else {})}
         config.update(sizes)
         config["vocab_size"] = max(1024, max(SPECIALS[shape][0]) + 1)   # the special ids must still fit
-        if "sliding_window" in config:
+        if config.get("sliding_window"):   # (Mixtral writes null: no window)
             config["sliding_window"], config["sliding_window_pattern"] = 4, 2
         if "query_pre_attn_scalar" in config:   # as the 1B and 4B have it: the head size
             config["query_pre_attn_scalar"] = sizes["head_dim"]
