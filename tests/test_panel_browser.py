@@ -167,6 +167,7 @@ def test_models_page_lists_the_catalog_and_shows_api_errors(browser, cluster):
         row = page.locator(f'#catalog tr[data-model="{m["id"]}"]')
         assert m["name"] in row.inner_text() and ("fits" in row.inner_text()) == m["fits"]
         assert row.locator("td.sizes [data-quant]").count() == 3                # q4, q8, f16
+        assert ("B active" in row.inner_text()) == bool(m["active_params"])    # a mixture: what a token reads
         assert row.locator("button.danger").count() == (1 if m["cached"] else 0)   # Delete only what is cached
     # three nodes on this one machine: one host, whose memory they share
     assert page.locator("#hosts li").count() == len(state["hosts"]) == 1
