@@ -131,7 +131,8 @@ def test_a_qwen3moe_file_loads_its_experts_and_q4_0_experts_reach_qmoe_as_they_a
     np.testing.assert_array_equal(logits(gguf("qwen3-30b-a3b", "F32")), logits(model("qwen3-30b-a3b")))
     path = gguf("qwen3-30b-a3b", "Q4_0")
     engine = OnnxEngine(Shard(path, 0, 2, 2), quant="q4", cache_dir=tmp_path)
-    packed, scales = engine.weights["model.layers.1.mlp.experts.fc2.q"][3], engine.weights["model.layers.1.mlp.experts.fc2.scales"][3]
+    fc2 = "model.layers.1.mlp.experts.fc2"
+    packed, scales = engine.weights[fc2 + ".q"][3], engine.weights[fc2 + ".scales"][3]   # expert 3
     q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1, 32)
     values = (q.astype(np.float32) - 8) * scales[..., None]
     held = as_float32(load_shard(path, engine.config, 1, 2)["model.layers.1.mlp.experts.3.down_proj.weight"])

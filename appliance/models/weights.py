@@ -78,8 +78,8 @@ STACKED_EXPERTS = tuple(f"mlp.experts.{kind}_proj.weight" for kind in ("gate", "
 def load_shard(model_dir: str | Path, config, start: int, end: int, copy_on_write: bool = False) -> dict[str, np.ndarray]:
     """The tensors of a stage holding layers [start, end), memory-mapped, under the names of a
     Llama checkpoint: a multimodal text tower's prefix dropped, Phi-3's fused `qkv_proj` and
-    `gate_up_proj` split into row views (no copy), a GGUF file's stacked experts into one view each, and norm weights made what they multiply by
-    (Gemma's `1 + w`, small float32 arrays). The engines all read the model through this."""
+    `gate_up_proj` split into row views (no copy), a GGUF file's stacked experts into one view
+    each, and norm weights made what they multiply by (Gemma's `1 + w`, small float32 arrays). The engines all read the model through this."""
     first, last = start == 0, end == config.num_layers
     if is_gguf(model_dir):   # llama.cpp's file: its norms already hold 1 + w
         gguf = GGUF(model_dir)
