@@ -52,7 +52,7 @@ class OnnxEngine(Engine):
 
     def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = DEFAULT_QUANT["onnxruntime"],
                  cache_dir: str | Path | None = None, max_seq: int = MAX_CONTEXT, slots: int = 8, threads: int = 0,
-                 spin: bool = False, profile_prefix: str | None = None):
+                 profile_prefix: str | None = None):
         import onnxruntime as ort
 
         super().__init__(shard, config, max_seq)
@@ -62,9 +62,9 @@ class OnnxEngine(Engine):
         self.quant = quant
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        # Idle threads spin only when told this node has its machine's cores to itself; several
-        # stages sharing them (local nodes) would spin against each other.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        # Idle threads sleep instead of spinning: several stages may share one machine's cores
+        # (local nodes), and spinning was slower even for a node alone (docs/performance.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if profile_prefix:   # onnxruntime's own per-operator trace (see engines/profile.py)
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         if maps_checkpoint(shard, c, quant):
