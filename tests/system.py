@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes.util
 import functools
+import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -43,6 +44,7 @@ PROVIDERS = {
     "mosquitto": (lambda: find_mosquitto() is not None, "mosquitto"),
     "mosquitto_passwd": (_command("mosquitto_passwd"), "mosquitto"),
     "clang": (_command("clang"), "clang"),                            # tinygrad's CPU backend
+    "ggml": (lambda: importlib.util.find_spec("ggml") is not None, "pip:ggml-python==0.0.45"),   # the ggml engine
     "libOpenCL.so.1": (_opencl_loader, "ocl-icd-libopencl1"),          # the OpenCL ICD loader
     "an OpenCL driver": (_opencl_driver, "pocl-opencl-icd"),           # pocl: OpenCL on the CPU
     "chromium": (lambda: chromium() is not None, "chromium"),

@@ -23,7 +23,8 @@ from tests.test_synth import synth_model  # noqa: E402
 STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "stories260K" / "hf"
 needs_stories = pytest.mark.skipif(not (STORIES / "config.json").exists(), reason="shared/models/stories260K absent")
 needs_clang = needs("clang")  # tinygrad's CPU backend compiles its kernels with clang
-FAST = ["onnxruntime", pytest.param("tinygrad", marks=needs_clang)]
+needs_ggml = needs("ggml")    # the ggml-python bindings, which build ggml on install
+FAST = ["onnxruntime", pytest.param("ggml", marks=needs_ggml), pytest.param("tinygrad", marks=needs_clang)]
 # tinygrad on OpenCL (pocl in CI): a GPU-style backend, whose buffers live apart from host memory
 ON_A_DEVICE = FAST + [pytest.param("tinygrad-cl", marks=needs_opencl)]
 needs_mount_namespace = pytest.mark.skipif(
@@ -39,7 +40,7 @@ def whole(model_dir) -> Shard:
 
 
 def engine(name: str, shard: Shard, tmp_path, **options):
-    if name == "onnxruntime":
+    if name in ("onnxruntime", "ggml"):
         options = {"quant": "f32", "cache_dir": tmp_path, **options}
     if name == "tinygrad-cl":
         name, options = "tinygrad", {"device": "CL", **options}
@@ -100,7 +101,9 @@ def test_f32_logits_match_numpy_on_real_configs(name, shape, tmp_path):
 @pytest.mark.parametrize("name,options", [pytest.param("onnxruntime", {}, id="onnxruntime"),
                                           pytest.param("tinygrad", {}, id="tinygrad", marks=needs_clang),
                                           pytest.param("tinygrad-cl", {}, id="tinygrad-cl", marks=needs_opencl)] +
-                         [pytest.param("onnxruntime", {"quant": q}, id=f"onnxruntime-{q}") for q in ("q8", "q4")])
+                         [pytest.param("onnxruntime", {"quant": q}, id=f"onnxruntime-{q}") for q in ("q8", "q4")] +
+                         [pytest.param("ggml", {"quant": q}, id=f"ggml-{q}", marks=needs_ggml)
+                          for q in ("f32", "q8", "q4")])
 def test_batched_decode_gives_each_request_its_own_logits(name, options, tmp_path):
     """Three requests at different lengths decode in one call, and get what each gets alone.
     Quantized: each row's activations are quantized with a scale of their own, never the batch's."""
@@ -161,20 +164,24 @@ def perplexity(engine, ids: list[int]) -> float:
     return float(np.exp(np.mean(nll)))
 
 
-def quantized_perplexity_deltas(label: str, model_dir, ids: list[int], tmp_path) -> dict[str, float]:
-    """Each onnxruntime quant's perplexity relative to f32 (printed: the figures in docs/performance.md)."""
-    f32 = perplexity(engine("onnxruntime", whole(model_dir), tmp_path), ids)
+def quantized_perplexity_deltas(name: str, label: str, model_dir, ids: list[int], tmp_path) -> dict[str, float]:
+    """Each quant's perplexity relative to f32 on one engine (printed: the figures in docs/performance.md)."""
+    f32 = perplexity(engine(name, whole(model_dir), tmp_path), ids)
     delta = {}
     for quant in ("f16", "q8", "q4"):
-        ppl = perplexity(engine("onnxruntime", whole(model_dir), tmp_path, quant=quant), ids)
+        ppl = perplexity(engine(name, whole(model_dir), tmp_path, quant=quant), ids)
         delta[quant] = ppl / f32 - 1
-        print(f"{label} perplexity f32 {f32:.4f}  {quant} {ppl:.4f}  ({100 * delta[quant]:+.3f} %)")
+        print(f"{name} {label} perplexity f32 {f32:.4f}  {quant} {ppl:.4f}  ({100 * delta[quant]:+.3f} %)")
     return delta
 
 
+QUANTIZING = ["onnxruntime", pytest.param("ggml", marks=needs_ggml)]
+
+
 @needs_stories
-def test_quantized_perplexity_stays_close_to_f32(tmp_path):
-    delta = quantized_perplexity_deltas("stories260K", STORIES, Tokenizer(STORIES).encode(TEXT), tmp_path)
+@pytest.mark.parametrize("name", QUANTIZING)
+def test_quantized_perplexity_stays_close_to_f32(name, tmp_path):
+    delta = quantized_perplexity_deltas(name, "stories260K", STORIES, Tokenizer(STORIES).encode(TEXT), tmp_path)
     assert abs(delta["f16"]) < 0.001
     assert abs(delta["q8"]) < 0.01
     assert abs(delta["q4"]) < 0.15  # measured +7.6 %: a 260K-parameter model is fragile
@@ -184,12 +191,13 @@ FAMILIES = ["qwen3-0.6b", "gemma3-1b", "smollm3-3b", "phi4-mini", "qwen3-30b-a3b
 
 
 @pytest.mark.parametrize("shape", FAMILIES)
-def test_quantized_perplexity_of_each_family(shape, tmp_path):
+@pytest.mark.parametrize("name", QUANTIZING)
+def test_quantized_perplexity_of_each_family(name, shape, tmp_path):
     """The 2025 families (random weights at test size, a 4-position sliding window, longrope past
     its original context): f16 and q8 stay close to f32, q4 within its error; the figures go to
     docs/performance.md."""
     model_dir = synth_model(shape)
-    delta = quantized_perplexity_deltas(shape, model_dir, Tokenizer(model_dir).encode(TEXT)[:24], tmp_path)
+    delta = quantized_perplexity_deltas(name, shape, model_dir, Tokenizer(model_dir).encode(TEXT)[:24], tmp_path)
     assert abs(delta["f16"]) < 0.001
     assert abs(delta["q8"]) < 0.01
     assert abs(delta["q4"]) < 0.05
@@ -305,13 +313,16 @@ def test_onnx_kv_pool_grows_and_skips_requests_left_out(tmp_path):
 def held_bytes(engine) -> int:
     if engine.name == "onnxruntime":
         return sum(a.nbytes for a in engine.weights.values())
+    if engine.name == "ggml":
+        return sum(a.nbytes for a in engine.arrays.values())
     arrays = [*engine.w.values(), engine.embed, getattr(engine, "head", None)]
     distinct = {id(a): a for a in arrays if a is not None and not (a is engine.embed and not engine.shard.is_first)}
     return sum(a.nbytes for a in distinct.values())   # a tied float32 head is the embedding's own map
 
 
 @pytest.mark.parametrize("name,quant", [("onnxruntime", "q4"), ("onnxruntime", "q8"), ("onnxruntime", "f16"),
-                                        ("numpy", "f32")])
+                                        ("numpy", "f32")] +
+                         [pytest.param("ggml", q, marks=needs_ggml) for q in ("q4", "q8", "f16")])
 @pytest.mark.parametrize("part", ["first", "last"])
 @pytest.mark.parametrize("shape", ["smollm2-135m", "qwen3-30b-a3b"])
 def test_the_footprint_is_what_the_engine_holds(name, quant, part, shape, tmp_path):
@@ -320,7 +331,7 @@ def test_the_footprint_is_what_the_engine_holds(name, quant, part, shape, tmp_pa
     model_dir = synth_model(shape, layers=4)
     config = ModelConfig.load(model_dir)
     shard = Shard(Path(model_dir), 0, 2, 4) if part == "first" else Shard(Path(model_dir), 2, 4, 4)
-    options = {"quant": quant, "cache_dir": tmp_path} if name == "onnxruntime" else {}
+    options = {"quant": quant, "cache_dir": tmp_path} if name in ("onnxruntime", "ggml") else {}
     held = held_bytes(load_engine(name, shard, **options))
     counted = footprint(config, name, quant).shard(2, part == "first", part == "last", requests=0)
     assert counted == pytest.approx(held, rel=0.02)

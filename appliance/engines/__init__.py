@@ -8,6 +8,7 @@ __all__ = ["Engine", "Shard", "Step", "ENGINES", "GPU_DEVICE_NODES", "load_engin
 # name -> "module:Class", imported only when chosen so a node pulls in just its own backend.
 ENGINES = {
     "numpy": "appliance.engines.numpy_engine:NumpyEngine",
+    "ggml": "appliance.engines.ggml_engine:GgmlEngine",
     "onnxruntime": "appliance.engines.onnx_engine:OnnxEngine",
     "tinygrad": "appliance.engines.tinygrad_engine:TinygradEngine",
 }

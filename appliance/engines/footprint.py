@@ -2,12 +2,14 @@
 
 Weights are counted in the form the engine keeps after loading, not as stored: onnxruntime holds
 q4 as 4-bit blocks of 32 with a float32 scale each, q8 as int8 with a float32 scale per output
-channel; numpy widens every matrix to float32; tinygrad keeps f32 or f16 on its device. No engine
-widens the embedding: numpy and tinygrad map it as stored, onnxruntime keeps it float16. The KV
-room is one request's float32 keys and values over the full context. A mixture of experts is held
-whole (every expert: the memory) but a token reads only its router and k experts (`active_layer`:
-for speed estimates); onnxruntime holds the experts in QMoE's blocks of 32 (q8 too: a scale a
-block). Light on purpose (no numpy, no engine imports): the coordinator plans with it.
+channel; ggml holds Q4_0 / Q8_0 blocks (32 weights and a float16 scale, float16 where a row is
+no whole number of blocks); numpy widens every matrix to float32; tinygrad keeps f32 or f16 on
+its device. No engine widens the embedding: numpy and tinygrad map it as stored, onnxruntime keeps
+it float16, ggml quantizes it like the matrices. The KV room is one request's float32 keys and
+values over the full context. A mixture of experts is held whole (every expert: the memory) but a
+token reads only its router and k experts (`active_layer`: for speed estimates); onnxruntime holds
+the experts in QMoE's blocks of 32 (q8 too: a scale a block). Light on purpose (no numpy, no engine
+imports): the coordinator plans with it.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 
 from appliance.models.config import DTYPE_BYTES, ModelConfig
 
-DEFAULT_QUANT = {"numpy": "f32", "onnxruntime": "q8", "tinygrad": "f32"}
+DEFAULT_QUANT = {"numpy": "f32", "onnxruntime": "q8", "tinygrad": "f32", "ggml": "q8"}
 BLOCK = 32   # onnxruntime's MatMulNBits block (onnx_graph.BLOCK)
 FLOAT_BYTES = {"f32": 4, "f16": 2}
+GGML_BLOCK_BYTES = {"q4": 18, "q8": 34}   # Q4_0, Q8_0: a block of 32 weights with its float16 scale
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ def matrix_bytes(rows: int, cols: int, engine: str, quant: str) -> int:
         return rows * cols // 2 + rows * -(-cols // BLOCK) * 4
     if engine == "onnxruntime" and quant == "q8":
         return rows * cols + rows * 4
+    if engine == "ggml" and quant in GGML_BLOCK_BYTES:
+        return rows * cols * 2 if cols % BLOCK else rows * cols // BLOCK * GGML_BLOCK_BYTES[quant]
     return rows * cols * FLOAT_BYTES.get(quant, 4)
 
 
@@ -89,4 +94,6 @@ def embedding_bytes(c: ModelConfig, engine: str, quant: str) -> int:
     rows = c.vocab_size * c.hidden_size
     if engine == "onnxruntime":                 # float16 beside quantized weights
         return rows * (4 if quant == "f32" else 2)
+    if engine == "ggml":                        # blocks like the matrices (a tied head is this tensor)
+        return matrix_bytes(c.vocab_size, c.hidden_size, engine, quant)
     return rows * DTYPE_BYTES.get(c.torch_dtype, 4)   # numpy, tinygrad: memory-mapped in its stored dtype

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import subprocess
@@ -38,11 +37,10 @@ import numpy as np
 from appliance.engines.footprint import DEFAULT_QUANT
 from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
 from appliance.engines.onnx_graph import QUANTS, build_graph, convert_weights, padded_head_dim
+from appliance.engines.weight_cache import cache_key, load_arrays, release_pages, save_arrays
 from appliance.models.config import ModelConfig
-from appliance.models.gguf_model import gguf_files
 from appliance.models.weights import load_shard
 
-CACHE_VERSION = 2
 DEFAULT_CACHE_DIR = Path("~/.cache/exo/onnx")
 QUANTIZED_SHARDS = 0  # how many shards this process converted (tests check the cache is reused)
 
@@ -252,63 +250,6 @@ def prepare_shard(shard: Shard, quant: str, path: Path, capacity: int) -> None:
         tmp.rename(path / session_name(capacity))
     except OSError:   # another process on this machine saved the same session first
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def release_pages(arrays) -> None:
-    """The session has prepacked the matrices into its own buffers: drop the pages of the memory
-    maps it read them from, so they are not counted twice. They are file-backed and read-only: a
-    tensor still used in place (the embedding's Gather) just faults its pages back in."""
-    maps = {}
-    for a in arrays:
-        while a is not None and not hasattr(a, "_mmap"):
-            a = a.base
-        if a is not None and a._mmap is not None:
-            maps[id(a._mmap)] = a._mmap
-    for m in maps.values():
-        m.madvise(mmap.MADV_DONTNEED)
-
-
-def cache_key(shard: Shard, quant: str) -> str:
-    """Model revision stand-in: the config and every weight file's name, size and mtime."""
-    model_dir = Path(shard.model_dir)
-    if model_dir.suffix == ".gguf":   # a GGUF model: its files, whose header holds the config
-        h, files = hashlib.sha256(b"gguf"), gguf_files(model_dir)
-    else:
-        h, files = hashlib.sha256((model_dir / "config.json").read_bytes()), sorted(model_dir.glob("*.safetensors"))
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(f"v{CACHE_VERSION}".encode())
-    return f"{model_dir.name}-{h.hexdigest()[:16]}/layers-{shard.start}-{shard.end}-{quant}"
-
-
-def save_arrays(path: Path, arrays) -> None:
-    """Arrays into one raw file (64-byte aligned) plus index.json; written aside, then renamed."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    index, offset = {}, 0
-    with open(tmp / "weights.bin", "wb") as f:
-        for name, a in arrays:
-            a = np.ascontiguousarray(a)
-            f.write(b"\0" * (-offset % 64))
-            offset += -offset % 64
-            index[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": offset}
-            f.write(a.tobytes())
-            offset += a.nbytes
-    (tmp / "index.json").write_text(json.dumps(index))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-
-
-def load_arrays(path: Path) -> dict[str, np.ndarray]:
-    index = json.loads((path / "index.json").read_text())
-    raw = np.memmap(path / "weights.bin", dtype=np.uint8, mode="r")
-    out = {}
-    for name, meta in index.items():
-        dtype = np.dtype(meta["dtype"])
-        count = int(np.prod(meta["shape"]))
-        out[name] = raw[meta["offset"]:meta["offset"] + count * dtype.itemsize].view(dtype).reshape(meta["shape"])
-    return out
 
 
 if __name__ == "__main__":   # cached_shard's child: python -m appliance.engines.onnx_engine JOB

@@ -1,0 +1,382 @@
+"""ggml engine: a shard run by ggml's CPU backend (the tensor library llama.cpp is built on), through
+the `ggml-python` bindings, with ggml's own Q4_0 / Q8_0 block kernels.
+
+Weights. Matrices are held as ggml blocks: Q4_0 (q4), Q8_0 (q8), F16 or F32; the embedding too
+(looked up with get_rows, which widens only the rows it reads), and a tied head is the embedding's
+own tensor. A GGUF file's Q4_0 / Q8_0 blocks are used as they are. A matrix whose rows are not a
+whole number of 32-wide blocks stays F16. Norms and biases are float32. The converted shard is
+written once to the on-disk cache (weight_cache.py, default ~/.cache/exo/ggml) and memory-mapped:
+ggml's tensors point into the map, so only the pages of this node's layers are ever read in. A
+float32 checkpoint run at f32 is mapped as it is.
+
+A step. Each call builds one ggml graph for all its steps (requests distinct): the linear layers
+run over every token row of every request at once, attention per request against its own KV cache.
+The graph is rebuilt per call (a few hundred ctypes calls a layer-less-than-a-millisecond), and
+ggml's allocator reuses one compute buffer. Rope is ggml's NEOX mode (pairs i and i + rotary/2 of
+each head, Hugging Face's layout); its frequencies come from rope.py as per-pair factors.
+
+KV cache. Per request, float32, two arrays over all the shard's layers: keys [layers, capacity,
+kv_heads * D] (a row per position) and values transposed [layers, kv_heads * D, capacity] (so the
+weighted sum of values is one matrix product). np.zeros maps them lazily: unused capacity costs no RAM.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
+from appliance.engines.footprint import DEFAULT_QUANT
+from appliance.engines.rope import attention_factor, inv_freq
+from appliance.engines.weight_cache import cache_key, load_arrays, release_pages, save_arrays
+from appliance.models.config import ModelConfig, Rope
+from appliance.models.weights import as_float32, load_shard
+
+import ggml  # noqa: E402  (ggml-python: pip install 'exo-appliance[ggml]')
+
+QUANTS = ("q4", "q8", "f16", "f32")
+MATRIX_TYPES = {"q4": ggml.GGML_TYPE_Q4_0, "q8": ggml.GGML_TYPE_Q8_0, "f16": ggml.GGML_TYPE_F16,
+                "f32": ggml.GGML_TYPE_F32}
+GGUF_BLOCKS = {("Q4_0", "q4"), ("Q8_0", "q8")}   # a GGUF tensor's blocks taken as they are
+BLOCK = 32
+DEFAULT_CACHE_DIR = Path("~/.cache/exo/ggml")
+NUMPY_TYPES = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.float16): ggml.GGML_TYPE_F16}
+F32 = ggml.GGML_TYPE_F32
+
+
+class GgmlEngine(Engine):
+    name = "ggml"
+
+    def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = DEFAULT_QUANT["ggml"],
+                 cache_dir: str | Path | None = None, max_seq: int = MAX_CONTEXT, threads: int = 0):
+        super().__init__(shard, config, max_seq)
+        if quant not in QUANTS:
+            raise ValueError(f"quant must be one of {QUANTS}, not {quant!r}")
+        self.quant = quant
+        self.arrays, self.cache_path = shard_arrays(shard, self.config, quant, cache_dir)
+        self.types = {name: ggml_type(name, a, quant) for name, a in self.arrays.items()}
+        self.tensors = Tensors(self.arrays, self.types)
+        release_pages(self.arrays.values())
+        self.backend = ggml.ggml_backend_cpu_init()
+        ggml.ggml_backend_cpu_set_n_threads(self.backend, threads or len(os.sched_getaffinity(0)))
+        self.allocator = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self.backend))
+        c = self.config
+        self.head = "lm_head.weight" if "lm_head.weight" in self.arrays else "model.embed_tokens.weight"
+        self.width = c.num_kv_heads * c.head_dim
+        self.rope_factors = {}   # Rope -> (short, long) float32 per-pair frequency divisors, None where 1
+
+    def __del__(self):
+        if getattr(self, "allocator", None):
+            ggml.ggml_gallocr_free(self.allocator)
+            ggml.ggml_backend_free(self.backend)
+
+    def forward(self, steps: list[Step]) -> list[np.ndarray]:
+        if len({s.request_id for s in steps}) == len(steps):
+            return self._run(steps)
+        return [self._run([step])[0] for step in steps]   # two steps of one request: in order
+
+    # ---- one graph over the steps of distinct requests ----
+
+    def _run(self, steps: list[Step]) -> list[np.ndarray]:
+        c, shard = self.config, self.shard
+        for step in steps:
+            if step.pos + len(step.x) > self.capacity:
+                raise ValueError(f"request {step.request_id}: position {step.pos + len(step.x)} is past the KV "
+                                 f"capacity {self.capacity} (max_seq)")
+        g = Graph(self, steps)
+        try:
+            if shard.is_first:
+                x = g.input(np.concatenate([np.asarray(s.x, np.int32) for s in steps]), ggml.GGML_TYPE_I32)
+                x = ggml.ggml_get_rows(g.ctx, self.tensors["model.embed_tokens.weight"], x)
+                if c.embedding_scale != 1.0:
+                    x = ggml.ggml_scale(g.ctx, x, c.embedding_scale)
+            else:
+                x = g.input(np.concatenate([np.asarray(s.x, np.float32) for s in steps]), F32)
+            for i, layer in enumerate(range(shard.start, shard.end)):
+                x = g.layer(x, layer, i)
+            if shard.is_last:
+                last = g.input(np.cumsum([len(s.x) for s in steps]).astype(np.int32) - 1, ggml.GGML_TYPE_I32)
+                x = g.norm(ggml.ggml_get_rows(g.ctx, x, last), "model.norm.weight")
+                x = ggml.ggml_mul_mat(g.ctx, self.tensors[self.head], x)
+                if c.final_logit_softcapping:
+                    cap = c.final_logit_softcapping
+                    x = ggml.ggml_scale(g.ctx, ggml.ggml_tanh(g.ctx, ggml.ggml_scale(g.ctx, x, 1 / cap)), cap)
+            out = g.compute(x)
+        finally:
+            g.free()
+        if shard.is_last:
+            return list(out)
+        bounds = np.cumsum([0] + [len(s.x) for s in steps])
+        return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def cache(self, request_id: str) -> "KVCache":
+        cache = self.caches.get(request_id)
+        if cache is None:
+            cache = self.caches[request_id] = KVCache(self.shard.end - self.shard.start, self.width, self.capacity)
+        return cache
+
+    def factors(self, rope: Rope) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """rope.py's frequencies as ggml's per-pair divisors of theta^(-2i/d): (short, long)."""
+        if rope not in self.rope_factors:
+            d = rope.rotary_dim
+            plain = 1.0 / (rope.theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+            short = (plain / inv_freq(rope)).astype(np.float32)
+            long = (plain / inv_freq(rope, long=True)).astype(np.float32)
+            self.rope_factors[rope] = (None if np.all(short == 1) else short, None if np.all(long == 1) else long)
+        return self.rope_factors[rope]
+
+
+class KVCache:
+    """One request's float32 keys (a row per position) and values (transposed) for each local layer."""
+
+    def __init__(self, layers: int, width: int, capacity: int):
+        self.k = np.zeros((layers, capacity, width), np.float32)
+        self.v = np.zeros((layers, width, capacity), np.float32)
+
+
+class Graph:
+    """One call's ggml graph: a context for its tensors' descriptions (the data lives in the weight
+    maps, the KV caches and the allocator's buffer), the inputs to write once it is allocated."""
+
+    def __init__(self, engine: GgmlEngine, steps: list[Step]):
+        self.engine, self.config, self.steps = engine, engine.config, steps
+        layers = engine.shard.end - engine.shard.start
+        self.size = 64 + layers * (48 + 32 * len(steps))
+        params = ggml.ggml_init_params(mem_size=self.size * ggml.ggml_tensor_overhead() +
+                                       ggml.ggml_graph_overhead_custom(self.size, False), mem_buffer=None, no_alloc=True)
+        self.ctx = ggml.ggml_init(params)
+        self.graph = ggml.ggml_new_graph_custom(self.ctx, self.size, False)
+        self.inputs: list[tuple[object, np.ndarray]] = []
+        self.keep: list[np.ndarray] = []
+        starts = np.cumsum([0] + [len(s.x) for s in steps])
+        self.rows = [(int(a), len(s.x)) for a, s in zip(starts, steps)]   # (first row, rows) of each step
+        self.positions = np.concatenate([np.arange(s.pos, s.pos + len(s.x), dtype=np.int32) for s in steps])
+        self.pos = self.input(self.positions, ggml.GGML_TYPE_I32)
+        self.masks: dict[int | None, list] = {}
+        self.caches = [engine.cache(s.request_id) for s in steps]
+
+    def free(self) -> None:
+        ggml.ggml_free(self.ctx)
+
+    def input(self, values: np.ndarray, kind: int):
+        values = np.ascontiguousarray(values)
+        t = ggml.ggml_new_tensor(self.ctx, kind, values.ndim, dims(values.shape[::-1]))
+        ggml.ggml_set_input(t)
+        self.inputs.append((t, values))
+        return t
+
+    def external(self, kind: int, shape: tuple[int, ...], data: int):
+        """A tensor over memory we own (a KV cache), shape in ggml's order (fastest first)."""
+        t = ggml.ggml_new_tensor(self.ctx, kind, len(shape), dims(shape))
+        t.contents.data = data
+        return t
+
+    def compute(self, out) -> np.ndarray:
+        ctx = self.ctx
+        ggml.ggml_set_output(out)
+        ggml.ggml_build_forward_expand(self.graph, out)
+        if not ggml.ggml_gallocr_alloc_graph(self.engine.allocator, self.graph):
+            raise MemoryError("ggml could not allocate the compute buffer")
+        for t, values in self.inputs:
+            ctypes.memmove(t.contents.data, values.ctypes.data, values.nbytes)
+        status = ggml.ggml_backend_graph_compute(self.engine.backend, self.graph)
+        if status != 0:
+            raise RuntimeError(f"ggml graph compute failed with status {status}")
+        del ctx
+        ne = out.contents.ne
+        buf = (ctypes.c_float * (ne[0] * ne[1])).from_address(out.contents.data)
+        return np.ctypeslib.as_array(buf).reshape(ne[1], ne[0]).copy()
+
+    # ---- the layer ----
+
+    def norm(self, x, name: str):
+        return ggml.ggml_mul(self.ctx, ggml.ggml_rms_norm(self.ctx, x, self.config.rms_norm_eps),
+                             self.engine.tensors[name])
+
+    def linear(self, x, name: str):
+        tensors = self.engine.tensors
+        y = ggml.ggml_mul_mat(self.ctx, tensors[name + ".weight"], x)
+        bias = tensors.get(name + ".bias")
+        return y if bias is None else ggml.ggml_add(self.ctx, y, bias)
+
+    def heads(self, h, p: str, kind: str, heads: int):
+        """The projection q, k or v of h as [D, heads, N], q and k normed per head where the model does."""
+        c = self.config
+        x = ggml.ggml_reshape_3d(self.ctx, self.linear(h, p + f"self_attn.{kind}_proj"), c.head_dim, heads,
+                                 len(self.positions))
+        if c.qk_norm and kind != "v":
+            x = self.norm(x, p + f"self_attn.{kind}_norm.weight")
+        return x
+
+    def layer(self, x, layer: int, i: int):
+        c, ctx, p = self.config, self.ctx, f"model.layers.{layer}."
+        h = self.norm(x, p + "input_layernorm.weight")
+        q, k, v = (self.heads(h, p, kind, n) for kind, n in (("q", c.num_heads), ("k", c.num_kv_heads),
+                                                            ("v", c.num_kv_heads)))
+        rope = c.rope(layer)
+        if rope is not None:
+            q, k = self.rotate(q, rope), self.rotate(k, rope)
+        outs = [self.attend(q, k, v, i, s, c.window(layer)) for s in range(len(self.steps))]
+        attention = outs[0]
+        for more in outs[1:]:
+            attention = ggml.ggml_concat(ctx, attention, more, 1)
+        attention = self.linear(attention, p + "self_attn.o_proj")
+        if c.sandwich_norms:   # Gemma: the attention's output is normed, and the MLP's input by its own norm
+            x = ggml.ggml_add(ctx, x, self.norm(attention, p + "post_attention_layernorm.weight"))
+            h = self.norm(x, p + "pre_feedforward_layernorm.weight")
+        else:
+            x = ggml.ggml_add(ctx, x, attention)
+            h = self.norm(x, p + "post_attention_layernorm.weight")
+        gate = self.activation(self.linear(h, p + "mlp.gate_proj"))
+        mlp = self.linear(ggml.ggml_mul(ctx, gate, self.linear(h, p + "mlp.up_proj")), p + "mlp.down_proj")
+        if c.sandwich_norms:
+            mlp = self.norm(mlp, p + "post_feedforward_layernorm.weight")
+        return ggml.ggml_add(ctx, x, mlp)
+
+    def activation(self, x):
+        if self.config.activation == "silu":
+            return ggml.ggml_silu(self.ctx, x)
+        # gelu_tanh from its formula: ggml_gelu reads a float16 table
+        ctx = self.ctx
+        cube = ggml.ggml_mul(ctx, ggml.ggml_mul(ctx, x, x), x)
+        inner = ggml.ggml_scale(ctx, ggml.ggml_add(ctx, x, ggml.ggml_scale(ctx, cube, 0.044715)), (2 / np.pi) ** 0.5)
+        return ggml.ggml_mul(ctx, x, ggml.ggml_scale_bias(ctx, ggml.ggml_tanh(ctx, inner), 0.5, 0.5))
+
+    def rotate(self, x, rope: Rope):
+        """ggml's NEOX rope over [D, heads, N]; longrope's rows past the original context take
+        the long factors (rows are split into runs of one kind)."""
+        short, long = self.engine.factors(rope)
+        original = (rope.scaling or {}).get("original_max_position_embeddings")
+        is_long = (self.positions >= original) if (rope.scaling or {}).get("rope_type") == "longrope" else \
+            np.zeros(len(self.positions), bool)
+        runs = np.flatnonzero(np.diff(is_long.astype(np.int8))) + 1
+        out = None
+        for a, b in zip([0, *runs], [*runs, len(self.positions)]):
+            part = x if (a, b) == (0, len(self.positions)) else \
+                ggml.ggml_view_3d(self.ctx, x, x.contents.ne[0], x.contents.ne[1], b - a, x.contents.nb[1],
+                                  x.contents.nb[2], a * x.contents.nb[2])
+            pos = self.pos if part is x else ggml.ggml_view_1d(self.ctx, self.pos, b - a, a * 4)
+            factors = long if is_long[a] else short
+            factors = None if factors is None else self.constant(factors)
+            turned = ggml.ggml_rope_ext(self.ctx, part, pos, factors, rope.rotary_dim, ggml.GGML_ROPE_TYPE_NEOX, 0,
+                                        rope.theta, 1.0, 0.0, attention_factor(rope), 0.0, 0.0)
+            out = turned if out is None else ggml.ggml_concat(self.ctx, out, turned, 2)
+        return out
+
+    def constant(self, values: np.ndarray):
+        return self.input(values, NUMPY_TYPES[values.dtype])
+
+    def mask(self, s: int, window: int | None):
+        """Step s's attention mask [L, T]: 0 where a query may see a key, -inf elsewhere. None where
+        nothing is hidden (one new token, no window)."""
+        key = (s, window)
+        if key not in self.masks:
+            step, T = self.steps[s], len(self.steps[s].x)
+            end = step.pos + T
+            distance = np.arange(step.pos, end)[:, None] - np.arange(end)[None, :]
+            hidden = distance < 0
+            if window:
+                hidden |= distance >= window
+            self.masks[key] = self.input(np.where(hidden, -np.inf, 0).astype(np.float32), F32) if hidden.any() else None
+        return self.masks[key]
+
+    def attend(self, q, k, v, i: int, s: int, window: int | None):
+        """Step s's rows: write its keys and values into its cache, attend over positions [0, end)."""
+        c, ctx = self.config, self.ctx
+        first, T = self.rows[s]
+        pos, cache, width, cap = self.steps[s].pos, self.caches[s], self.engine.width, self.engine.capacity
+        end, D = pos + T, c.head_dim
+        k_cache = self.external(F32, (width, cap), cache.k[i].ctypes.data)
+        v_cache = self.external(F32, (cap, width), cache.v[i].ctypes.data)
+        row = width * 4
+        new_k = ggml.ggml_view_2d(ctx, k, width, T, row, first * row)
+        new_v = ggml.ggml_view_2d(ctx, v, width, T, row, first * row)
+        ggml.ggml_build_forward_expand(self.graph, ggml.ggml_cpy(
+            ctx, new_k, ggml.ggml_view_2d(ctx, k_cache, width, T, row, pos * row)))
+        ggml.ggml_build_forward_expand(self.graph, ggml.ggml_cpy(
+            ctx, ggml.ggml_transpose(ctx, new_v), ggml.ggml_view_2d(ctx, v_cache, T, width, cap * 4, pos * 4)))
+        keys = ggml.ggml_view_3d(ctx, k_cache, D, end, c.num_kv_heads, row, D * 4, 0)            # [D, L, kvh]
+        values = ggml.ggml_view_3d(ctx, v_cache, end, D, c.num_kv_heads, cap * 4, D * cap * 4, 0)  # [L, D, kvh]
+        queries = ggml.ggml_permute(ctx, ggml.ggml_view_3d(ctx, q, D, c.num_heads, T, q.contents.nb[1],
+                                                           q.contents.nb[2], first * q.contents.nb[2]), 0, 2, 1, 3)
+        scores = ggml.ggml_mul_mat(ctx, keys, queries)                                             # [L, T, heads]
+        scores = ggml.ggml_soft_max_ext(ctx, scores, self.mask(s, window), c.attention_scale, 0.0)
+        out = ggml.ggml_mul_mat(ctx, values, scores)                                               # [D, T, heads]
+        out = ggml.ggml_cont(ctx, ggml.ggml_permute(ctx, out, 0, 2, 1, 3))                         # [D, heads, T]
+        return ggml.ggml_reshape_2d(ctx, out, D * c.num_heads, T)
+
+
+class Tensors(dict):
+    """ggml tensors over the shard's arrays (memory maps, or small float32 arrays): name -> tensor."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], types: dict[str, int]):
+        super().__init__()
+        params = ggml.ggml_init_params(mem_size=(len(arrays) + 1) * ggml.ggml_tensor_overhead(), mem_buffer=None,
+                                       no_alloc=True)
+        self.ctx = ggml.ggml_init(params)
+        self.arrays = arrays   # the tensors point into these: they live as long as this
+        for name, a in arrays.items():
+            kind = types[name]
+            cols = a.shape[-1] if kind in (F32, ggml.GGML_TYPE_F16) else \
+                a.shape[-1] // ggml.ggml_type_size(kind) * ggml.ggml_blck_size(kind)
+            shape = (cols, *a.shape[:-1][::-1])
+            t = ggml.ggml_new_tensor(self.ctx, kind, len(shape), dims(shape))
+            t.contents.data = a.ctypes.data
+            self[name] = t
+
+    def __del__(self):
+        ggml.ggml_free(self.ctx)
+
+
+def dims(shape) -> ctypes.Array:
+    """A shape in ggml's order (fastest dim first) as ggml's int64[4]."""
+    return (ctypes.c_int64 * 4)(*shape, *[1] * (4 - len(shape)))
+
+
+# ---- weights: HF tensors -> ggml blocks, through the on-disk cache ------------------------------
+
+def ggml_type(name: str, a: np.ndarray, quant: str) -> int:
+    """The ggml type of a held array: float arrays by dtype, uint8 rows as the quant's blocks."""
+    if a.dtype == np.uint8:
+        return MATRIX_TYPES[quant]
+    return NUMPY_TYPES[np.dtype(a.dtype)]
+
+
+def shard_arrays(shard: Shard, config: ModelConfig, quant: str, cache_dir) -> tuple[dict[str, np.ndarray], Path | None]:
+    """The shard's arrays, memory-mapped: from the checkpoint when it is float32 and run at f32,
+    else converted once into the cache."""
+    hf = load_shard(shard.model_dir, config, shard.start, shard.end)
+    if quant == "f32" and all(t.dtype == np.float32 and not hasattr(t, "qtype") for t in hf.values()):
+        return {name: np.asarray(t) for name, t in hf.items()}, None
+    path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / cache_key(shard, f"ggml-{quant}")
+    if not (path / "index.json").exists():
+        save_arrays(path, convert_weights(hf, quant))
+    return load_arrays(path), path / "weights.bin"
+
+
+def convert_weights(tensors: dict[str, np.ndarray], quant: str):
+    """Yield (name, array) per tensor: matrices (the embedding too) as the quant's blocks, raw
+    uint8 [rows, bytes per row], or F16 where the rows are no whole number of blocks; norms and
+    biases float32."""
+    for name, t in tensors.items():
+        kind = getattr(getattr(t, "qtype", None), "name", None)
+        if (kind, quant) in GGUF_BLOCKS:
+            yield name, np.asarray(t).view(np.uint8)
+        elif np.ndim(t) != 2 or quant == "f32":
+            yield name, as_float32(t)
+        elif quant == "f16" or t.shape[1] % BLOCK:
+            yield name, as_float32(t).astype(np.float16)
+        else:
+            yield name, quantize(as_float32(t), MATRIX_TYPES[quant])
+
+
+def quantize(w: np.ndarray, kind: int) -> np.ndarray:
+    """A float32 [rows, cols] matrix -> ggml's blocks of `kind`, with ggml's own quantizer."""
+    rows, cols = w.shape
+    w = np.ascontiguousarray(w, np.float32)
+    out = np.empty((rows, ggml.ggml_row_size(kind, cols)), np.uint8)
+    ggml.ggml_quantize_chunk(kind, w.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.ctypes.data, 0, rows, cols,
+                             None)
+    return out

@@ -1,0 +1,76 @@
+"""Shard weights on disk: a converted (quantized, narrowed) shard is written once into one raw
+file plus an index, keyed by the model's revision, the layer range and the form, and memory-mapped
+on every later load. The onnxruntime and ggml engines both keep their converted shards this way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from appliance.engines.base import Shard
+from appliance.models.gguf_model import gguf_files
+
+CACHE_VERSION = 2
+
+
+def release_pages(arrays) -> None:
+    """The session has prepacked the matrices into its own buffers: drop the pages of the memory
+    maps it read them from, so they are not counted twice. They are file-backed and read-only: a
+    tensor still used in place (the embedding's Gather) just faults its pages back in."""
+    maps = {}
+    for a in arrays:
+        while a is not None and not hasattr(a, "_mmap"):
+            a = a.base
+        if a is not None and a._mmap is not None:
+            maps[id(a._mmap)] = a._mmap
+    for m in maps.values():
+        m.madvise(mmap.MADV_DONTNEED)
+
+
+def cache_key(shard: Shard, quant: str) -> str:
+    """Model revision stand-in: the config and every weight file's name, size and mtime."""
+    model_dir = Path(shard.model_dir)
+    if model_dir.suffix == ".gguf":   # a GGUF model: its files, whose header holds the config
+        h, files = hashlib.sha256(b"gguf"), gguf_files(model_dir)
+    else:
+        h, files = hashlib.sha256((model_dir / "config.json").read_bytes()), sorted(model_dir.glob("*.safetensors"))
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(f"v{CACHE_VERSION}".encode())
+    return f"{model_dir.name}-{h.hexdigest()[:16]}/layers-{shard.start}-{shard.end}-{quant}"
+
+
+def save_arrays(path: Path, arrays) -> None:
+    """Arrays into one raw file (64-byte aligned) plus index.json; written aside, then renamed."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    index, offset = {}, 0
+    with open(tmp / "weights.bin", "wb") as f:
+        for name, a in arrays:
+            a = np.ascontiguousarray(a)
+            f.write(b"\0" * (-offset % 64))
+            offset += -offset % 64
+            index[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": offset}
+            f.write(a.tobytes())
+            offset += a.nbytes
+    (tmp / "index.json").write_text(json.dumps(index))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    index = json.loads((path / "index.json").read_text())
+    raw = np.memmap(path / "weights.bin", dtype=np.uint8, mode="r")
+    out = {}
+    for name, meta in index.items():
+        dtype = np.dtype(meta["dtype"])
+        count = int(np.prod(meta["shape"]))
+        out[name] = raw[meta["offset"]:meta["offset"] + count * dtype.itemsize].view(dtype).reshape(meta["shape"])
+    return out
