@@ -90,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--shape", help="a synthetic model of a real shape: tinyllama-1.1b, llama-3.2-1b, "
                                       "qwen2.5-0.5b, smollm2-135m")
     bench.add_argument("--layers", type=int, help="with --shape: fewer layers than the real model")
-    bench.add_argument("--engines", default="numpy", help="comma-separated, e.g. numpy,onnxruntime")
+    bench.add_argument("--engines", default="numpy", help="comma-separated, e.g. numpy,onnxruntime,ggml")
     bench.add_argument("--quants", default="f32", help="comma-separated, e.g. f32,q8,q4")
     bench.add_argument("--nodes", default="1", help="comma-separated node counts, e.g. 1,2")
     bench.add_argument("--concurrency", default="1", help="comma-separated stream counts, e.g. 1,8")
