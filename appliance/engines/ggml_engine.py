@@ -50,17 +50,20 @@ class GgmlEngine(Engine):
     name = "ggml"
 
     def __init__(self, shard: Shard, config: ModelConfig | None = None, quant: str = DEFAULT_QUANT["ggml"],
-                 cache_dir: str | Path | None = None, max_seq: int = MAX_CONTEXT, threads: int = 0):
+                 cache_dir: str | Path | None = None, max_seq: int = MAX_CONTEXT, threads: int = 0,
+                 repack: bool = True):
         super().__init__(shard, config, max_seq)
         if quant not in QUANTS:
             raise ValueError(f"quant must be one of {QUANTS}, not {quant!r}")
         self.quant = quant
         self.arrays, self.cache_path = shard_arrays(shard, self.config, quant, cache_dir)
         self.types = {name: ggml_type(name, a, quant) for name, a in self.arrays.items()}
-        self.tensors = Tensors(self.arrays, self.types)
-        release_pages(self.arrays.values())
         self.backend = ggml.ggml_backend_cpu_init()
         ggml.ggml_backend_cpu_set_n_threads(self.backend, threads or len(os.sched_getaffinity(0)))
+        # The embedding is read by get_rows, which needs the plain layout; a tied head shares it.
+        repacked = [n for n, t in self.types.items() if t == ggml.GGML_TYPE_Q4_0 and n != "model.embed_tokens.weight"]
+        self.tensors = Tensors(self.arrays, self.types, repacked, repack_buffer_type(self.backend) if repack else None)
+        release_pages(self.arrays.values())
         self.allocator = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self.backend))
         c = self.config
         self.head = "lm_head.weight" if "lm_head.weight" in self.arrays else "model.embed_tokens.weight"
@@ -309,25 +312,63 @@ class Graph:
 
 
 class Tensors(dict):
-    """ggml tensors over the shard's arrays (memory maps, or small float32 arrays): name -> tensor."""
+    """ggml tensors over the shard's arrays (memory maps, or small float32 arrays): name -> tensor.
+    The Q4_0 matrices in `repacked` are copied instead into ggml's CPU_REPACK buffer, which
+    interleaves the blocks of 8 rows (4 on ARM) for its faster matrix kernels, as llama.cpp does;
+    one for which ggml has no such layout is copied as it is."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], types: dict[str, int]):
+    def __init__(self, arrays: dict[str, np.ndarray], types: dict[str, int], repacked=(), repack_buffer_type=None):
         super().__init__()
+        repacked = [n for n in repacked if repack_buffer_type]
         params = ggml.ggml_init_params(mem_size=(len(arrays) + 1) * ggml.ggml_tensor_overhead(), mem_buffer=None,
                                        no_alloc=True)
-        self.ctx = ggml.ggml_init(params)
+        self.ctx, self.repack_ctx, self.buffer = ggml.ggml_init(params), None, None
         self.arrays = arrays   # the tensors point into these: they live as long as this
         for name, a in arrays.items():
-            kind = types[name]
-            cols = a.shape[-1] if kind in (F32, ggml.GGML_TYPE_F16) else \
-                a.shape[-1] // ggml.ggml_type_size(kind) * ggml.ggml_blck_size(kind)
-            shape = (cols, *a.shape[:-1][::-1])
-            t = ggml.ggml_new_tensor(self.ctx, kind, len(shape), dims(shape))
-            t.contents.data = a.ctypes.data
-            self[name] = t
+            if name not in repacked:
+                self[name] = self._new(self.ctx, name, a, types[name])
+                self[name].contents.data = a.ctypes.data
+        if repacked:
+            self.repack_ctx = ggml.ggml_init(params)
+            for name in repacked:
+                self[name] = self._new(self.repack_ctx, name, arrays[name], types[name])
+            self.buffer = ggml.ggml_backend_alloc_ctx_tensors_from_buft(self.repack_ctx, repack_buffer_type)
+            for name in repacked:
+                a, t = arrays[name], self[name]
+                if t.contents.extra:   # ggml has an interleaved layout for this one
+                    ggml.ggml_backend_tensor_set(t, a.ctypes.data, 0, a.nbytes)
+                else:
+                    ctypes.memmove(t.contents.data, a.ctypes.data, a.nbytes)
+
+    @staticmethod
+    def _new(ctx, name: str, a: np.ndarray, kind: int):
+        cols = a.shape[-1] if kind in (F32, ggml.GGML_TYPE_F16) else \
+            a.shape[-1] // ggml.ggml_type_size(kind) * ggml.ggml_blck_size(kind)
+        shape = (cols, *a.shape[:-1][::-1])
+        return ggml.ggml_new_tensor(ctx, kind, len(shape), dims(shape))
 
     def __del__(self):
-        ggml.ggml_free(self.ctx)
+        if self.buffer:
+            ggml.ggml_backend_buffer_free(self.buffer)
+        for ctx in (self.ctx, self.repack_ctx):
+            if ctx:
+                ggml.ggml_free(ctx)
+
+
+def repack_buffer_type(backend):
+    """The CPU backend's CPU_REPACK buffer type, None where this build has none."""
+    device = ggml.ggml_backend_get_device(backend)
+    address = ggml.ggml_backend_reg_get_proc_address(ggml.ggml_backend_dev_backend_reg(device),
+                                                     b"ggml_backend_dev_get_extra_bufts")
+    if not address:
+        return None
+    extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(address)(device)
+    i = 0
+    while extra and extra[i]:
+        if ggml.ggml_backend_buft_name(extra[i]) == b"CPU_REPACK":
+            return extra[i]
+        i += 1
+    return None
 
 
 def dims(shape) -> ctypes.Array:
