@@ -22,7 +22,9 @@ weighted sum of values is one matrix product). np.zeros maps them lazily: unused
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,37 @@ BLOCK = 32
 DEFAULT_CACHE_DIR = Path("~/.cache/exo/ggml")
 NUMPY_TYPES = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.float16): ggml.GGML_TYPE_F16}
 F32 = ggml.GGML_TYPE_F32
+log = logging.getLogger(__name__)
+
+
+@ggml.ggml_log_callback
+def _ggml_log(level: int, text: bytes, _user_data) -> None:
+    """ggml's own messages (it reports every repacked tensor at INFO) into our log, at DEBUG below warnings."""
+    log.log(logging.WARNING if level >= ggml.GGML_LOG_LEVEL_WARN else logging.DEBUG,
+            "ggml: %s", text.decode(errors="replace").rstrip())
+
+
+ggml.ggml_log_set(_ggml_log, None)
+
+
+@dataclass(frozen=True, eq=False)   # hashed by identity: one per distinct rope
+class LayerRope:
+    """A layer's rotary embedding as ggml's rope takes it: rope.py's frequencies as per-pair divisors
+    of theta^(-2i/d) (None where all 1), and longrope's long ones past `original` positions."""
+    rope: Rope
+    short: np.ndarray | None
+    long: np.ndarray | None
+    original: int | None
+
+    @classmethod
+    def of(cls, rope: Rope) -> "LayerRope":
+        d = rope.rotary_dim
+        plain = 1.0 / (rope.theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        short = (plain / inv_freq(rope)).astype(np.float32)
+        long = (plain / inv_freq(rope, long=True)).astype(np.float32)
+        scaling = rope.scaling or {}
+        original = scaling.get("original_max_position_embeddings") if scaling.get("rope_type") == "longrope" else None
+        return cls(rope, None if np.all(short == 1) else short, None if np.all(long == 1) else long, original)
 
 
 class GgmlEngine(Engine):
@@ -68,7 +101,10 @@ class GgmlEngine(Engine):
         c = self.config
         self.head = "lm_head.weight" if "lm_head.weight" in self.arrays else "model.embed_tokens.weight"
         self.width = c.num_kv_heads * c.head_dim
-        self.rope_factors = {}   # Rope -> (short, long) float32 per-pair frequency divisors, None where 1
+        ropes: dict[Rope, LayerRope] = {}
+        self.ropes = [None if (r := c.rope(layer)) is None else ropes.setdefault(r, LayerRope.of(r))
+                      for layer in range(shard.start, shard.end)]
+        self.windows = [c.window(layer) for layer in range(shard.start, shard.end)]
 
     def __del__(self):
         if getattr(self, "allocator", None):
@@ -120,16 +156,6 @@ class GgmlEngine(Engine):
             cache = self.caches[request_id] = KVCache(self.shard.end - self.shard.start, self.width, self.capacity)
         return cache
 
-    def factors(self, rope: Rope) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """rope.py's frequencies as ggml's per-pair divisors of theta^(-2i/d): (short, long)."""
-        if rope not in self.rope_factors:
-            d = rope.rotary_dim
-            plain = 1.0 / (rope.theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-            short = (plain / inv_freq(rope)).astype(np.float32)
-            long = (plain / inv_freq(rope, long=True)).astype(np.float32)
-            self.rope_factors[rope] = (None if np.all(short == 1) else short, None if np.all(long == 1) else long)
-        return self.rope_factors[rope]
-
 
 class KVCache:
     """One request's float32 keys (a row per position) and values (transposed) for each local layer."""
@@ -157,7 +183,8 @@ class Graph:
         self.rows = [(int(a), len(s.x)) for a, s in zip(starts, steps)]   # (first row, rows) of each step
         self.positions = np.concatenate([np.arange(s.pos, s.pos + len(s.x), dtype=np.int32) for s in steps])
         self.pos = self.input(self.positions, ggml.GGML_TYPE_I32)
-        self.masks: dict[int | None, list] = {}
+        self.masks: dict[tuple[int, int | None], object] = {}
+        self.runs: dict[LayerRope, list] = {}
         self.caches = [engine.cache(s.request_id) for s in steps]
 
     def free(self) -> None:
@@ -218,10 +245,10 @@ class Graph:
         h = self.norm(x, p + "input_layernorm.weight")
         q, k, v = (self.heads(h, p, kind, n) for kind, n in (("q", c.num_heads), ("k", c.num_kv_heads),
                                                             ("v", c.num_kv_heads)))
-        rope = c.rope(layer)
+        rope = self.engine.ropes[i]
         if rope is not None:
             q, k = self.rotate(q, rope), self.rotate(k, rope)
-        outs = [self.attend(q, k, v, i, s, c.window(layer)) for s in range(len(self.steps))]
+        outs = [self.attend(q, k, v, i, s, self.engine.windows[i]) for s in range(len(self.steps))]
         attention = outs[0]
         for more in outs[1:]:
             attention = ggml.ggml_concat(ctx, attention, more, 1)
@@ -247,29 +274,32 @@ class Graph:
         inner = ggml.ggml_scale(ctx, ggml.ggml_add(ctx, x, ggml.ggml_scale(ctx, cube, 0.044715)), (2 / np.pi) ** 0.5)
         return ggml.ggml_mul(ctx, x, ggml.ggml_scale_bias(ctx, ggml.ggml_tanh(ctx, inner), 0.5, 0.5))
 
-    def rotate(self, x, rope: Rope):
+    def rotate(self, x, rope: LayerRope):
         """ggml's NEOX rope over [D, heads, N]; longrope's rows past the original context take
         the long factors (rows are split into runs of one kind)."""
-        short, long = self.engine.factors(rope)
-        original = (rope.scaling or {}).get("original_max_position_embeddings")
-        is_long = (self.positions >= original) if (rope.scaling or {}).get("rope_type") == "longrope" else \
-            np.zeros(len(self.positions), bool)
-        runs = np.flatnonzero(np.diff(is_long.astype(np.int8))) + 1
         out = None
-        for a, b in zip([0, *runs], [*runs, len(self.positions)]):
-            part = x if (a, b) == (0, len(self.positions)) else \
-                ggml.ggml_view_3d(self.ctx, x, x.contents.ne[0], x.contents.ne[1], b - a, x.contents.nb[1],
-                                  x.contents.nb[2], a * x.contents.nb[2])
-            pos = self.pos if part is x else ggml.ggml_view_1d(self.ctx, self.pos, b - a, a * 4)
-            factors = long if is_long[a] else short
-            factors = None if factors is None else self.constant(factors)
-            turned = ggml.ggml_rope_ext(self.ctx, part, pos, factors, rope.rotary_dim, ggml.GGML_ROPE_TYPE_NEOX, 0,
-                                        rope.theta, 1.0, 0.0, attention_factor(rope), 0.0, 0.0)
+        for a, b, factors in self.rope_runs(rope):
+            part, pos = x, self.pos
+            if (a, b) != (0, len(self.positions)):
+                nb = x.contents.nb
+                part = ggml.ggml_view_3d(self.ctx, x, x.contents.ne[0], x.contents.ne[1], b - a, nb[1], nb[2], a * nb[2])
+                pos = ggml.ggml_view_1d(self.ctx, self.pos, b - a, a * 4)
+            turned = ggml.ggml_rope_ext(self.ctx, part, pos, factors, rope.rope.rotary_dim, ggml.GGML_ROPE_TYPE_NEOX, 0,
+                                        rope.rope.theta, 1.0, 0.0, attention_factor(rope.rope), 0.0, 0.0)
             out = turned if out is None else ggml.ggml_concat(self.ctx, out, turned, 2)
         return out
 
-    def constant(self, values: np.ndarray):
-        return self.input(values, NUMPY_TYPES[values.dtype])
+    def rope_runs(self, rope: LayerRope) -> list:
+        """(first row, end row, factors tensor or None) of each run of rows with one set of factors."""
+        if rope not in self.runs:
+            is_long = self.positions >= rope.original if rope.original else np.zeros(len(self.positions), bool)
+            cuts = [0, *(np.flatnonzero(np.diff(is_long.astype(np.int8))) + 1), len(self.positions)]
+            runs = []
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                factors = rope.long if is_long[a] else rope.short
+                runs.append((int(a), int(b), None if factors is None else self.input(factors, F32)))
+            self.runs[rope] = runs
+        return self.runs[rope]
 
     def mask(self, s: int, window: int | None):
         """Step s's attention mask [L, T]: 0 where a query may see a key, -inf elsewhere. None where
