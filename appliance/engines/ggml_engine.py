@@ -32,7 +32,7 @@ import numpy as np
 from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
 from appliance.engines.footprint import DEFAULT_QUANT
 from appliance.engines.rope import attention_factor, inv_freq
-from appliance.engines.weight_cache import cache_key, load_arrays, release_pages, save_arrays
+from appliance.engines.weight_cache import cache_key, load_arrays, release_array, release_pages, save_arrays
 from appliance.models.config import ModelConfig, Rope
 from appliance.models.weights import as_float32, load_shard
 
@@ -369,6 +369,7 @@ class Tensors(dict):
                     ggml.ggml_backend_tensor_set(t, a.ctypes.data, 0, a.nbytes)
                 else:
                     ctypes.memmove(t.contents.data, a.ctypes.data, a.nbytes)
+                release_array(a)
 
     @staticmethod
     def _new(ctx, name: str, a: np.ndarray, kind: int):

@@ -33,6 +33,20 @@ def release_pages(arrays) -> None:
         m.madvise(mmap.MADV_DONTNEED)
 
 
+def release_array(a: np.ndarray) -> None:
+    """Drop the pages wholly inside one memory-mapped array, just copied elsewhere: so copying a
+    shard tensor by tensor never holds it twice."""
+    root = a
+    while isinstance(root.base, np.ndarray):   # the array np.memmap made, at the start of its map
+        root = root.base
+    if getattr(root, "_mmap", None) is None or root.offset != 0:
+        return
+    start = a.ctypes.data - root.ctypes.data
+    lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        root._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 def cache_key(shard: Shard, quant: str) -> str:
     """Model revision stand-in: the config and every weight file's name, size and mtime."""
     model_dir = Path(shard.model_dir)
