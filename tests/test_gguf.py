@@ -86,12 +86,13 @@ def test_every_weight_type_reads_as_the_values_it_holds(shape, qtype):
 
 
 @pytest.mark.parametrize("engine,quant", [("onnxruntime", "f32"), ("onnxruntime", "f16"), ("onnxruntime", "q8"),
-                                          ("onnxruntime", "q4"), pytest.param("tinygrad", "f32", marks=needs("clang"))])
+                                          ("onnxruntime", "q4"), pytest.param("tinygrad", "f32", marks=needs("clang"))] +
+                         [pytest.param("ggml", q, marks=needs("ggml")) for q in ("f32", "q8", "q4")])
 @pytest.mark.parametrize("arch,qtype", [("gemma3", "Q8_0"), ("phi3", "Q4_0")])
 def test_engines_run_gguf_models(arch, qtype, engine, quant, tmp_path):
     path = gguf(ARCHES[arch], qtype)
     expected = logits(path)
-    got = logits(path, engine, quant=quant, **({"cache_dir": tmp_path} if engine == "onnxruntime" else {}))
+    got = logits(path, engine, quant=quant, **({"cache_dir": tmp_path} if engine in ("onnxruntime", "ggml") else {}))
     tolerance = {"f32": 1e-4, "f16": 0.01, "q8": 0.1, "q4": 1.0}[quant] * max(1.0, np.abs(expected).max())
     assert np.abs(got - expected).max() < tolerance
 
@@ -146,6 +147,21 @@ def test_a_mixtral_file_is_a_llama_with_experts():
     config = ModelConfig.load(path)
     assert (config.model_type, config.num_experts, config.experts_per_token) == ("mixtral", 8, 2)
     np.testing.assert_array_equal(logits(path), logits(model("mixtral-8x7b")))
+
+
+@needs("ggml")
+def test_q4_0_and_q8_0_blocks_reach_ggml_as_they_are(tmp_path):
+    """The ggml engine holds a Q4_0 file's blocks at q4 and a Q8_0 file's at q8 byte for byte."""
+    from appliance.engines.ggml_engine import GgmlEngine
+    from appliance.models.weights import load_shard
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    for qtype, quant in (("Q4_0", "q4"), ("Q8_0", "q8")):
+        path = gguf("gemma3-1b", qtype)
+        engine = GgmlEngine(Shard(path, 0, 2, 2), quant=quant, cache_dir=tmp_path / quant)
+        held = load_shard(path, engine.config, 0, 2)[name]
+        np.testing.assert_array_equal(engine.arrays[name], np.asarray(held).view(np.uint8))
+        assert np.abs(logits(path, "ggml", quant=quant, cache_dir=tmp_path / quant) - logits(path)).max() < 0.1
 
 
 def test_the_tokenizer_and_chat_template_come_from_the_file():

@@ -7,12 +7,14 @@ own tensor. A GGUF file's Q4_0 / Q8_0 blocks are used as they are. A matrix whos
 whole number of 32-wide blocks stays F16. Norms and biases are float32. The converted shard is
 written once to the on-disk cache (weight_cache.py, default ~/.cache/exo/ggml) and memory-mapped:
 ggml's tensors point into the map, so only the pages of this node's layers are ever read in. A
-float32 checkpoint run at f32 is mapped as it is.
+float32 checkpoint run at f32 is mapped as it is. Q4_0 matrices (but the embedding) are copied
+into ggml's CPU_REPACK buffer, whose interleaved blocks feed llama.cpp's fastest Q4_0 kernels;
+each one's mapped pages are dropped once copied, so the shard is never held twice.
 
 A step. Each call builds one ggml graph for all its steps (requests distinct): the linear layers
 run over every token row of every request at once, attention per request against its own KV cache.
-The graph is rebuilt per call (a few hundred ctypes calls a layer-less-than-a-millisecond), and
-ggml's allocator reuses one compute buffer. Rope is ggml's NEOX mode (pairs i and i + rotary/2 of
+The graph is rebuilt per call (about 2 ms of Python for 22 layers), and ggml's allocator reuses
+one compute buffer. Rope is ggml's NEOX mode (pairs i and i + rotary/2 of
 each head, Hugging Face's layout); its frequencies come from rope.py as per-pair factors.
 
 KV cache. Per request, float32, two arrays over all the shard's layers: keys [layers, capacity,
