@@ -6,8 +6,9 @@ Weights. Matrices are held as ggml blocks: Q4_0 (q4), Q8_0 (q8), F16 or F32; the
 own tensor. A GGUF file's Q4_0 / Q8_0 blocks are used as they are. A matrix whose rows are not a
 whole number of 32-wide blocks stays F16. Norms and biases are float32. The converted shard is
 written once to the on-disk cache (weight_cache.py, default ~/.cache/exo/ggml) and memory-mapped:
-ggml's tensors point into the map, so only the pages of this node's layers are ever read in. A
-float32 checkpoint run at f32 is mapped as it is. Q4_0 matrices (but the embedding) are copied
+ggml's tensors point into the map, so only the pages of this node's layers are ever read in.
+q, k and v are stacked into one matrix, gate and up into another: one product each instead of
+three and two (fewer graph nodes, each a barrier of ggml's threads). Q4_0 matrices (but the embedding) are copied
 into ggml's CPU_REPACK buffer, whose interleaved blocks feed llama.cpp's fastest Q4_0 kernels;
 each one's mapped pages are dropped once copied, so the shard is never held twice.
 
@@ -240,20 +241,23 @@ class Graph:
         bias = tensors.get(name + ".bias")
         return y if bias is None else ggml.ggml_add(self.ctx, y, bias)
 
-    def heads(self, h, p: str, kind: str, heads: int):
-        """The projection q, k or v of h as [D, heads, N], q and k normed per head where the model does."""
-        c = self.config
-        x = ggml.ggml_reshape_3d(self.ctx, self.linear(h, p + f"self_attn.{kind}_proj"), c.head_dim, heads,
-                                 len(self.positions))
-        if c.qk_norm and kind != "v":
-            x = self.norm(x, p + f"self_attn.{kind}_norm.weight")
-        return x
+    def qkv(self, h, p: str):
+        """q, k and v of h as [D, heads, N] views of one product by the fused q/k/v matrix; q and k
+        normed per head where the model does."""
+        c, ctx = self.config, self.ctx
+        qkv = self.linear(h, p + "self_attn.qkv_proj")
+        row, D, N = qkv.contents.nb[1], c.head_dim, len(self.positions)
+        q = ggml.ggml_view_3d(ctx, qkv, D, c.num_heads, N, D * 4, row, 0)
+        k = ggml.ggml_view_3d(ctx, qkv, D, c.num_kv_heads, N, D * 4, row, c.num_heads * D * 4)
+        v = ggml.ggml_view_3d(ctx, qkv, D, c.num_kv_heads, N, D * 4, row, (c.num_heads + c.num_kv_heads) * D * 4)
+        if c.qk_norm:
+            q, k = self.norm(q, p + "self_attn.q_norm.weight"), self.norm(k, p + "self_attn.k_norm.weight")
+        return q, k, v
 
     def layer(self, x, layer: int, i: int):
         c, ctx, p = self.config, self.ctx, f"model.layers.{layer}."
         h = self.norm(x, p + "input_layernorm.weight")
-        q, k, v = (self.heads(h, p, kind, n) for kind, n in (("q", c.num_heads), ("k", c.num_kv_heads),
-                                                            ("v", c.num_kv_heads)))
+        q, k, v = self.qkv(h, p)
         rope = self.engine.ropes[i]
         if rope is not None:
             q, k = self.rotate(q, rope), self.rotate(k, rope)
@@ -268,20 +272,24 @@ class Graph:
         else:
             x = ggml.ggml_add(ctx, x, attention)
             h = self.norm(x, p + "post_attention_layernorm.weight")
-        gate = self.activation(self.linear(h, p + "mlp.gate_proj"))
-        mlp = self.linear(ggml.ggml_mul(ctx, gate, self.linear(h, p + "mlp.up_proj")), p + "mlp.down_proj")
+        mlp = self.linear(self.gated(self.linear(h, p + "mlp.gate_up_proj")), p + "mlp.down_proj")
         if c.sandwich_norms:
             mlp = self.norm(mlp, p + "post_feedforward_layernorm.weight")
         return ggml.ggml_add(ctx, x, mlp)
 
-    def activation(self, x):
-        if self.config.activation == "silu":
-            return ggml.ggml_silu(self.ctx, x)
-        # gelu_tanh from its formula: ggml_gelu reads a float16 table
+    def gated(self, gate_up):
+        """activation(gate) * up, of the fused [gate | up] product."""
         ctx = self.ctx
+        if self.config.activation == "silu":
+            return ggml.ggml_swiglu(ctx, gate_up)
+        # gelu_tanh from its formula: ggml's gelu reads a float16 table
+        half, row, N = gate_up.contents.ne[0] // 2, gate_up.contents.nb[1], gate_up.contents.ne[1]
+        x = ggml.ggml_cont(ctx, ggml.ggml_view_2d(ctx, gate_up, half, N, row, 0))
+        up = ggml.ggml_view_2d(ctx, gate_up, half, N, row, half * 4)
         cube = ggml.ggml_mul(ctx, ggml.ggml_mul(ctx, x, x), x)
         inner = ggml.ggml_scale(ctx, ggml.ggml_add(ctx, x, ggml.ggml_scale(ctx, cube, 0.044715)), (2 / np.pi) ** 0.5)
-        return ggml.ggml_mul(ctx, x, ggml.ggml_scale_bias(ctx, ggml.ggml_tanh(ctx, inner), 0.5, 0.5))
+        gate = ggml.ggml_mul(ctx, x, ggml.ggml_scale_bias(ctx, ggml.ggml_tanh(ctx, inner), 0.5, 0.5))
+        return ggml.ggml_mul(ctx, gate, up)
 
     def rotate(self, x, rope: LayerRope):
         """ggml's NEOX rope over [D, heads, N]; longrope's rows past the original context take
@@ -333,8 +341,8 @@ class Graph:
         k_cache = self.external(F32, (width, cap), cache.k[i].ctypes.data)
         v_cache = self.external(F32, (cap, width), cache.v[i].ctypes.data)
         row = width * 4
-        new_k = ggml.ggml_view_2d(ctx, k, width, T, row, first * row)
-        new_v = ggml.ggml_view_2d(ctx, v, width, T, row, first * row)
+        new_k = ggml.ggml_view_2d(ctx, k, width, T, k.contents.nb[2], first * k.contents.nb[2])
+        new_v = ggml.ggml_view_2d(ctx, v, width, T, v.contents.nb[2], first * v.contents.nb[2])
         ggml.ggml_build_forward_expand(self.graph, ggml.ggml_cpy(
             ctx, new_k, ggml.ggml_view_2d(ctx, k_cache, width, T, row, pos * row)))
         ggml.ggml_build_forward_expand(self.graph, ggml.ggml_cpy(
@@ -425,32 +433,52 @@ def ggml_type(name: str, a: np.ndarray, quant: str) -> int:
     return NUMPY_TYPES[np.dtype(a.dtype)]
 
 
-def shard_arrays(shard: Shard, config: ModelConfig, quant: str, cache_dir) -> tuple[dict[str, np.ndarray], Path | None]:
-    """The shard's arrays, memory-mapped: from the checkpoint when it is float32 and run at f32,
-    else converted once into the cache."""
-    hf = load_shard(shard.model_dir, config, shard.start, shard.end)
-    if quant == "f32" and all(t.dtype == np.float32 and not hasattr(t, "qtype") for t in hf.values()):
-        return {name: np.asarray(t) for name, t in hf.items()}, None
+def shard_arrays(shard: Shard, config: ModelConfig, quant: str, cache_dir) -> tuple[dict[str, np.ndarray], Path]:
+    """The shard's arrays, memory-mapped from the cache (converted on the first load)."""
     path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / cache_key(shard, f"ggml-{quant}")
     if not (path / "index.json").exists():
-        save_arrays(path, convert_weights(hf, quant))
+        save_arrays(path, convert_weights(load_shard(shard.model_dir, config, shard.start, shard.end), quant))
     return load_arrays(path), path / "weights.bin"
 
 
+# fused matrix -> its parts, whose rows it stacks: one product instead of three (two)
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+PART_OF = {part: fused for fused, parts in FUSED.items() for part in parts}
+
+
 def convert_weights(tensors: dict[str, np.ndarray], quant: str):
-    """Yield (name, array) per tensor: matrices (the embedding too) as the quant's blocks, raw
-    uint8 [rows, bytes per row], or F16 where the rows are no whole number of blocks; norms and
-    biases float32."""
+    """Yield (name, array), one layer's matrices at a time: q/k/v and gate/up fused (weights and
+    biases), matrices (the embedding too) as the quant's blocks, raw uint8 [rows, bytes per row],
+    or F16 where the rows are no whole number of blocks; norms and biases float32."""
     for name, t in tensors.items():
-        kind = getattr(getattr(t, "qtype", None), "name", None)
-        if (kind, quant) in GGUF_BLOCKS:
-            yield name, np.asarray(t).view(np.uint8)
-        elif np.ndim(t) != 2 or quant == "f32":
-            yield name, as_float32(t)
-        elif quant == "f16" or t.shape[1] % BLOCK:
-            yield name, as_float32(t).astype(np.float16)
-        else:
-            yield name, quantize(as_float32(t), MATRIX_TYPES[quant])
+        prefix, _, leaf = name.rpartition(".")      # "model.layers.3.self_attn.q_proj", "weight"
+        layer, part = _layer_part(prefix)
+        fused = PART_OF.get(part)
+        if fused is None:
+            yield name, convert(t, quant)
+        elif part == FUSED[fused][0]:   # the fused matrix, when its first part comes by
+            yield f"{layer}{fused}.{leaf}", np.concatenate(
+                [convert(tensors[f"{layer}{other}.{leaf}"], quant) for other in FUSED[fused]])
+
+
+def _layer_part(prefix: str) -> tuple[str, str]:
+    """"model.layers.3.self_attn.q_proj" -> ("model.layers.3.", "self_attn.q_proj")."""
+    parts = prefix.split(".")
+    if len(parts) < 4 or parts[:2] != ["model", "layers"]:
+        return "", prefix
+    return ".".join(parts[:3]) + ".", ".".join(parts[3:])
+
+
+def convert(t: np.ndarray, quant: str) -> np.ndarray:
+    kind = getattr(getattr(t, "qtype", None), "name", None)
+    if (kind, quant) in GGUF_BLOCKS:
+        return np.asarray(t).view(np.uint8)
+    if np.ndim(t) != 2 or quant == "f32":
+        return as_float32(t)
+    if quant == "f16" or t.shape[1] % BLOCK:
+        return as_float32(t).astype(np.float16)
+    return quantize(as_float32(t), MATRIX_TYPES[quant])
 
 
 def quantize(w: np.ndarray, kind: int) -> np.ndarray:
