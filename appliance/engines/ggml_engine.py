@@ -54,6 +54,7 @@ MATRIX_TYPES = {"q4": ggml.GGML_TYPE_Q4_0, "q8": ggml.GGML_TYPE_Q8_0, "f16": ggm
 GGUF_BLOCKS = {("Q4_0", "q4"), ("Q8_0", "q8")}   # a GGUF tensor's blocks taken as they are
 BLOCK = 32
 DEFAULT_CACHE_DIR = Path("~/.cache/exo/ggml")
+FORMAT = 2   # of the cached shard (2: fused q/k/v and gate/up): a new format converts again
 NUMPY_TYPES = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.float16): ggml.GGML_TYPE_F16}
 F32 = ggml.GGML_TYPE_F32
 log = logging.getLogger(__name__)
@@ -435,7 +436,7 @@ def ggml_type(name: str, a: np.ndarray, quant: str) -> int:
 
 def shard_arrays(shard: Shard, config: ModelConfig, quant: str, cache_dir) -> tuple[dict[str, np.ndarray], Path]:
     """The shard's arrays, memory-mapped from the cache (converted on the first load)."""
-    path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / cache_key(shard, f"ggml-{quant}")
+    path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / cache_key(shard, f"ggml{FORMAT}-{quant}")
     if not (path / "index.json").exists():
         save_arrays(path, convert_weights(load_shard(shard.model_dir, config, shard.start, shard.end), quant))
     return load_arrays(path), path / "weights.bin"
