@@ -8,15 +8,16 @@ whole number of 32-wide blocks stays F16. Norms and biases are float32. The conv
 written once to the on-disk cache (weight_cache.py, default ~/.cache/exo/ggml) and memory-mapped:
 ggml's tensors point into the map, so only the pages of this node's layers are ever read in.
 q, k and v are stacked into one matrix, gate and up into another: one product each instead of
-three and two (fewer graph nodes, each a barrier of ggml's threads). Q4_0 matrices (but the embedding) are copied
-into ggml's CPU_REPACK buffer, whose interleaved blocks feed llama.cpp's fastest Q4_0 kernels;
+three and two (fewer graph nodes, each a barrier of ggml's threads). Q4_0 and Q8_0 matrices (but
+the embedding) are copied into ggml's CPU_REPACK buffer, whose interleaved blocks feed llama.cpp's
+fastest kernels (Q4_0 on x86 and ARM, Q8_0 on ARM; elsewhere the blocks are copied as they are);
 each one's mapped pages are dropped once copied, so the shard is never held twice.
 
 A step. Each call builds one ggml graph for all its steps (requests distinct): the linear layers
 run over every token row of every request at once, attention per request against its own KV cache.
 The graph is rebuilt per call (about 2 ms of Python for 22 layers), and ggml's allocator reuses
-one compute buffer. Rope is ggml's NEOX mode (pairs i and i + rotary/2 of
-each head, Hugging Face's layout); its frequencies come from rope.py as per-pair factors.
+one compute buffer. Rope is ggml's NEOX mode (pairs i and i + rotary/2 of each head, Hugging
+Face's layout); its frequencies come from rope.py as per-pair factors.
 
 KV cache. Per request, float32, two arrays over all the shard's layers: keys [layers, capacity,
 kv_heads * D] (a row per position) and values transposed [layers, kv_heads * D, capacity] (so the
@@ -105,7 +106,8 @@ class GgmlEngine(Engine):
         self.backend = ggml.ggml_backend_cpu_init()
         ggml.ggml_backend_cpu_set_n_threads(self.backend, threads or len(os.sched_getaffinity(0)))
         # The embedding is read by get_rows, which needs the plain layout; a tied head shares it.
-        repacked = [n for n, t in self.types.items() if t == ggml.GGML_TYPE_Q4_0 and n != "model.embed_tokens.weight"]
+        repacked = [n for n, t in self.types.items() if t in (ggml.GGML_TYPE_Q4_0, ggml.GGML_TYPE_Q8_0)
+                    and n != "model.embed_tokens.weight"]
         self.tensors = Tensors(self.arrays, self.types, repacked, repack_buffer_type(self.backend) if repack else None)
         release_pages(self.arrays.values())
         self.allocator = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self.backend))
@@ -361,9 +363,9 @@ class Graph:
 
 class Tensors(dict):
     """ggml tensors over the shard's arrays (memory maps, or small float32 arrays): name -> tensor.
-    The Q4_0 matrices in `repacked` are copied instead into ggml's CPU_REPACK buffer, which
-    interleaves the blocks of 8 rows (4 on ARM) for its faster matrix kernels, as llama.cpp does;
-    one for which ggml has no such layout is copied as it is."""
+    The matrices in `repacked` are copied instead into ggml's CPU_REPACK buffer, which interleaves
+    the blocks of 8 rows (4 on ARM) for its faster matrix kernels, as llama.cpp does; one for which
+    ggml has no such layout on this CPU is copied as it is."""
 
     def __init__(self, arrays: dict[str, np.ndarray], types: dict[str, int], repacked=(), repack_buffer_type=None):
         super().__init__()
