@@ -85,7 +85,7 @@ def test_a_pipeline_of_two_shards_matches_numpy(name, tmp_path):
 @pytest.mark.parametrize("name", FAST)
 def test_f32_logits_match_numpy_on_real_configs(name, shape, tmp_path):
     model_dir = synth_model(shape)
-    if name == "tinygrad" and ModelConfig.load(model_dir).num_experts:
+    if name in ("tinygrad", "ggml") and ModelConfig.load(model_dir).num_experts:
         with pytest.raises(ValueError, match="does not run mixtures of experts"):
             engine(name, whole(model_dir), tmp_path)
         return
@@ -187,11 +187,13 @@ def test_quantized_perplexity_stays_close_to_f32(name, tmp_path):
     assert abs(delta["q4"]) < 0.15  # measured +7.6 %: a 260K-parameter model is fragile
 
 
-FAMILIES = ["qwen3-0.6b", "gemma3-1b", "smollm3-3b", "phi4-mini", "qwen3-30b-a3b", "mixtral-8x7b"]
+DENSE_FAMILIES = ["qwen3-0.6b", "gemma3-1b", "smollm3-3b", "phi4-mini"]
+FAMILIES = DENSE_FAMILIES + ["qwen3-30b-a3b", "mixtral-8x7b"]
 
 
-@pytest.mark.parametrize("shape", FAMILIES)
-@pytest.mark.parametrize("name", QUANTIZING)
+# ggml runs no mixtures of experts (test_f32_logits_match_numpy_on_real_configs checks it says so)
+@pytest.mark.parametrize("name,shape", [("onnxruntime", shape) for shape in FAMILIES] +
+                         [pytest.param("ggml", shape, marks=needs_ggml) for shape in DENSE_FAMILIES])
 def test_quantized_perplexity_of_each_family(name, shape, tmp_path):
     """The 2025 families (random weights at test size, a 4-position sliding window, longrope past
     its original context): f16 and q8 stay close to f32, q4 within its error; the figures go to

@@ -100,6 +100,9 @@ class GgmlEngine(Engine):
         super().__init__(shard, config, max_seq)
         if quant not in QUANTS:
             raise ValueError(f"quant must be one of {QUANTS}, not {quant!r}")
+        if self.config.num_experts:
+            raise ValueError(f"the ggml engine does not run mixtures of experts ({self.config.model_type}): "
+                             "use the onnxruntime or numpy engine")
         self.quant = quant
         self.arrays, self.cache_path = shard_arrays(shard, self.config, quant, cache_dir)
         self.types = {name: ggml_type(name, a, quant) for name, a in self.arrays.items()}
