@@ -322,11 +322,12 @@ def held_bytes(engine) -> int:
     return sum(a.nbytes for a in distinct.values())   # a tied float32 head is the embedding's own map
 
 
-@pytest.mark.parametrize("name,quant", [("onnxruntime", "q4"), ("onnxruntime", "q8"), ("onnxruntime", "f16"),
-                                        ("numpy", "f32")] +
-                         [pytest.param("ggml", q, marks=needs_ggml) for q in ("q4", "q8", "f16")])
+@pytest.mark.parametrize("name,quant,shape",
+                         [(name, quant, shape) for name, quant in (("onnxruntime", "q4"), ("onnxruntime", "q8"),
+                                                                   ("onnxruntime", "f16"), ("numpy", "f32"))
+                          for shape in ("smollm2-135m", "qwen3-30b-a3b")] +
+                         [pytest.param("ggml", quant, "smollm2-135m", marks=needs_ggml) for quant in ("q4", "q8", "f16")])
 @pytest.mark.parametrize("part", ["first", "last"])
-@pytest.mark.parametrize("shape", ["smollm2-135m", "qwen3-30b-a3b"])
 def test_the_footprint_is_what_the_engine_holds(name, quant, part, shape, tmp_path):
     from appliance.engines.footprint import footprint
 
