@@ -1,6 +1,6 @@
 """exo against llama.cpp on this machine: same weights, same prompts, same client. Not a test.
 
-    python3 benchmarks/vs_llama_cpp.py MODEL_DIR [--quants q4,q8] [--engine onnxruntime]
+    python3 benchmarks/vs_llama_cpp.py MODEL_DIR [--quants q4,q8] [--engines onnxruntime,ggml]
                                        [--llama-cpp DIR] [--gguf-q4 FILE] [--gguf-q8 FILE]
 
 MODEL_DIR is a Hugging Face folder (`exo models synth --shape tinyllama-1.1b --dtype float16
@@ -12,7 +12,8 @@ the llama-cpp-python source package without a download at run time.
 
 Rows, for each quant, one after the other on this machine:
 - decode and prefill of one stream: `llama-bench -p 128 -n 64` against `exo bench` (one node);
-- one request over HTTP, 128 tokens from a short prompt, end to end: `llama-server` against `exo`;
+- one request over HTTP, 128 tokens from a one-sentence prompt, end to end: `llama-server`
+  against `exo`;
 - 8 concurrent requests over HTTP, aggregate tokens per second (`llama-server -np 8`);
 - peak RSS: llama-bench's process against exo bench's node, each holding the whole model.
 """
@@ -38,8 +39,7 @@ sys.path.insert(0, str(ROOT))
 from appliance.bench import bench  # noqa: E402
 
 GGUF_TYPES = {"q4": "Q4_0", "q8": "Q8_0"}
-PROMPT = ("The old lighthouse keeper climbed the stairs every evening to light the lamp, and the "
-          "ships that passed the rocks at night knew his light. ") * 4
+PROMPT = "The old lighthouse keeper climbed the stairs every evening to light the lamp."   # ~16 tokens
 HTTP_TOKENS = 128
 STREAMS = 8
 
@@ -183,12 +183,17 @@ ROWS = [("decode, one stream (tok/s)", "decode"), ("prefill 128 tokens (tok/s)",
 
 
 def table(results: dict) -> str:
-    lines = ["| | quant | llama.cpp | exo | exo / llama.cpp |", "|---|---|---|---|---|"]
+    """results: quant -> (llama.cpp's figures, {exo engine: its figures})."""
+    engines = list(next(iter(results.values()))[1])
+    head = ["", "quant", "llama.cpp"] + [f"exo {e}" for e in engines] + [f"{e} / llama.cpp" for e in engines]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, key in ROWS:
         for quant, (theirs, ours) in results.items():
-            if key in theirs and key in ours:
-                lines.append(f"| {label} | {quant} | {theirs[key]:.1f} | {ours[key]:.1f} | "
-                             f"{ours[key] / theirs[key]:.2f}× |")
+            if key not in theirs or not all(key in ours[e] for e in engines):
+                continue
+            cells = [label, quant, f"{theirs[key]:.1f}"] + [f"{ours[e][key]:.1f}" for e in engines]
+            cells += [f"{ours[e][key] / theirs[key]:.2f}×" for e in engines]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -196,7 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", type=Path, help="a Hugging Face model folder")
     parser.add_argument("--quants", default="q4,q8")
-    parser.add_argument("--engine", default="onnxruntime", help="exo's engine")
+    parser.add_argument("--engines", default="onnxruntime", help="exo's engines, comma-separated")
     parser.add_argument("--llama-cpp", help="folder holding llama-bench and llama-server (default: PATH)")
     parser.add_argument("--gguf-q4", type=Path, help="use this Q4_0 GGUF of the model instead of writing one")
     parser.add_argument("--gguf-q8", type=Path, help="use this Q8_0 GGUF of the model instead of writing one")
@@ -211,13 +216,16 @@ def main() -> None:
         gguf = getattr(args, f"gguf_{quant}") or model_gguf(args.model, quant, args.work)
         print(f"{quant}: llama-bench ...", flush=True)
         theirs = llama_bench(tools["llama-bench"], gguf, args.threads)
-        print(f"{quant}: exo bench ...", flush=True)
-        ours = exo_bench(args.model, args.engine, quant)
         if not args.no_http:
             print(f"{quant}: llama-server ...", flush=True)
             theirs |= llama_server_rates(tools["llama-server"], gguf, args.threads)
-            print(f"{quant}: exo ...", flush=True)
-            ours |= exo_server_rates(args.model, args.engine, quant)
+        ours = {}
+        for engine in [e for e in args.engines.split(",") if e]:
+            print(f"{quant}: exo bench, {engine} ...", flush=True)
+            ours[engine] = exo_bench(args.model, engine, quant)
+            if not args.no_http:
+                print(f"{quant}: exo, {engine} ...", flush=True)
+                ours[engine] |= exo_server_rates(args.model, engine, quant)
         results[quant] = (theirs, ours)
         print(json.dumps({quant: {"llama.cpp": theirs, "exo": ours}}), flush=True)
     print(table(results))
