@@ -33,6 +33,30 @@ def release_pages(arrays) -> None:
         m.madvise(mmap.MADV_DONTNEED)
 
 
+MADV_PAGEOUT = 21   # Linux 5.4+: reclaim these pages now (clean file pages are just dropped)
+
+
+def page_out_file(path: Path) -> None:
+    """Drop this process's resident pages of every mapping of `path` made by someone else (here:
+    onnxruntime's map of a saved session's data file, whose loading also read the original
+    weights it no longer needs). Pages still used fault back in from the page cache. Dirty
+    private pages are never discarded by MADV_PAGEOUT; without /proc (not Linux) it does nothing."""
+    import ctypes
+
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    target = str(Path(path).resolve())
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(lo, hi - lo, MADV_PAGEOUT)   # an old kernel says EINVAL: nothing dropped
+
+
 def release_array(a: np.ndarray) -> None:
     """Drop the pages wholly inside one memory-mapped array, just copied elsewhere: so copying a
     shard tensor by tensor never holds it twice."""
