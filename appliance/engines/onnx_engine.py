@@ -65,17 +65,17 @@ class OnnxEngine(Engine):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if profile_prefix:   # onnxruntime's own per-operator trace (see engines/profile.py)
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-        if maps_checkpoint(shard, c, quant):
-            self.weights, self.cache_path = dict(convert_weights(load_shard(shard.model_dir, c, shard.start, shard.end),
-                                                                 quant, shard.is_first, shard.is_last)), None
+        checkpoint = float32_checkpoint(shard, c, quant)
+        if checkpoint is not None:
+            self.weights = dict(convert_weights(checkpoint, quant, shard.is_first, shard.is_last))
+            self.cache_path = None
             self.session = session_over(self.weights, build_graph(c, shard, shapes(self.weights), quant, self.capacity),
                                         options, quant)
             release_pages(self.weights.values())
         else:
-            path = cached_shard(shard, quant, cache_dir, self.capacity)
-            self.weights, self.cache_path = load_arrays(path), path / "weights.bin"
+            saved = saved_session(shard, quant, cache_dir, self.capacity)
+            self.weights, self.cache_path = load_arrays(saved.parent), saved.parent / "weights.bin"
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # optimized when saved
-            saved = path / session_name(self.capacity)
             self.session = ort.InferenceSession(str(saved / "model.onnx"), options, providers=["CPUExecutionProvider"])
             page_out_file(saved / "model.data")
 
@@ -171,11 +171,13 @@ class OnnxEngine(Engine):
 
 # ---- weights and the on-disk cache -------------------------------------------------------------
 
-def maps_checkpoint(shard: Shard, config: ModelConfig, quant: str) -> bool:
-    """f32 from a float32 checkpoint: the session reads the checkpoint's own memory maps (not a
-    mixture of experts: its experts are stacked into new arrays)."""
-    return quant == "f32" and not config.num_experts and all(t.dtype == np.float32 for t in load_shard(shard.model_dir, config, shard.start,
-                                                                          shard.end).values())
+def float32_checkpoint(shard: Shard, config: ModelConfig, quant: str) -> dict[str, np.ndarray] | None:
+    """At f32 from a float32 checkpoint, the checkpoint's own memory maps, which the session reads
+    as they are; else None (a mixture of experts too: its experts are stacked into new arrays)."""
+    if quant != "f32" or config.num_experts:
+        return None
+    tensors = load_shard(shard.model_dir, config, shard.start, shard.end)
+    return tensors if all(t.dtype == np.float32 for t in tensors.values()) else None
 
 
 def shapes(weights: dict[str, np.ndarray]) -> dict:
@@ -212,11 +214,12 @@ def cpu_features() -> str:
     return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
 
 
-def cached_shard(shard: Shard, quant: str, cache_dir, capacity: int) -> Path:
-    """The shard's cache directory, holding its converted weights and its saved session; made by
-    a child process the first time."""
+def saved_session(shard: Shard, quant: str, cache_dir, capacity: int) -> Path:
+    """The folder of the shard's saved session, inside the shard's cache directory beside its
+    converted weights; both made by a child process the first time."""
     path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / cache_key(shard, quant)
-    if not (path / session_name(capacity) / "model.onnx").exists():
+    saved = path / session_name(capacity)
+    if not (saved / "model.onnx").exists():
         global QUANTIZED_SHARDS
         QUANTIZED_SHARDS += not (path / "index.json").exists()
         job = {"model_dir": str(shard.model_dir), "start": shard.start, "end": shard.end,
@@ -225,7 +228,7 @@ def cached_shard(shard: Shard, quant: str, cache_dir, capacity: int) -> Path:
         if done.returncode:
             raise RuntimeError(f"converting layers {shard.start}-{shard.end} to {quant} failed "
                                f"(exit code {done.returncode}); see the log above")
-    return path
+    return saved
 
 
 def prepare_shard(shard: Shard, quant: str, path: Path, capacity: int) -> None:
@@ -253,7 +256,7 @@ def prepare_shard(shard: Shard, quant: str, path: Path, capacity: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-if __name__ == "__main__":   # cached_shard's child: python -m appliance.engines.onnx_engine JOB
+if __name__ == "__main__":   # saved_session's child: python -m appliance.engines.onnx_engine JOB
     job = json.loads(sys.argv[1])
     prepare_shard(Shard(Path(job["model_dir"]), job["start"], job["end"], job["num_layers"]), job["quant"],
                   Path(job["path"]), job["capacity"])
