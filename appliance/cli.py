@@ -87,8 +87,8 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure engines, quants, node counts and concurrency on this machine")
     what = bench.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="a local Hugging Face model folder")
-    what.add_argument("--shape", help="a synthetic model of a real shape: tinyllama-1.1b, llama-3.2-1b, "
-                                      "qwen2.5-0.5b, smollm2-135m")
+    what.add_argument("--shape", help="a synthetic model of a real shape from models/synth.py, e.g. "
+                                      "tinyllama-1.1b, qwen3-0.6b, qwen3-30b-a3b")
     bench.add_argument("--layers", type=int, help="with --shape: fewer layers than the real model")
     bench.add_argument("--engines", default="numpy", help="comma-separated, e.g. numpy,onnxruntime,ggml")
     bench.add_argument("--quants", default="f32", help="comma-separated, e.g. f32,q8,q4")
