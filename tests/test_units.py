@@ -13,7 +13,7 @@ from appliance.panel.api import held_back
 from appliance.engines.footprint import footprint
 from appliance.planner import NodeCapacity, PlanError, host_memory, split_layers
 from appliance.coordinator.coordinator import MAX_FRAME_BYTES, prefill_chunks
-from appliance.sampling import sample
+from appliance.sampling import draw, sample, top_indices
 
 GB = 10**9
 
@@ -178,6 +178,25 @@ def test_sampling_greedy_topk_topp_and_seed():
     assert {sample(logits, protocol.Sampling(5.0, 1.0, 2), rng) for _ in range(200)} == {1, 2}
     a = [sample(logits, protocol.Sampling(1.0), np.random.default_rng(5)) for _ in range(10)]
     assert a == [sample(logits, protocol.Sampling(1.0), np.random.default_rng(5)) for _ in range(10)]
+
+
+def test_draw_follows_the_weights_and_never_takes_a_zero_one():
+    rng = np.random.default_rng(1)
+    weights = np.zeros(1000, np.float32)   # four blocks; the last one padded
+    weights[[3, 300, 999]] = [1.0, 2.0, 5.0]
+    counts = np.bincount([draw(weights, rng) for _ in range(8000)], minlength=1000)
+    assert counts.sum() == counts[[3, 300, 999]].sum()
+    assert np.allclose(counts[[3, 300, 999]] / 8000, [0.125, 0.25, 0.625], atol=0.02)
+
+
+def test_top_indices_are_the_largest_first_whatever_the_blocks():
+    rng = np.random.default_rng(2)
+    for size in (1, 5, 255, 256, 257, 32000):
+        values = rng.standard_normal(size).astype(np.float32)
+        values[rng.integers(0, size, 3)] = -np.inf
+        values[: size // 300] = 9.0   # ties, all in one block
+        k = min(5, size)
+        assert np.array_equal(values[top_indices(values, 5)], np.sort(values)[::-1][:k])
 
 
 def test_held_back_keeps_a_possible_stop_prefix():

@@ -28,7 +28,7 @@ from appliance.models.store import models_dir, parse_gguf_spec, resolve_model_di
 from appliance.node import system
 from appliance.node.identity import node_id
 from appliance.planner import Plan
-from appliance.sampling import log_softmax, sample
+from appliance.sampling import log_softmax, sample, top_indices
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +282,7 @@ class NodeAgent:
         seed = f.sampling.seed
         token = sample(logits, f.sampling, np.random.default_rng(None if seed is None else [seed, f.step]))
         logprobs = log_softmax(logits)
-        k = protocol.TOP_LOGPROBS
-        top = np.argpartition(-logprobs, k - 1)[:k] if len(logprobs) > k else np.arange(len(logprobs))
-        top = top[np.argsort(-logprobs[top])]
+        top = top_indices(logprobs, protocol.TOP_LOGPROBS)
         self.bus.publish_json(self.topics.coord_out(f.coordinator_id, self.id), protocol.token_reply(
             f, token, float(logprobs[token]), [(int(i), float(logprobs[i])) for i in top]))
 
