@@ -123,6 +123,33 @@ def test_batched_decode_gives_each_request_its_own_logits(name, options, tmp_pat
     assert sorted(batched.requests()) == ["r0", "r2"]
 
 
+@needs_stories
+@needs_ggml
+def test_ggml_decode_graphs_follow_their_request_across_spans_and_evictions(tmp_path):
+    """ggml keeps a decode graph per request and span and points it at each next position: one
+    token a step from 0 to the capacity (past a span, into a clamped last one), two requests taking
+    turns with more requests than graphs kept, each gets what numpy gets."""
+    from appliance.engines import ggml_engine
+
+    under_test = engine("ggml", whole(STORIES), tmp_path, max_seq=ggml_engine.SPAN + 40)
+    reference = load_engine("numpy", whole(STORIES))
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(3, 500, under_test.capacity).astype(np.int32)
+    for pos, token in enumerate(tokens):
+        for rid in ("a", "b") if pos < 12 else ("a",):
+            step = Step(rid, pos, np.array([token], np.int32))
+            if pos in (0, 1, 11, ggml_engine.SPAN - 1, ggml_engine.SPAN, len(tokens) - 1):
+                np.testing.assert_allclose(under_test.forward([step])[0], reference.forward([step])[0], atol=1e-4)
+            else:
+                under_test.forward([step]), reference.forward([step])
+        if pos == 5:   # more requests than graphs kept: "a" and "b" lose theirs, then rebuild them
+            for n in range(ggml_engine.KEPT_DECODERS):
+                under_test.forward([Step(f"other{n}", 0, np.array([7], np.int32))])
+    assert len(under_test.decoders) <= ggml_engine.KEPT_DECODERS
+    under_test.free("a")
+    assert not [k for k in under_test.decoders if k[0] == "a"]
+
+
 @pytest.mark.parametrize("quant", ["f32", "f16", "q8", "q4"])
 def test_batched_decode_through_experts_gives_each_request_its_own_logits(quant, tmp_path):
     """Rows of a batch choose different experts (128, 8 a token): each still gets what it gets alone."""

@@ -14,11 +14,14 @@ fastest kernels (Q4_0 on x86 and ARM, Q8_0 on ARM; elsewhere the blocks are copi
 each one's mapped pages are dropped once copied, so the shard is never held twice. That buffer
 asks for transparent huge pages (fewer TLB misses: a decode step 10 % faster at q8, 6 % at q4).
 
-A step. Each call builds one ggml graph for all its steps (requests distinct): the linear layers
-run over every token row of every request at once, attention per request against its own KV cache.
-The graph is rebuilt per call (about 2 ms of Python for 22 layers), and ggml's allocator reuses
-one compute buffer. Rope is ggml's NEOX mode (pairs i and i + rotary/2 of each head, Hugging
-Face's layout); its frequencies come from rope.py as per-pair factors.
+A step. A call over several steps (requests distinct) builds one ggml graph for them all: the
+linear layers run over every token row of every request at once, attention per request against its
+own KV cache. One decode step (one request, one token) reuses its request's graph instead: built
+once per SPAN positions, attending over the whole span with the positions not yet written masked,
+then pointed at each next position (building one is about 2 ms of Python for 22 layers, more than
+a tenth of a q4 TinyLlama step). ggml's allocator reuses one compute buffer for every graph.
+Rope is ggml's NEOX mode (pairs i and i + rotary/2 of each head, Hugging Face's layout); its
+frequencies come from rope.py as per-pair factors.
 
 KV cache. Per request, float32, two arrays over all the shard's layers: keys [layers, capacity,
 kv_heads * D] (a row per position) and values transposed [layers, kv_heads * D, capacity] (so the
@@ -60,6 +63,8 @@ DEFAULT_CACHE_DIR = Path("~/.cache/exo/ggml")
 FORMAT = 2   # of the cached shard (2: fused q/k/v and gate/up): a new format converts again
 NUMPY_TYPES = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.float16): ggml.GGML_TYPE_F16}
 F32 = ggml.GGML_TYPE_F32
+SPAN = 256           # a decode graph attends over a whole span of this many positions
+KEPT_DECODERS = 8    # decode graphs kept (a request's current span each), the least recently used dropped
 log = logging.getLogger(__name__)
 
 
@@ -123,50 +128,63 @@ class GgmlEngine(Engine):
         self.ropes = [None if (r := c.rope(layer)) is None else ropes.setdefault(r, LayerRope.of(r))
                       for layer in range(shard.start, shard.end)]
         self.windows = [c.window(layer) for layer in range(shard.start, shard.end)]
+        self.long_ropes = [r for r in ropes.values() if r.original]   # their factors change along the way
+        self.decoders: dict[tuple, Graph] = {}   # (request, span, long factors in use) -> its decode graph
 
     def __del__(self):
+        for g in getattr(self, "decoders", {}).values():
+            g.free()
         if getattr(self, "allocator", None):
             ggml.ggml_gallocr_free(self.allocator)
             ggml.ggml_backend_free(self.backend)
 
     def forward(self, steps: list[Step]) -> list[np.ndarray]:
-        if len({s.request_id for s in steps}) == len(steps):
-            return self._run(steps)
-        return [self._run([step])[0] for step in steps]   # two steps of one request: in order
-
-    # ---- one graph over the steps of distinct requests ----
-
-    def _run(self, steps: list[Step]) -> list[np.ndarray]:
-        c, shard = self.config, self.shard
         for step in steps:
             if step.pos + len(step.x) > self.capacity:
                 raise ValueError(f"request {step.request_id}: position {step.pos + len(step.x)} is past the KV "
                                  f"capacity {self.capacity} (max_seq)")
+        if len(steps) == 1 and len(steps[0].x) == 1:
+            return [self._decode(steps[0])]
+        if len({s.request_id for s in steps}) == len(steps):
+            return self._run(steps)
+        return [self._run([step])[0] for step in steps]   # two steps of one request: in order
+
+    def free(self, request_id: str) -> None:
+        super().free(request_id)
+        for key in [k for k in self.decoders if k[0] == request_id]:
+            self.decoders.pop(key).free()
+
+    # ---- one graph over the steps of distinct requests ----
+
+    def _run(self, steps: list[Step]) -> list[np.ndarray]:
         g = Graph(self, steps)
         try:
-            if shard.is_first:
-                x = g.input(np.concatenate([np.asarray(s.x, np.int32) for s in steps]), ggml.GGML_TYPE_I32)
-                x = ggml.ggml_get_rows(g.ctx, self.tensors["model.embed_tokens.weight"], x)
-                if c.embedding_scale != 1.0:
-                    x = ggml.ggml_scale(g.ctx, x, c.embedding_scale)
-            else:
-                x = g.input(np.concatenate([np.asarray(s.x, np.float32) for s in steps]), F32)
-            for i, layer in enumerate(range(shard.start, shard.end)):
-                x = g.layer(x, layer, i)
-            if shard.is_last:
-                last = g.input(np.cumsum([len(s.x) for s in steps]).astype(np.int32) - 1, ggml.GGML_TYPE_I32)
-                x = g.norm(ggml.ggml_get_rows(g.ctx, x, last), "model.norm.weight")
-                x = ggml.ggml_mul_mat(g.ctx, self.tensors[self.head], x)
-                if c.final_logit_softcapping:
-                    cap = c.final_logit_softcapping
-                    x = ggml.ggml_scale(g.ctx, ggml.ggml_tanh(g.ctx, ggml.ggml_scale(g.ctx, x, 1 / cap)), cap)
-            out = g.compute(x)
+            out = g.compute()
         finally:
             g.free()
-        if shard.is_last:
+        if self.shard.is_last:
             return list(out)
         bounds = np.cumsum([0] + [len(s.x) for s in steps])
         return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _decode(self, step: Step) -> np.ndarray:
+        """One request's next token: its graph is built once per SPAN positions (attending over
+        the whole span, the positions not yet written masked) and run again with new inputs, which
+        saves rebuilding it in Python (about 2 ms a step for 22 layers)."""
+        span = min(self.capacity, (step.pos // SPAN + 1) * SPAN)
+        key = (step.request_id, span, tuple(step.pos >= r.original for r in self.long_ropes))
+        g = self.decoders.pop(key, None)
+        if g is None:
+            for old in [k for k in self.decoders if k[0] == step.request_id]:   # the request's last span
+                self.decoders.pop(old).free()
+            while len(self.decoders) >= KEPT_DECODERS:
+                self.decoders.pop(next(iter(self.decoders))).free()
+            g = Graph(self, [step], span=span)
+        else:
+            g.retarget(step)
+        self.decoders[key] = g   # last used last
+        out = g.compute()
+        return out[0] if self.shard.is_last else out
 
     def cache(self, request_id: str) -> "KVCache":
         cache = self.caches.get(request_id)
@@ -184,11 +202,13 @@ class KVCache:
 
 
 class Graph:
-    """One call's ggml graph: a context for its tensors' descriptions (the data lives in the weight
-    maps, the KV caches and the allocator's buffer), the inputs to write once it is allocated."""
+    """A ggml graph over some steps: a context for its tensors' descriptions (the data lives in the
+    weight maps, the KV caches and the allocator's buffer), the inputs to write once it is
+    allocated. With a `span` (one decode step), attention covers that many positions, those not
+    yet written masked, so `retarget` can point the graph at the request's next position."""
 
-    def __init__(self, engine: GgmlEngine, steps: list[Step]):
-        self.engine, self.config, self.steps = engine, engine.config, steps
+    def __init__(self, engine: GgmlEngine, steps: list[Step], span: int | None = None):
+        self.engine, self.config, self.steps, self.span = engine, engine.config, steps, span
         layers = engine.shard.end - engine.shard.start
         self.size = 64 + layers * (48 + 32 * len(steps))
         params = ggml.ggml_init_params(mem_size=self.size * ggml.ggml_tensor_overhead() +
@@ -196,7 +216,7 @@ class Graph:
         self.ctx = ggml.ggml_init(params)
         self.graph = ggml.ggml_new_graph_custom(self.ctx, self.size, False)
         self.inputs: list[tuple[object, np.ndarray]] = []
-        self.keep: list[np.ndarray] = []
+        self.writes: list[tuple[object, int, int]] = []   # (a copy into a KV cache, the cache's address, bytes a position)
         starts = np.cumsum([0] + [len(s.x) for s in steps])
         self.rows = [(int(a), len(s.x)) for a, s in zip(starts, steps)]   # (first row, rows) of each step
         self.positions = np.concatenate([np.arange(s.pos, s.pos + len(s.x), dtype=np.int32) for s in steps])
@@ -204,6 +224,10 @@ class Graph:
         self.masks: dict[tuple[int, int | None], object] = {}
         self.runs: dict[LayerRope, list] = {}
         self.caches = [engine.cache(s.request_id) for s in steps]
+        self.x = None
+        self.out = self.build()
+        ggml.ggml_set_output(self.out)
+        ggml.ggml_build_forward_expand(self.graph, self.out)
 
     def free(self) -> None:
         ggml.ggml_free(self.ctx)
@@ -215,16 +239,51 @@ class Graph:
         self.inputs.append((t, values))
         return t
 
+    def set_input(self, t, values: np.ndarray) -> None:
+        i = next(i for i, (known, _) in enumerate(self.inputs) if known is t)
+        self.inputs[i] = (t, np.ascontiguousarray(values, self.inputs[i][1].dtype))
+
     def external(self, kind: int, shape: tuple[int, ...], data: int):
         """A tensor over memory we own (a KV cache), shape in ggml's order (fastest first)."""
         t = ggml.ggml_new_tensor(self.ctx, kind, len(shape), dims(shape))
         t.contents.data = data
         return t
 
-    def compute(self, out) -> np.ndarray:
-        ctx = self.ctx
-        ggml.ggml_set_output(out)
-        ggml.ggml_build_forward_expand(self.graph, out)
+    def build(self):
+        """The shard's layers over the steps' rows: the output tensor."""
+        c, shard, steps = self.config, self.engine.shard, self.steps
+        if shard.is_first:
+            self.x = x = self.input(np.concatenate([np.asarray(s.x, np.int32) for s in steps]), ggml.GGML_TYPE_I32)
+            x = ggml.ggml_get_rows(self.ctx, self.engine.tensors["model.embed_tokens.weight"], x)
+            if c.embedding_scale != 1.0:
+                x = ggml.ggml_scale(self.ctx, x, c.embedding_scale)
+        else:
+            self.x = x = self.input(np.concatenate([np.asarray(s.x, np.float32) for s in steps]), F32)
+        for i, layer in enumerate(range(shard.start, shard.end)):
+            x = self.layer(x, layer, i)
+        if not shard.is_last:
+            return x
+        last = self.input(np.cumsum([len(s.x) for s in steps]).astype(np.int32) - 1, ggml.GGML_TYPE_I32)
+        x = self.norm(ggml.ggml_get_rows(self.ctx, x, last), "model.norm.weight")
+        x = ggml.ggml_mul_mat(self.ctx, self.engine.tensors[self.engine.head], x)
+        if c.final_logit_softcapping:
+            cap = c.final_logit_softcapping
+            x = ggml.ggml_scale(self.ctx, ggml.ggml_tanh(self.ctx, ggml.ggml_scale(self.ctx, x, 1 / cap)), cap)
+        return x
+
+    def retarget(self, step: Step) -> None:
+        """A span graph, to one more step of its request: the new row, position and masks, and the
+        KV cache rows it writes."""
+        self.steps = [step]
+        self.positions = np.array([step.pos], np.int32)
+        self.set_input(self.x, step.x)
+        self.set_input(self.pos, self.positions)
+        for (s, window), mask in self.masks.items():
+            self.set_input(mask, self.mask_values(s, window))
+        for write, address, stride in self.writes:
+            write.contents.data = address + step.pos * stride
+
+    def compute(self) -> np.ndarray:
         if not ggml.ggml_gallocr_alloc_graph(self.engine.allocator, self.graph):
             raise MemoryError("ggml could not allocate the compute buffer")
         for t, values in self.inputs:
@@ -232,9 +291,8 @@ class Graph:
         status = ggml.ggml_backend_graph_compute(self.engine.backend, self.graph)
         if status != 0:
             raise RuntimeError(f"ggml graph compute failed with status {status}")
-        del ctx
-        ne = out.contents.ne
-        buf = (ctypes.c_float * (ne[0] * ne[1])).from_address(out.contents.data)
+        ne = self.out.contents.ne
+        buf = (ctypes.c_float * (ne[0] * ne[1])).from_address(self.out.contents.data)
         return np.ctypeslib.as_array(buf).reshape(ne[1], ne[0]).copy()
 
     # ---- the layer ----
@@ -328,33 +386,39 @@ class Graph:
 
     def mask(self, s: int, window: int | None):
         """Step s's attention mask [L, T]: 0 where a query may see a key, -inf elsewhere. None where
-        nothing is hidden (one new token, no window)."""
+        nothing is hidden (one new token, no window, no span)."""
         key = (s, window)
         if key not in self.masks:
-            step, T = self.steps[s], len(self.steps[s].x)
-            end = step.pos + T
-            distance = np.arange(step.pos, end)[:, None] - np.arange(end)[None, :]
-            hidden = distance < 0
-            if window:
-                hidden |= distance >= window
-            self.masks[key] = self.input(np.where(hidden, -np.inf, 0).astype(np.float32), F32) if hidden.any() else None
+            values = self.mask_values(s, window)
+            self.masks[key] = self.input(values, F32) if self.span or np.isinf(values).any() else None
         return self.masks[key]
+
+    def mask_values(self, s: int, window: int | None) -> np.ndarray:
+        step, T = self.steps[s], len(self.steps[s].x)
+        end = step.pos + T
+        distance = np.arange(step.pos, end)[:, None] - np.arange(self.span or end)[None, :]
+        hidden = distance < 0
+        if window:
+            hidden |= distance >= window
+        return np.where(hidden, -np.inf, 0).astype(np.float32)
 
     def attend(self, q, k, v, i: int, s: int, window: int | None):
         """Step s's rows: write its keys and values into its cache, attend over positions [0, end)."""
         c, ctx = self.config, self.ctx
         first, T = self.rows[s]
         pos, cache, width, cap = self.steps[s].pos, self.caches[s], self.engine.width, self.engine.capacity
-        end, D = pos + T, c.head_dim
+        end, D = self.span or pos + T, c.head_dim
         k_cache = self.external(F32, (width, cap), cache.k[i].ctypes.data)
         v_cache = self.external(F32, (cap, width), cache.v[i].ctypes.data)
         row = width * 4
         new_k = ggml.ggml_view_2d(ctx, k, width, T, k.contents.nb[2], first * k.contents.nb[2])
         new_v = ggml.ggml_view_2d(ctx, v, width, T, v.contents.nb[2], first * v.contents.nb[2])
-        ggml.ggml_build_forward_expand(self.graph, ggml.ggml_cpy(
-            ctx, new_k, ggml.ggml_view_2d(ctx, k_cache, width, T, row, pos * row)))
-        ggml.ggml_build_forward_expand(self.graph, ggml.ggml_cpy(
-            ctx, ggml.ggml_transpose(ctx, new_v), ggml.ggml_view_2d(ctx, v_cache, T, width, cap * 4, pos * 4)))
+        k_rows = ggml.ggml_view_2d(ctx, k_cache, width, T, row, pos * row)
+        v_columns = ggml.ggml_view_2d(ctx, v_cache, T, width, cap * 4, pos * 4)
+        for write, cache_rows, stride in ((ggml.ggml_cpy(ctx, new_k, k_rows), cache.k[i], row),
+                                          (ggml.ggml_cpy(ctx, ggml.ggml_transpose(ctx, new_v), v_columns), cache.v[i], 4)):
+            ggml.ggml_build_forward_expand(self.graph, write)
+            self.writes.append((write, cache_rows.ctypes.data, stride))   # a copy writes where its node points
         keys = ggml.ggml_view_3d(ctx, k_cache, D, end, c.num_kv_heads, row, D * 4, 0)            # [D, L, kvh]
         values = ggml.ggml_view_3d(ctx, v_cache, end, D, c.num_kv_heads, cap * 4, D * cap * 4, 0)  # [L, D, kvh]
         queries = ggml.ggml_permute(ctx, ggml.ggml_view_3d(ctx, q, D, c.num_heads, T, q.contents.nb[1],
