@@ -6,6 +6,7 @@ steps of different requests in one call. The last stage returns logits of the fi
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,3 +74,15 @@ class Engine:
     def request_room(self, memory_available: int) -> int:
         """How many requests this engine can hold in `memory_available` bytes, 1 to MAX_REQUESTS."""
         return max(1, min(MAX_REQUESTS, int(memory_available * KV_SHARE) // max(self.kv_bytes(), 1)))
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """Zeros whose memory becomes resident a small page at a time, as it is first written: for KV
+    caches, sized for a whole context but filled a position at a time. np.zeros would do, but numpy
+    asks for transparent huge pages on big arrays, and then writing one position of each layer and
+    head makes every 2 MB around it resident: 92 MB for one request of TinyLlama on its first token."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    memory = mmap.mmap(-1, max(size, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):   # Linux: small pages even where THP is 'always'
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(memory, dtype, count=int(np.prod(shape))).reshape(shape)

@@ -25,7 +25,7 @@ frequencies come from rope.py as per-pair factors.
 
 KV cache. Per request, float32, two arrays over all the shard's layers: keys [layers, capacity,
 kv_heads * D] (a row per position) and values transposed [layers, kv_heads * D, capacity] (so the
-weighted sum of values is one matrix product). np.zeros maps them lazily: unused capacity costs no RAM.
+weighted sum of values is one matrix product). Their pages are made as they are written (lazy_zeros).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
+from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step, lazy_zeros
 from appliance.engines.footprint import DEFAULT_QUANT
 from appliance.engines.rope import attention_factor, inv_freq
 from appliance.engines.weight_cache import (advise_huge_pages, cache_key, load_arrays, release_array, release_pages,
@@ -197,8 +197,8 @@ class KVCache:
     """One request's float32 keys (a row per position) and values (transposed) for each local layer."""
 
     def __init__(self, layers: int, width: int, capacity: int):
-        self.k = np.zeros((layers, capacity, width), np.float32)
-        self.v = np.zeros((layers, width, capacity), np.float32)
+        self.k = lazy_zeros((layers, capacity, width))
+        self.v = lazy_zeros((layers, width, capacity))
 
 
 class Graph:
@@ -453,7 +453,9 @@ class Tensors(dict):
                 self[name] = self._new(self.repack_ctx, name, arrays[name], types[name])
             self.buffer = ggml.ggml_backend_alloc_ctx_tensors_from_buft(self.repack_ctx, repack_buffer_type)
             advise_huge_pages(ggml.ggml_backend_buffer_get_base(self.buffer), ggml.ggml_backend_buffer_get_size(self.buffer))
-            for name in repacked:
+            # Largest first: while one is copied both it and its mapped pages are resident, so the
+            # peak is what is copied so far plus twice the one at hand, here the whole plus the smallest.
+            for name in sorted(repacked, key=lambda n: -arrays[n].nbytes):
                 a, t = arrays[name], self[name]
                 if t.contents.extra:   # ggml has an interleaved layout for this one
                     ggml.ggml_backend_tensor_set(t, a.ctypes.data, 0, a.nbytes)

@@ -17,7 +17,8 @@ pool's slice [lo:hi] is bound (IOBinding, by pointer) both as GroupQueryAttentio
 as its present_key output. With past and present on the same buffer the kernel writes only the
 new positions in place, so a step never copies a cache. Slots inside the range that are not in
 this call ride along as dummy rows: they write a junk entry at their own next free position, which
-their next real step overwrites. np.zeros allocates lazily, so untouched capacity costs no RAM.
+their next real step overwrites. Its pages are made as they are written (lazy_zeros), so untouched
+capacity costs no RAM.
 
 Batching. Decode steps (one token) of different requests run as ONE session call over B rows;
 each row has its own length (seqlens_k). Multi-token steps (prefill chunks) run one call each.
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.engines.footprint import DEFAULT_QUANT
-from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
+from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step, lazy_zeros
 from appliance.engines.onnx_graph import QUANTS, build_graph, convert_weights, padded_head_dim
 from appliance.engines.weight_cache import cache_key, load_arrays, page_out_file, release_pages, save_arrays
 from appliance.models.config import ModelConfig
@@ -166,7 +167,7 @@ class OnnxEngine(Engine):
 
     def _new_pool(self, slots: int) -> np.ndarray:
         c = self.config
-        return np.zeros((self.layers, 2, slots, c.num_kv_heads, self.capacity, self.head_dim), np.float32)
+        return lazy_zeros((self.layers, 2, slots, c.num_kv_heads, self.capacity, self.head_dim))
 
 
 # ---- weights and the on-disk cache -------------------------------------------------------------
