@@ -23,9 +23,9 @@ a tenth of a q4 TinyLlama step). ggml's allocator reuses one compute buffer for 
 Rope is ggml's NEOX mode (pairs i and i + rotary/2 of each head, Hugging Face's layout); its
 frequencies come from rope.py as per-pair factors.
 
-KV cache. Per request, float32, two arrays over all the shard's layers: keys [layers, capacity,
-kv_heads * D] (a row per position) and values transposed [layers, kv_heads * D, capacity] (so the
-weighted sum of values is one matrix product). Their pages are made as they are written (lazy_zeros).
+KV cache. Per request, float32, two arrays over all the shard's layers, keys and values alike
+[layers, capacity, kv_heads * D]: a row per position, as ggml's fused attention (flash_attn_ext)
+reads them. Their pages are made as they are written (lazy_zeros).
 """
 from __future__ import annotations
 
@@ -194,11 +194,11 @@ class GgmlEngine(Engine):
 
 
 class KVCache:
-    """One request's float32 keys (a row per position) and values (transposed) for each local layer."""
+    """One request's float32 keys and values for each local layer, a row per position."""
 
     def __init__(self, layers: int, width: int, capacity: int):
         self.k = lazy_zeros((layers, capacity, width))
-        self.v = lazy_zeros((layers, width, capacity))
+        self.v = lazy_zeros((layers, capacity, width))
 
 
 class Graph:
@@ -390,7 +390,8 @@ class Graph:
         key = (s, window)
         if key not in self.masks:
             values = self.mask_values(s, window)
-            self.masks[key] = self.input(values, F32) if self.span or np.isinf(values).any() else None
+            hides = self.span or np.isinf(values).any()
+            self.masks[key] = self.input(values.astype(np.float16), ggml.GGML_TYPE_F16) if hides else None
         return self.masks[key]
 
     def mask_values(self, s: int, window: int | None) -> np.ndarray:
@@ -403,31 +404,24 @@ class Graph:
         return np.where(hidden, -np.inf, 0).astype(np.float32)
 
     def attend(self, q, k, v, i: int, s: int, window: int | None):
-        """Step s's rows: write its keys and values into its cache, attend over positions [0, end)."""
+        """Step s's rows: write its keys and values into its cache, attend over positions [0, end)
+        with ggml's fused attention (one node instead of a dozen: scores, mask, softmax, sum)."""
         c, ctx = self.config, self.ctx
         first, T = self.rows[s]
         pos, cache, width, cap = self.steps[s].pos, self.caches[s], self.engine.width, self.engine.capacity
-        end, D = self.span or pos + T, c.head_dim
-        k_cache = self.external(F32, (width, cap), cache.k[i].ctypes.data)
-        v_cache = self.external(F32, (cap, width), cache.v[i].ctypes.data)
-        row = width * 4
-        new_k = ggml.ggml_view_2d(ctx, k, width, T, k.contents.nb[2], first * k.contents.nb[2])
-        new_v = ggml.ggml_view_2d(ctx, v, width, T, v.contents.nb[2], first * v.contents.nb[2])
-        k_rows = ggml.ggml_view_2d(ctx, k_cache, width, T, row, pos * row)
-        v_columns = ggml.ggml_view_2d(ctx, v_cache, T, width, cap * 4, pos * 4)
-        for write, cache_rows, stride in ((ggml.ggml_cpy(ctx, new_k, k_rows), cache.k[i], row),
-                                          (ggml.ggml_cpy(ctx, ggml.ggml_transpose(ctx, new_v), v_columns), cache.v[i], 4)):
+        end, D, row = self.span or pos + T, c.head_dim, width * 4
+        seen = []
+        for new, cache_rows in ((k, cache.k[i]), (v, cache.v[i])):
+            whole = self.external(F32, (width, cap), cache_rows.ctypes.data)
+            write = ggml.ggml_cpy(ctx, ggml.ggml_view_2d(ctx, new, width, T, new.contents.nb[2], first * new.contents.nb[2]),
+                                  ggml.ggml_view_2d(ctx, whole, width, T, row, pos * row))
             ggml.ggml_build_forward_expand(self.graph, write)
-            self.writes.append((write, cache_rows.ctypes.data, stride))   # a copy writes where its node points
-        keys = ggml.ggml_view_3d(ctx, k_cache, D, end, c.num_kv_heads, row, D * 4, 0)            # [D, L, kvh]
-        values = ggml.ggml_view_3d(ctx, v_cache, end, D, c.num_kv_heads, cap * 4, D * cap * 4, 0)  # [L, D, kvh]
+            self.writes.append((write, cache_rows.ctypes.data, row))   # a copy writes where its node points
+            seen.append(ggml.ggml_view_3d(ctx, whole, D, end, c.num_kv_heads, row, D * 4, 0))   # [D, L, kvh]
         queries = ggml.ggml_permute(ctx, ggml.ggml_view_3d(ctx, q, D, c.num_heads, T, q.contents.nb[1],
                                                            q.contents.nb[2], first * q.contents.nb[2]), 0, 2, 1, 3)
-        scores = ggml.ggml_mul_mat(ctx, keys, queries)                                             # [L, T, heads]
-        scores = ggml.ggml_soft_max_ext(ctx, scores, self.mask(s, window), c.attention_scale, 0.0)
-        out = ggml.ggml_mul_mat(ctx, values, scores)                                               # [D, T, heads]
-        out = ggml.ggml_cont(ctx, ggml.ggml_permute(ctx, out, 0, 2, 1, 3))                         # [D, heads, T]
-        return ggml.ggml_reshape_2d(ctx, out, D * c.num_heads, T)
+        out = ggml.ggml_flash_attn_ext(ctx, queries, *seen, self.mask(s, window), c.attention_scale, 0.0, 0.0)
+        return ggml.ggml_reshape_2d(ctx, out, D * c.num_heads, T)                                 # out: [D, heads, T]
 
 
 class Tensors(dict):
