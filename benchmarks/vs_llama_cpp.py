@@ -1,7 +1,7 @@
 """exo against llama.cpp on this machine: same weights, same prompts, same client. Not a test.
 
     python3 benchmarks/vs_llama_cpp.py MODEL_DIR [--quants q4,q8] [--engines onnxruntime,ggml]
-                                       [--llama-cpp DIR] [--gguf-q4 FILE] [--gguf-q8 FILE]
+                                       [--llama-cpp DIR] [--gguf-q4 FILE] [--gguf-q8 FILE] [--rounds N]
 
 MODEL_DIR is a Hugging Face folder (`exo models synth --shape tinyllama-1.1b --dtype float16
 --out DIR` makes one). The script writes that model as Q4_0 and Q8_0 GGUF files with the `gguf`
@@ -16,6 +16,10 @@ Rows, for each quant, one after the other on this machine:
   against `exo`;
 - 8 concurrent requests over HTTP, aggregate tokens per second (`llama-server -np 8`);
 - peak RSS: llama-bench's process against exo bench's node, each holding the whole model.
+
+With --rounds N the whole sequence of a quant runs N times, llama.cpp and exo taking turns, and
+each figure is the median of its N: a shared VM's neighbours slow a minute here and there by a
+fifth, which would otherwise fall on one side only.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,8 +99,8 @@ def llama_bench(tool: str, gguf: Path, threads: int) -> dict:
     return {"decode": decode, "prefill": prefill, "peak_mb": peak}
 
 
-def exo_bench(model_dir: Path, engine: str, quant: str) -> dict:
-    [r] = bench(model_dir, [engine], [quant], [1], [1], 128, 64, repeat=3, report=lambda r: None)
+def exo_bench(model_dir: Path, engine: str, quant: str, repeat: int) -> dict:
+    [r] = bench(model_dir, [engine], [quant], [1], [1], 128, 64, repeat=repeat, report=lambda r: None)
     return {"decode": r.decode_tok_s_per_stream, "prefill": r.prefill_tok_s, "peak_mb": r.peak_rss_mb[0]}
 
 
@@ -197,6 +202,29 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def measure_round(args, tools: dict, gguf: Path, quant: str, n: int) -> tuple[dict, dict]:
+    """llama.cpp's figures, then each exo engine's, for one quant."""
+    label = f"{quant}, round {n + 1} of {args.rounds}"
+    print(f"{label}: llama-bench ...", flush=True)
+    theirs = llama_bench(tools["llama-bench"], gguf, args.threads)
+    if not args.no_http:
+        print(f"{label}: llama-server ...", flush=True)
+        theirs |= llama_server_rates(tools["llama-server"], gguf, args.threads)
+    ours = {}
+    for engine in [e for e in args.engines.split(",") if e]:
+        print(f"{label}: exo bench, {engine} ...", flush=True)
+        ours[engine] = exo_bench(args.model, engine, quant, repeat=3 if args.rounds == 1 else 1)
+        if not args.no_http:
+            print(f"{label}: exo, {engine} ...", flush=True)
+            ours[engine] |= exo_server_rates(args.model, engine, quant)
+    print(json.dumps({"round": n + 1, quant: {"llama.cpp": theirs, "exo": ours}}), flush=True)
+    return theirs, ours
+
+
+def medians(figures: list[dict]) -> dict:
+    return {key: statistics.median(f[key] for f in figures) for key in figures[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", type=Path, help="a Hugging Face model folder")
@@ -208,24 +236,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's threads")
     parser.add_argument("--work", type=Path, default=Path("~/.cache/exo/vs-llama-cpp").expanduser())
     parser.add_argument("--no-http", action="store_true", help="only llama-bench against exo bench")
+    parser.add_argument("--rounds", type=int, default=1, help="run everything N times in turn, report medians")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     tools = {name: find_tool(name, args.llama_cpp) for name in ("llama-bench", "llama-server")}
     results = {}
     for quant in [q for q in args.quants.split(",") if q]:
         gguf = getattr(args, f"gguf_{quant}") or model_gguf(args.model, quant, args.work)
-        print(f"{quant}: llama-bench ...", flush=True)
-        theirs = llama_bench(tools["llama-bench"], gguf, args.threads)
-        if not args.no_http:
-            print(f"{quant}: llama-server ...", flush=True)
-            theirs |= llama_server_rates(tools["llama-server"], gguf, args.threads)
-        ours = {}
-        for engine in [e for e in args.engines.split(",") if e]:
-            print(f"{quant}: exo bench, {engine} ...", flush=True)
-            ours[engine] = exo_bench(args.model, engine, quant)
-            if not args.no_http:
-                print(f"{quant}: exo, {engine} ...", flush=True)
-                ours[engine] |= exo_server_rates(args.model, engine, quant)
+        rounds = [measure_round(args, tools, gguf, quant, n) for n in range(args.rounds)]
+        theirs = medians([t for t, _ in rounds])
+        ours = {engine: medians([o[engine] for _, o in rounds]) for engine in rounds[0][1]}
         results[quant] = (theirs, ours)
         print(json.dumps({quant: {"llama.cpp": theirs, "exo": ours}}), flush=True)
     print(table(results))
