@@ -42,8 +42,9 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
     logits = np.asarray(logits, dtype=np.float32)
     if not (math.isfinite(s.temperature) and s.temperature > 0) or not np.isfinite(logits).all():
         return greedy(logits)
-    with np.errstate(over="ignore", invalid="ignore"):
-        scaled = logits / s.temperature
+    # A temperature below float32's smallest is 0 there: the division gives inf, and greedy follows.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        scaled = logits / np.float32(s.temperature)
     if not np.isfinite(scaled).all():
         return greedy(logits)
     top_p = s.top_p if math.isfinite(s.top_p) else 1.0
