@@ -82,7 +82,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     asks for transparent huge pages on big arrays, and then writing one position of each layer and
     head makes every 2 MB around it resident: 92 MB for one request of TinyLlama on its first token."""
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    memory = mmap.mmap(-1, max(size, 1))
+    memory = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):   # Linux: small pages even where THP is 'always'
         memory.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(memory, dtype, count=int(np.prod(shape))).reshape(shape)
