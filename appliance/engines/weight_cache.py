@@ -9,6 +9,7 @@ import json
 import mmap
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def advise_huge_pages(address: int, size: int) -> None:
     import ctypes
 
     start, end = -(-address // HUGE_PAGE) * HUGE_PAGE, (address + size) // HUGE_PAGE * HUGE_PAGE
-    if end <= start:
+    if end <= start or not sys.platform.startswith("linux"):   # 14 is Linux's number for it alone
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
