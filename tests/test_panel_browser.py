@@ -295,7 +295,7 @@ def test_chat_system_prompt_sampling_cut_mark_regenerate_and_copy(browser, clust
     page.wait_for_function("(document.querySelectorAll('.msg.assistant .body')[1] || {}).dataset?.chunks > 2")
     page.click("#stop")
     page.wait_for_function("document.querySelectorAll('.msg.assistant')[1].dataset.finish === 'stopped'")
-    assert not page.is_disabled("#send")
+    page.wait_for_function("!document.querySelector('#send').disabled")   # redrawn on the next frame
     assert browser.errors == []
 
 
