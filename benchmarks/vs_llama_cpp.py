@@ -169,8 +169,8 @@ def llama_server_rates(tool: str, gguf: Path, threads: int) -> dict:
 
 
 def exo_server_rates(model_dir: Path, engine: str, quant: str) -> dict:
-    port = free_port()
-    env = dict(os.environ, EXO_HOST="127.0.0.1", EXO_STATE_DIR=tempfile.mkdtemp(prefix="exo-vs-"))
+    port, state = free_port(), tempfile.mkdtemp(prefix="exo-vs-")
+    env = dict(os.environ, EXO_HOST="127.0.0.1", EXO_STATE_DIR=state)
     server = Server([sys.executable, "-m", "appliance", "--open", "--host", "127.0.0.1", "--port", str(port),
                      "--model", str(model_dir), "--engine", engine, "--quant", quant,
                      "--max-requests", str(STREAMS), "--max-context", "1024", "--log-level", "WARNING"],
@@ -180,6 +180,7 @@ def exo_server_rates(model_dir: Path, engine: str, quant: str) -> dict:
         return http_rates(port)
     finally:
         server.stop()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 ROWS = [("decode, one stream (tok/s)", "decode"), ("prefill 128 tokens (tok/s)", "prefill"),
