@@ -42,20 +42,16 @@ def page_out_file(path: Path) -> None:
     onnxruntime's map of a saved session's data file, whose loading also read the original
     weights it no longer needs). Pages still used fault back in from the page cache. Dirty
     private pages are never discarded by MADV_PAGEOUT; without /proc (not Linux) it does nothing."""
-    import ctypes
-
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()
-        libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     target = str(Path(path).resolve())
     for line in maps:
         fields = line.split(maxsplit=5)
         if len(fields) == 6 and fields[5] == target:
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            libc.madvise(lo, hi - lo, MADV_PAGEOUT)   # an old kernel says EINVAL: nothing dropped
+            madvise(lo, hi - lo, MADV_PAGEOUT)   # an old kernel says EINVAL: nothing dropped
 
 
 MADV_HUGEPAGE = 14
@@ -67,17 +63,22 @@ def advise_huge_pages(address: int, size: int) -> None:
     whose fewer TLB misses make a weight-streaming step faster: measured 10 % (q8) and 6 % (q4)
     on a ggml decode step. The kernel's default `madvise` mode grants them only where asked.
     Where the kernel has none, or it is not Linux, nothing happens."""
+    start, end = -(-address // HUGE_PAGE) * HUGE_PAGE, (address + size) // HUGE_PAGE * HUGE_PAGE
+    if end > start and sys.platform.startswith("linux"):   # 14 is Linux's number for it alone
+        madvise(start, end - start, MADV_HUGEPAGE)   # EINVAL without THP: the pages stay small
+
+
+def madvise(address: int, size: int, advice: int) -> None:
+    """libc's madvise on memory that Python's mmap objects do not own (a library's map or buffer);
+    its failure is ignored, as every caller's advice is only a hint."""
     import ctypes
 
-    start, end = -(-address // HUGE_PAGE) * HUGE_PAGE, (address + size) // HUGE_PAGE * HUGE_PAGE
-    if end <= start or not sys.platform.startswith("linux"):   # 14 is Linux's number for it alone
-        return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise(start, end - start, MADV_HUGEPAGE)   # EINVAL without THP: the pages stay small
+    libc.madvise(address, size, advice)
 
 
 def release_array(a: np.ndarray) -> None:
