@@ -151,6 +151,9 @@ class GgmlEngine(Engine):
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
+        self._drop_decoders(request_id)
+
+    def _drop_decoders(self, request_id: str) -> None:
         for key in [k for k in self.decoders if k[0] == request_id]:
             self.decoders.pop(key).free()
 
@@ -175,8 +178,7 @@ class GgmlEngine(Engine):
         key = (step.request_id, span, tuple(step.pos >= r.original for r in self.long_ropes))
         g = self.decoders.pop(key, None)
         if g is None:
-            for old in [k for k in self.decoders if k[0] == step.request_id]:   # the request's last span
-                self.decoders.pop(old).free()
+            self._drop_decoders(step.request_id)   # its graph of the span before
             while len(self.decoders) >= KEPT_DECODERS:
                 self.decoders.pop(next(iter(self.decoders))).free()
             g = Graph(self, [step], span=span)
