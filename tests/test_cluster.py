@@ -197,6 +197,46 @@ def test_a_prompt_sent_in_many_chunks_gives_the_same_tokens(broker, tmp_path, mo
         cluster.stop()
 
 
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_the_last_stage_sends_the_next_steps_itself(broker, tmp_path, nodes):
+    """The coordinator sends the prompt and nothing more: each token comes back `continued`, the
+    last stage having sent the next step itself (into its own queue, or to the first stage), but
+    the last. A request ended early (a stop string, a client gone) is freed on every node, and the
+    step already on its way is dropped there without an error."""
+    from appliance.config import Config
+    from appliance.coordinator.coordinator import Coordinator
+    from tests.conftest import LocalCluster
+
+    cluster = LocalCluster(broker, tmp_path)
+    for n in range(nodes):
+        cluster.add_node(f"n{n}")
+    coordinator = Coordinator(Config(broker=broker, cluster=cluster.cluster, model=MODEL)).start()
+    frames_sent = []
+    publish = coordinator.bus.publish
+    coordinator.bus.publish = lambda topic, *a, **kw: (frames_sent.append(topic) if "/in/" in topic else None,
+                                                      publish(topic, *a, **kw))[1]
+    try:
+        cluster.watcher.wait(lambda w: w.ready(nodes), 30, f"a plan over {nodes} loaded node(s)")
+        tokenizer = coordinator.model.tokenizer
+        tokens = list(coordinator.generate(tokenizer.encode("Once upon a time"), 24, protocol.Sampling(0)))
+        assert len(tokens) == 24 and len(frames_sent) == 1
+        assert [t.continued for t in tokens] == [True] * 23 + [False]
+        assert tokenizer.decode([t.id for t in tokens]).startswith(", there was a little girl named Lily")
+
+        stream = coordinator.generate(tokenizer.encode("Once upon a time"), 200, protocol.Sampling(0))
+        assert len([next(stream) for _ in range(3)]) == 3
+        stream.close()   # as a stop string does
+        closed, plan_nodes = time.time(), coordinator.cluster.plan.nodes
+        wait_for(lambda: all((s := coordinator.cluster.status.get(n, {})).get("time", 0) > closed and s["requests"] == 0
+                             for n in plan_nodes), 10, "every node's heartbeat to say it freed the request")
+        assert len(frames_sent) == 2
+        for n in range(nodes):
+            assert "refused a frame" not in cluster.log(f"n{n}")
+    finally:
+        coordinator.stop()
+        cluster.stop()
+
+
 def test_a_taken_port_or_an_unreachable_broker_is_one_clear_line(tmp_path):
     import socket
 

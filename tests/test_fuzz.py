@@ -46,7 +46,7 @@ def hostile(rng: random.Random, plan: dict, coordinator: str, hidden: int):
                                              np.full((1, hidden), rng.choice([np.nan, np.inf, -np.inf]), np.float32))),  # NaN/inf
         lambda: (t.node_inbox(first, coordinator), frame(rng, plan["plan_id"] + rng.choice([-5, 1, 7]), coordinator, good_ids)),  # stale plan
         lambda: (t.node_inbox(first, coordinator), protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION, 1, 0, 2, b"\0" * 16,
-                                                            b"\0" * 16, 1, 0, 0, 1.0, 1.0, 0, -1, 0)
+                                                            b"\0" * 16, 1, 0, 0, 1.0, 1.0, 0, -1, 0, 0)
                  + struct.pack("<2I", 2**31, 2**31)),                                                  # huge shape
         lambda: (t.plan, rng.choice([b"{", b"[]", b"null", json.dumps({"plan_id": 2**32 + rng.randrange(9), "model": "x",
                                      "num_layers": 1, "shards": [], "coordinator": "x"}).encode(),

@@ -122,12 +122,22 @@ def test_the_first_stage_counts_the_embedding_and_the_last_the_head():
 def test_frame_round_trip_keeps_every_field():
     tensor = np.arange(12, dtype=np.float32).reshape(3, 4)
     f = protocol.Frame(protocol.new_id(), protocol.new_id(), 7, 3, 42, tensor, protocol.SAMPLE,
-                     protocol.Sampling(0.7, 0.9, 40, 1234), compute_us=5150)
+                     protocol.Sampling(0.7, 0.9, 40, 1234), compute_us=5150, last_step=99)
     g = protocol.decode_frame(protocol.encode_frame(f))
-    assert (g.request_id, g.coordinator_id, g.plan_id, g.step, g.pos, g.flags, g.compute_us) == \
-           (f.request_id, f.coordinator_id, 7, 3, 42, protocol.SAMPLE, 5150)
+    assert (g.request_id, g.coordinator_id, g.plan_id, g.step, g.pos, g.flags, g.compute_us, g.last_step) == \
+           (f.request_id, f.coordinator_id, 7, 3, 42, protocol.SAMPLE, 5150, 99)
     assert g.sampling == protocol.Sampling(pytest.approx(0.7), pytest.approx(0.9), 40, 1234)
     np.testing.assert_array_equal(g.tensor, tensor)
+
+
+def test_the_step_after_a_frame_follows_its_rows():
+    """A last stage's next step: one position past the frame's rows (a prompt chunk's or one token's)."""
+    f = protocol.Frame(protocol.new_id(), protocol.new_id(), 7, 3, 42, np.zeros((5, 4), np.float16), 0,
+                       protocol.Sampling(0.7, seed=9), compute_us=5150, last_step=99)
+    g = f.next_step(17)
+    assert (g.request_id, g.coordinator_id, g.plan_id, g.step, g.pos, g.flags, g.compute_us, g.last_step) == \
+           (f.request_id, f.coordinator_id, 7, 4, 47, protocol.SAMPLE, 0, 99)
+    assert g.sampling == f.sampling and g.tensor.dtype == protocol.TOKEN_IDS and g.tensor.tolist() == [17]
 
 
 def test_decode_step_frame_is_small():

@@ -8,6 +8,8 @@ The activation frame is a fixed little-endian header, then the raw tensor bytes:
     plan_id u32 | step u32 | pos u32
     temperature f32 | top_p f32 | top_k i32 | seed i64 (-1: none)
     compute_us u32: the stages' compute time so far, so the coordinator can tell hops from work
+    last_step u32: the last stage samples and sends itself the steps after this one, up to this
+        step (0: none, the coordinator sends each step)
     shape: ndim x u32
     tensor bytes (C order)
 
@@ -101,9 +103,10 @@ def free_command(request_id: str) -> dict:
     return {"request_id": request_id}
 
 
-def token_reply(f: "Frame", token: int, logprob: float, top: list[tuple[int, float]]) -> dict:
+def token_reply(f: "Frame", token: int, logprob: float, top: list[tuple[int, float]], continued: bool) -> dict:
+    """`continued`: the last stage has sent the next step itself (the frame's last_step allowed it)."""
     return {"request_id": f.request_id, "step": f.step, "token": token, "logprob": logprob,
-            "top": [[i, round(lp, 6)] for i, lp in top], "compute_s": f.compute_us / 1e6}
+            "top": [[i, round(lp, 6)] for i, lp in top], "compute_s": f.compute_us / 1e6, "continued": continued}
 
 
 def error_reply(f: "Frame", message: str, retry: bool = False) -> dict:
@@ -120,6 +123,7 @@ class Reply:
     logprob: float = 0.0
     top: list[tuple[int, float]] = field(default_factory=list)
     compute_s: float = 0.0
+    continued: bool = False   # the last stage sent the next step itself
     error: str | None = None
     retry: bool = False
 
@@ -131,7 +135,8 @@ def parse_reply(payload: bytes) -> Reply:
     if "error" in data:
         return Reply(request_id, step, error=str(data["error"]), retry=bool(data.get("retry")))
     return Reply(request_id, step, int(data["token"]), float(data.get("logprob", 0.0)),
-                 [(int(i), float(lp)) for i, lp in data.get("top") or []], float(data.get("compute_s", 0.0)))
+                 [(int(i), float(lp)) for i, lp in data.get("top") or []], float(data.get("compute_s", 0.0)),
+                 bool(data.get("continued")))
 
 
 def parse_json(payload: bytes) -> dict:
@@ -143,8 +148,8 @@ def parse_json(payload: bytes) -> dict:
 
 
 # -- the activation frame
-MAGIC, VERSION = b"EXOF", 2
-HEADER = struct.Struct("<4sBBBB16s16sIIIffiqI")
+MAGIC, VERSION = b"EXOF", 3
+HEADER = struct.Struct("<4sBBBB16s16sIIIffiqII")
 DTYPES = {0: np.dtype("<i4"), 1: np.dtype("<f4"), 2: np.dtype("<f2")}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 TOKEN_IDS = DTYPES[0]     # a first stage's input: token ids, shape (n,); others: activations (n, hidden)
@@ -178,6 +183,12 @@ class Frame:
     flags: int = 0
     sampling: Sampling = field(default_factory=Sampling)
     compute_us: int = 0
+    last_step: int = 0      # the last stage goes on by itself through this step (0: the coordinator drives)
+
+    def next_step(self, token: int) -> "Frame":
+        """The step after this one (a last stage's SAMPLE frame), fed `token`."""
+        return Frame(self.request_id, self.coordinator_id, self.plan_id, self.step + 1, self.pos + len(self.tensor),
+                     np.array([token], TOKEN_IDS), SAMPLE, self.sampling, 0, self.last_step)
 
 
 def new_id() -> str:
@@ -200,7 +211,7 @@ def encode_frame(frame: Frame) -> bytes:
                          bytes.fromhex(frame.request_id), bytes.fromhex(frame.coordinator_id),
                          frame.plan_id, frame.step, frame.pos,
                          s.temperature, s.top_p, s.top_k, -1 if s.seed is None else s.seed,
-                         min(frame.compute_us, 2**32 - 1))
+                         min(frame.compute_us, 2**32 - 1), frame.last_step)
     return b"".join([header, struct.pack(f"<{tensor.ndim}I", *tensor.shape), tensor.astype(DTYPES[code], copy=False).data])
 
 
@@ -210,7 +221,7 @@ def decode_frame(payload: bytes) -> Frame:
     if len(payload) < HEADER.size:
         raise FrameError(f"frame of {len(payload)} bytes is shorter than the header")
     (magic, version, code, flags, ndim, request_id, coordinator_id,
-     plan_id, step, pos, temperature, top_p, top_k, seed, compute_us) = HEADER.unpack_from(payload)
+     plan_id, step, pos, temperature, top_p, top_k, seed, compute_us, last_step) = HEADER.unpack_from(payload)
     if magic != MAGIC or version != VERSION:
         raise FrameError(f"not an activation frame (magic {magic!r}, version {version})")
     if code not in DTYPES or ndim != (1 if code == 0 else 2):
@@ -227,4 +238,4 @@ def decode_frame(payload: bytes) -> Frame:
         raise FrameError(f"sampling parameters are not finite (temperature {temperature}, top_p {top_p})")
     tensor = np.frombuffer(payload, dtype=dtype, offset=shape_end).reshape(shape)
     return Frame(request_id.hex(), coordinator_id.hex(), plan_id, step, pos, tensor, flags,
-                 Sampling(temperature, top_p, top_k, None if seed < 0 else seed), compute_us)
+                 Sampling(temperature, top_p, top_k, None if seed < 0 else seed), compute_us, last_step)

@@ -1,5 +1,7 @@
-"""The coordinator: owns requests. It sends each step's input to the first stage, waits for the
-last stage's token on `coord/<id>/out`, and sends the next step, until a stop or the token limit.
+"""The coordinator: owns requests. It sends a prompt to the first stage and takes the last stage's
+tokens on `coord/<id>/out` until a stop or the token limit. The last stage feeds each token back
+as the next step itself (the prompt's frame allows it up to the token limit), so a token makes no
+round trip through here; where a reply says it did not, the coordinator sends the next step.
 
 An answer survives the cluster changing under it. The coordinator holds every token of every
 request, so when a request is interrupted (a node of its plan leaves or falls silent, a re-plan,
@@ -62,6 +64,7 @@ class Token:
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)   # the most likely ids and their logprobs
     compute_s: float = 0.0      # the nodes' compute time for this step; the rest of its round trip is hops
+    continued: bool = False     # the last stage sent the next step itself
 
 
 @dataclass
@@ -289,8 +292,8 @@ class Coordinator:
         first_node = self.topics.node_inbox(plan.nodes[0], self.id)
 
         def send(step: int, pos: int, ids: list[int], flags: int) -> None:
-            frame = protocol.Frame(attempt.id, self.id, plan.plan_id, step, pos,
-                                   np.asarray(ids, dtype=np.int32), flags, sampling)
+            frame = protocol.Frame(attempt.id, self.id, plan.plan_id, step, pos, np.asarray(ids, dtype=np.int32),
+                                   flags, sampling, last_step=max(max_tokens - 1, 0))
             if not self.bus.publish(first_node, protocol.encode_frame(frame)):
                 raise Interrupted("a frame could not be sent: the broker connection is down")
 
@@ -298,24 +301,26 @@ class Coordinator:
             chunks = prefill_chunks(tokens, self.model.config.hidden_size)
             for i, (pos, ids) in enumerate(chunks):
                 send(first_step, pos, ids, protocol.SAMPLE if i == len(chunks) - 1 else 0)
-            pos, sent_at = len(tokens), time.monotonic()
+            pos, sent_at, links = len(tokens), time.monotonic(), len(plan.nodes) + 1
             for step in range(first_step, max_tokens):
                 token = self._await_token(attempt, step)
                 if step > first_step:
-                    self._observe_round_trip(time.monotonic() - sent_at, token, len(plan.nodes))
+                    self._observe_round_trip(time.monotonic() - sent_at, token, links)
                 if token.id in eos or step + 1 == max_tokens:
                     yield token
                     return
-                send(step + 1, pos, [token.id], protocol.SAMPLE)   # the next step goes out first
-                sent_at = time.monotonic()
+                if not token.continued:
+                    send(step + 1, pos, [token.id], protocol.SAMPLE)   # the next step goes out first
+                # a step the last stage sent itself goes round the ring of stages, not through here
+                sent_at, links = time.monotonic(), len(plan.nodes) if token.continued else len(plan.nodes) + 1
                 pos += 1
                 yield token
         finally:
             self.active.pop(attempt.id, None)
             self.bus.publish_json(self.topics.ctl("free"), protocol.free_command(attempt.id), qos=1)
 
-    def _observe_round_trip(self, round_trip: float, token: Token, nodes: int) -> None:
-        hop = max(0.0, round_trip - token.compute_s) / (nodes + 1)   # coordinator -> nodes -> coordinator
+    def _observe_round_trip(self, round_trip: float, token: Token, links: int) -> None:
+        hop = max(0.0, round_trip - token.compute_s) / links
         self.observer.step_done(round_trip)
         self.observer.hop_done(hop)
         self.throughput.step(round_trip, hop)
@@ -370,5 +375,5 @@ class Coordinator:
                     raise Interrupted(reply.error)
                 raise GenerationError(reply.error)
             if reply.step == step:
-                return Token(reply.token, reply.logprob, reply.top, reply.compute_s)
+                return Token(reply.token, reply.logprob, reply.top, reply.compute_s, reply.continued)
             log.debug("dropped a reply for step %s while waiting for step %d", reply.step, step)

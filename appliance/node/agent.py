@@ -3,9 +3,15 @@
 MQTT handlers only parse and enqueue; one worker thread owns the engine and does everything
 heavy (loading a shard, running steps), so the network loop never stalls. Decode steps of
 different requests that wait in the queue together go through the engine as one batch.
+
+The last stage samples each token and, where the frame's last_step allows, feeds it back as the
+next step itself: into its own queue when it holds every layer, else to the first stage. A
+token then costs no round trip through the coordinator, which only listens (and frees the
+request when a stop string or a client gone ends it early).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -23,6 +29,7 @@ from appliance.bus.protocol import parse_json
 from appliance.config import Config
 from appliance.engines import ENGINES, Shard, Step, load_engine, pick_default_engine
 from appliance.engines.footprint import DEFAULT_QUANT, footprint
+from appliance.models.config import generation_defaults
 from appliance.models.download import Progress, fetch_gguf_shard, fetch_shard
 from appliance.models.store import models_dir, parse_gguf_spec, resolve_model_dir
 from appliance.node import system
@@ -38,6 +45,7 @@ RECENT_S = 1.0           # a request that ran a step this recently is in flight:
 IDLE_REQUEST_S = 120.0   # a request untouched this long has been abandoned: free its cache
 EVICTABLE_S = 4.0        # when full, the least recently used request idle this long makes room
 MAX_WORKING_IDS = 256    # request ids a heartbeat lists as queued or running here
+FREED_KEPT = 1024        # freed request ids remembered: their frames still on the way are dropped quietly
 STUCK_S = 120.0          # a worker that has not come round its loop this long, with work waiting, is stuck
 
 
@@ -53,6 +61,7 @@ class Loaded:
     engine: object
     next_node: str | None
     requests: int          # requests this node holds at once (max_requests, or what its memory allows)
+    stop_ids: frozenset[int] = frozenset()   # end-of-sequence ids: a last stage does not go on past one
 
 
 class NodeAgent:
@@ -69,6 +78,7 @@ class NodeAgent:
         self.loaded: Loaded | None = None
         self.load_error: dict | None = None
         self.last_used: dict[str, float] = {}
+        self.freed: collections.OrderedDict[str, None] = collections.OrderedDict()   # the last FREED_KEPT freed
         self.running: list[str] = []                   # the request ids of the batch in the engine now
         self.worker_thread: threading.Thread | None = None
         self.worker_beat = time.monotonic()            # when the worker last came round its loop
@@ -152,7 +162,10 @@ class NodeAgent:
         if loaded is None:
             return False
         nodes = loaded.plan.nodes
-        return self.id in nodes and nodes.index(self.id) > 0 and nodes[nodes.index(self.id) - 1] == sender
+        if self.id not in nodes:
+            return False
+        before = nodes.index(self.id) - 1   # the first stage's is the last: its next decode steps
+        return nodes[before] == sender and (before >= 0 or frame.pos > 0)
 
     def on_coordinator(self, topic: str, payload: bytes) -> None:
         coord_id = self.topics.coord_id_of(topic)
@@ -181,7 +194,8 @@ class NodeAgent:
                 engine = load_engine(self.engine_name, Shard(model_dir, shard.start, shard.end, plan.num_layers),
                                      **options)
                 room = self.config.max_requests or engine.request_room(psutil.virtual_memory().available)
-                self.loaded, self.load_error = Loaded(plan, engine, plan.next_after(self.id), room), None
+                stop_ids = frozenset(generation_defaults(model_dir).eos_token_ids)
+                self.loaded, self.load_error = Loaded(plan, engine, plan.next_after(self.id), room, stop_ids), None
                 log.info("plan %d: loaded layers [%d, %d) of %s", plan.plan_id, shard.start, shard.end, plan.model)
             except Exception as e:
                 log.exception("plan %d: cannot load my shard", plan.plan_id)
@@ -198,7 +212,7 @@ class NodeAgent:
             return False
         for request_id in loaded.engine.requests():
             loaded.engine.free(request_id)
-        self.loaded, self.last_used = Loaded(plan, loaded.engine, plan.next_after(self.id), loaded.requests), {}
+        self.loaded, self.last_used = replace(loaded, plan=plan, next_node=plan.next_after(self.id)), {}
         log.info("plan %d: kept layers [%d, %d) without reloading", plan.plan_id, shard.start, shard.end)
         self.announce()
         return True
@@ -220,6 +234,7 @@ class NodeAgent:
 
     def run_frames(self, batch: list[protocol.Frame]) -> None:
         loaded = self.loaded
+        batch = [f for f in batch if f.request_id not in self.freed]   # their next steps, still on the way
         unfit = {f: self.unfit(f, loaded) for f in batch}
         for f, refusal in unfit.items():
             if refusal:
@@ -243,10 +258,10 @@ class NodeAgent:
         batch_us = int((now - started) * 1e6)   # every frame of the batch waited for all of it
         for f, out in zip(batch, outputs):
             self.last_used[f.request_id] = now
-            sent = protocol.wire_activations(out) if loaded.next_node is not None else out
-            f = replace(f, tensor=sent, compute_us=f.compute_us + batch_us)
+            f = replace(f, compute_us=f.compute_us + batch_us)
             if loaded.next_node is not None:
-                self.bus.publish(self.topics.node_inbox(loaded.next_node, self.id), protocol.encode_frame(f))
+                sent = replace(f, tensor=protocol.wire_activations(out))
+                self.bus.publish(self.topics.node_inbox(loaded.next_node, self.id), protocol.encode_frame(sent))
             elif f.flags & protocol.SAMPLE:
                 self.reply_token(f, out)
         self.frames_run += len(batch)
@@ -281,10 +296,23 @@ class NodeAgent:
         # Each step's randomness comes from (seed, step): a request resumed on another node draws the same.
         seed = f.sampling.seed
         token = sample(logits, f.sampling, np.random.default_rng(None if seed is None else [seed, f.step]))
+        continued = self.continue_with(f, token)
         logprobs = log_softmax(logits)
         top = top_indices(logprobs, protocol.TOP_LOGPROBS)
         self.bus.publish_json(self.topics.coord_out(f.coordinator_id, self.id), protocol.token_reply(
-            f, token, float(logprobs[token]), [(int(i), float(logprobs[i])) for i in top]))
+            f, token, float(logprobs[token]), [(int(i), float(logprobs[i])) for i in top], continued))
+
+    def continue_with(self, f: protocol.Frame, token: int) -> bool:
+        """Send the step after `f`, fed its token, where the frame allows it: not past last_step, not
+        after an end-of-sequence token, not for a coordinator gone. Whether it was sent."""
+        loaded = self.loaded
+        if f.step >= f.last_step or token in loaded.stop_ids or f.coordinator_id not in self.coordinators:
+            return False
+        first = loaded.plan.nodes[0]
+        if first == self.id:
+            self.work.put(("frame", f.next_step(token)))
+            return True
+        return self.bus.publish(self.topics.node_inbox(first, self.id), protocol.encode_frame(f.next_step(token)))
 
     def reply_error(self, f: protocol.Frame, message: str, retry: bool = False) -> None:
         self.bus.publish_json(self.topics.coord_out(f.coordinator_id, self.id), protocol.error_reply(f, message, retry))
@@ -293,6 +321,14 @@ class NodeAgent:
         if self.loaded:
             self.loaded.engine.free(request_id)
         self.last_used.pop(request_id, None)
+
+    def finish(self, request_id: str) -> None:
+        """The coordinator is done with a request: free it, and drop its frames still on the way
+        (the steps a last stage sent itself before the word came)."""
+        self.free(request_id)
+        self.freed[request_id] = None
+        while len(self.freed) > FREED_KEPT:
+            self.freed.popitem(last=False)
 
     def make_room(self, room: int) -> bool:
         """Room for one more of `room` requests: free, or made by evicting the least recently used idle one."""
@@ -330,7 +366,7 @@ class NodeAgent:
         if kind == "plan":
             self.load(item)
         elif kind == "free":
-            self.free(item)
+            self.finish(item)
         elif kind == "frame":
             self.run_frames(self.take_batch(item))
 
