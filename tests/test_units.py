@@ -321,3 +321,17 @@ def test_uncut_sampling_follows_the_distribution():
     rng = np.random.default_rng(1)
     draws = [sample(np.array([0.0, np.log(3.0)]), protocol.Sampling(1.0), rng) for _ in range(4000)]
     assert 0.72 < np.mean(draws) < 0.78   # p(1) = 3/4
+
+
+def test_the_bus_sends_each_message_at_once(broker):
+    """Nagle's algorithm off: a reply sent right after a frame must not wait for the broker's delayed ACK."""
+    import socket
+
+    from appliance.bus.client import Bus
+    from appliance.config import Config
+
+    bus = Bus(Config(broker=broker), client_id=f"nodelay-{protocol.new_id()[:8]}").start()
+    try:
+        assert bus.client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        bus.stop()
