@@ -3,10 +3,12 @@ coordinator; memory, CPU, temperature and frame timing per node, from the nodes'
 
 What each latency is:
   exo_time_to_first_token_seconds  request start (plan ready) to the first token back (prefill)
-  exo_step_seconds                 one decode step's round trip: the coordinator sends the step to
-                                   the first node and waits for the last node's token
-  exo_hop_seconds                  per hop of that step: (round trip - the nodes' compute, which the
-                                   frames carry) / (nodes + 1); broker, network and queue time
+  exo_step_seconds                 one decode step, token to token: from the coordinator having the
+                                   token before to having this one (the last node sends the step on
+                                   itself, or the coordinator does)
+  exo_hop_seconds                  per hop of that step: (the step - the nodes' compute, which the
+                                   frames carry) / its hops (nodes: a ring of stages; nodes + 1 where
+                                   the coordinator sent it); broker, network and queue time
   exo_node_frame_seconds_total     each node's own time from starting a batch of frames to having
                                    published its results (compute + publish, queue wait excluded)
 """
