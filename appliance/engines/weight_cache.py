@@ -4,6 +4,7 @@ on every later load. The onnxruntime and ggml engines both keep their converted 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import mmap
@@ -71,14 +72,22 @@ def advise_huge_pages(address: int, size: int) -> None:
 def madvise(address: int, size: int, advice: int) -> None:
     """libc's madvise on memory that Python's mmap objects do not own (a library's map or buffer);
     its failure is ignored, as every caller's advice is only a hint."""
+    call = _libc_madvise()
+    if call:
+        call(address, size, advice)
+
+
+@functools.cache
+def _libc_madvise():
+    """libc's madvise with its argument types, loaded once (page_out_file calls it per mapping), or None."""
     import ctypes
 
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise(address, size, advice)
+        call = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return call
 
 
 def release_array(a: np.ndarray) -> None:
