@@ -258,12 +258,12 @@ class NodeAgent:
         batch_us = int((now - started) * 1e6)   # every frame of the batch waited for all of it
         for f, out in zip(batch, outputs):
             self.last_used[f.request_id] = now
-            f = replace(f, compute_us=f.compute_us + batch_us)
+            compute_us = f.compute_us + batch_us
             if loaded.next_node is not None:
-                sent = replace(f, tensor=protocol.wire_activations(out))
+                sent = replace(f, tensor=protocol.wire_activations(out), compute_us=compute_us)
                 self.bus.publish(self.topics.node_inbox(loaded.next_node, self.id), protocol.encode_frame(sent))
-            elif f.flags & protocol.SAMPLE:
-                self.reply_token(f, out)
+            elif f.flags & protocol.SAMPLE:   # the frame as it came (its rows give the next position)
+                self.reply_token(replace(f, compute_us=compute_us), out)
         self.frames_run += len(batch)
         self.frame_seconds += time.monotonic() - started
 
