@@ -7,6 +7,7 @@ and never hands numpy's sampler a probability that is not a finite number.
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 
@@ -25,15 +26,25 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.float32(math.log(np.exp(shifted).sum(dtype=np.float64)))
 
 
+def step_rng(seed: int | None, step: int) -> random.Random:
+    """A step's randomness, from the request's seed (>= 0) and the step: a request resumed on
+    another node draws the same. A draw takes one number from it: Python's generator, set up once
+    a token, costs a quarter of numpy's there (35 against 130 us right after a decode step)."""
+    return random.Random() if seed is None else random.Random(seed << 32 | step)
+
+
 def greedy(logits: np.ndarray) -> int:
     """The best finite logit (token 0 when none is finite)."""
+    best = int(np.argmax(logits))
+    if math.isfinite(logits[best]):   # argmax takes a NaN or +inf where there is one
+        return best
     finite = np.isfinite(logits)
     if not finite.any():
         return 0
     return int(np.argmax(np.where(finite, logits, -np.inf)))
 
 
-def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
+def sample(logits: np.ndarray, s: Sampling, rng: random.Random | np.random.Generator) -> int:
     """Temperature 0 means greedy argmax; otherwise sample from the cut distribution.
 
     Safe on any input: a temperature that is not a finite positive number, logits that are not
@@ -70,7 +81,7 @@ def blocks(values: np.ndarray, fill: float) -> np.ndarray:
     return values.reshape(-1, BLOCK)
 
 
-def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
+def draw(weights: np.ndarray, rng: random.Random | np.random.Generator) -> int:
     """An index drawn in proportion to finite non-negative weights (the largest one positive), as
     rng.choice does but in two short running sums (the blocks', then one block's) instead of one
     of the whole vocabulary, which is sequential and costs more than the rest of a draw."""

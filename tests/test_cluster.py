@@ -222,6 +222,12 @@ def test_the_last_stage_sends_the_next_steps_itself(broker, tmp_path, nodes):
         assert len(tokens) == 24 and len(frames_sent) == 1
         assert [t.continued for t in tokens] == [True] * 23 + [False]
         assert tokenizer.decode([t.id for t in tokens]).startswith(", there was a little girl named Lily")
+        assert all(t.logprob is None and t.top == [] for t in tokens)   # not asked for
+
+        asked = list(coordinator.generate(tokenizer.encode("Once upon a time"), 6, protocol.Sampling(0), logprobs=True))
+        assert [t.id for t in asked] == [t.id for t in tokens[:6]] and len(frames_sent) == 2
+        assert all(t.logprob <= 0 and t.top[0][0] == t.id and t.top[0][1] == pytest.approx(t.logprob, abs=1e-5)
+                   for t in asked)   # greedy: the likeliest token
 
         stream = coordinator.generate(tokenizer.encode("Once upon a time"), 200, protocol.Sampling(0))
         assert len([next(stream) for _ in range(3)]) == 3
@@ -229,7 +235,7 @@ def test_the_last_stage_sends_the_next_steps_itself(broker, tmp_path, nodes):
         closed, plan_nodes = time.time(), coordinator.cluster.plan.nodes
         wait_for(lambda: all((s := coordinator.cluster.status.get(n, {})).get("time", 0) > closed and s["requests"] == 0
                              for n in plan_nodes), 10, "every node's heartbeat to say it freed the request")
-        assert len(frames_sent) == 2
+        assert len(frames_sent) == 3
         for n in range(nodes):
             assert "refused a frame" not in cluster.log(f"n{n}")
     finally:

@@ -1,7 +1,9 @@
 """The pure parts: planner, activation frames, config layering, sampling, stop strings."""
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from appliance.panel.api import held_back
 from appliance.engines.footprint import footprint
 from appliance.planner import NodeCapacity, PlanError, host_memory, split_layers
 from appliance.coordinator.coordinator import MAX_FRAME_BYTES, prefill_chunks
-from appliance.sampling import draw, sample, top_indices
+from appliance.sampling import draw, greedy, sample, step_rng, top_indices
 
 GB = 10**9
 
@@ -138,6 +140,31 @@ def test_the_step_after_a_frame_follows_its_rows():
     assert (g.request_id, g.coordinator_id, g.plan_id, g.step, g.pos, g.flags, g.compute_us, g.last_step) == \
            (f.request_id, f.coordinator_id, 7, 4, 47, protocol.SAMPLE, 0, 99)
     assert g.sampling == f.sampling and g.tensor.dtype == protocol.TOKEN_IDS and g.tensor.tolist() == [17]
+    asked = replace(f, flags=protocol.SAMPLE | protocol.LOGPROBS)
+    assert asked.next_step(17).flags == protocol.SAMPLE | protocol.LOGPROBS   # the request's wish holds to its end
+
+
+def test_a_reply_carries_logprobs_only_where_asked():
+    f = protocol.Frame(protocol.new_id(), protocol.new_id(), 7, 3, 42, np.zeros(1, np.int32), protocol.SAMPLE)
+    plain = protocol.parse_reply(json.dumps(protocol.token_reply(f, 5, True)).encode())
+    assert (plain.token, plain.logprob, plain.top, plain.continued) == (5, None, [], True)
+    asked = protocol.parse_reply(json.dumps(protocol.token_reply(f, 5, False, -0.25, [(5, -0.25), (9, -2.0)])).encode())
+    assert (asked.logprob, asked.top, asked.continued) == (-0.25, [(5, -0.25), (9, -2.0)], False)
+
+
+def test_a_step_draws_the_same_from_the_same_seed_and_step():
+    assert step_rng(7, 3).random() == step_rng(7, 3).random()
+    assert len({step_rng(7, s).random() for s in range(50)} | {step_rng(8, 3).random()}) == 51
+    assert step_rng(None, 3).random() != step_rng(None, 3).random()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_greedy_never_picks_a_logit_that_is_not_finite(bad):
+    logits = np.array([0.5, 3.0, 1.0], np.float32)
+    for where in range(3):
+        spoiled = logits.copy()
+        spoiled[where] = bad
+        assert greedy(spoiled) == (1 if where != 1 else 2)
 
 
 def test_decode_step_frame_is_small():

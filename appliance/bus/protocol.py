@@ -103,10 +103,15 @@ def free_command(request_id: str) -> dict:
     return {"request_id": request_id}
 
 
-def token_reply(f: "Frame", token: int, logprob: float, top: list[tuple[int, float]], continued: bool) -> dict:
-    """`continued`: the last stage has sent the next step itself (the frame's last_step allowed it)."""
-    return {"request_id": f.request_id, "step": f.step, "token": token, "logprob": logprob,
-            "top": [[i, round(lp, 6)] for i, lp in top], "compute_s": f.compute_us / 1e6, "continued": continued}
+def token_reply(f: "Frame", token: int, continued: bool,
+                logprob: float | None = None, top: list[tuple[int, float]] = ()) -> dict:
+    """`continued`: the last stage has sent the next step itself (the frame's last_step allowed it).
+    The log-probabilities go only where the frame asks for them (LOGPROBS)."""
+    reply = {"request_id": f.request_id, "step": f.step, "token": token, "compute_s": f.compute_us / 1e6,
+             "continued": continued}
+    if logprob is not None:
+        reply.update(logprob=logprob, top=[[i, round(lp, 6)] for i, lp in top])
+    return reply
 
 
 def error_reply(f: "Frame", message: str, retry: bool = False) -> dict:
@@ -120,7 +125,7 @@ class Reply:
     request_id: str
     step: int
     token: int | None = None
-    logprob: float = 0.0
+    logprob: float | None = None   # None: the frame did not ask for log-probabilities
     top: list[tuple[int, float]] = field(default_factory=list)
     compute_s: float = 0.0
     continued: bool = False   # the last stage sent the next step itself
@@ -134,7 +139,8 @@ def parse_reply(payload: bytes) -> Reply:
     request_id, step = str(data["request_id"]), int(data["step"])
     if "error" in data:
         return Reply(request_id, step, error=str(data["error"]), retry=bool(data.get("retry")))
-    return Reply(request_id, step, int(data["token"]), float(data.get("logprob", 0.0)),
+    logprob = data.get("logprob")
+    return Reply(request_id, step, int(data["token"]), None if logprob is None else float(logprob),
                  [(int(i), float(lp)) for i, lp in data.get("top") or []], float(data.get("compute_s", 0.0)),
                  bool(data.get("continued")))
 
@@ -148,7 +154,7 @@ def parse_json(payload: bytes) -> dict:
 
 
 # -- the activation frame
-MAGIC, VERSION = b"EXOF", 3
+MAGIC, VERSION = b"EXOF", 4
 HEADER = struct.Struct("<4sBBBB16s16sIIIffiqII")
 DTYPES = {0: np.dtype("<i4"), 1: np.dtype("<f4"), 2: np.dtype("<f2")}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
@@ -158,6 +164,7 @@ FLOAT16_MAX = 65504.0
 MAX_PLAN_ID = 2**32 - 1
 
 SAMPLE = 1          # flag: the last stage samples a token from this step's final position
+LOGPROBS = 2        # flag: its reply carries the token's log-probability and the TOP_LOGPROBS best
 
 
 class FrameError(ValueError):
@@ -186,9 +193,9 @@ class Frame:
     last_step: int = 0      # the last stage goes on by itself through this step (0: the coordinator drives)
 
     def next_step(self, token: int) -> "Frame":
-        """The step after this one (a last stage's SAMPLE frame), fed `token`."""
+        """The step after this one (a last stage's SAMPLE frame; LOGPROBS kept), fed `token`."""
         return Frame(self.request_id, self.coordinator_id, self.plan_id, self.step + 1, self.pos + len(self.tensor),
-                     np.array([token], TOKEN_IDS), SAMPLE, self.sampling, 0, self.last_step)
+                     np.array([token], TOKEN_IDS), self.flags | SAMPLE, self.sampling, 0, self.last_step)
 
 
 def new_id() -> str:

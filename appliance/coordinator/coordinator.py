@@ -61,7 +61,7 @@ class Interrupted(Exception):
 @dataclass
 class Token:
     id: int
-    logprob: float
+    logprob: float | None = None   # None where the request did not ask for log-probabilities
     top: list[tuple[int, float]] = field(default_factory=list)   # the most likely ids and their logprobs
     compute_s: float = 0.0      # the nodes' compute time for this step; the rest of its round trip is hops
     continued: bool = False     # the last stage sent the next step itself
@@ -222,11 +222,12 @@ class Coordinator:
 
     # -- generation
     def generate(self, prompt: list[int], max_tokens: int, sampling: protocol.Sampling,
-                 record: RequestRecord | None = None) -> Iterator[Token]:
+                 record: RequestRecord | None = None, logprobs: bool = False) -> Iterator[Token]:
         """Yield sampled tokens until an end-of-sequence token or `max_tokens`, resuming on a new
         plan when interrupted. Closing the generator early (a client gone, a stop string) frees the
         request on every node. `record`: what the Requests page shows of it, where the caller
-        wants to add to it (the endpoint, the finish reason)."""
+        wants to add to it (the endpoint, the finish reason). `logprobs`: each token comes with its
+        log-probability and the most likely ones (else they are None and empty)."""
         if self.model is None:
             raise Unavailable("no model is loaded")
         if sampling.seed is None:   # a seed of our own keeps a resumed request's draws the same
@@ -234,10 +235,10 @@ class Coordinator:
         record = record or RequestRecord(protocol.new_id(), self.model.id, [], len(prompt))
         record.max_tokens, record.sampling = max_tokens, asdict(sampling)
         with self.admission.place():
-            yield from self._generate(prompt, max_tokens, sampling, record)
+            yield from self._generate(prompt, max_tokens, sampling, record, logprobs)
 
     def _generate(self, prompt: list[int], max_tokens: int, sampling: protocol.Sampling,
-                  record: RequestRecord) -> Iterator[Token]:
+                  record: RequestRecord, logprobs: bool) -> Iterator[Token]:
         self.history.append(record)
         generated: list[int] = []
         try:
@@ -247,7 +248,7 @@ class Coordinator:
             while True:
                 try:
                     with contextlib.closing(self._attempt(plan, prompt + generated, len(generated),
-                                                          max_tokens, sampling)) as tokens:
+                                                          max_tokens, sampling, logprobs)) as tokens:
                         for token in tokens:
                             generated.append(token.id)
                             self._count(record, started)
@@ -283,13 +284,14 @@ class Coordinator:
         return plan
 
     def _attempt(self, plan, tokens: list[int], first_step: int, max_tokens: int,
-                 sampling: protocol.Sampling) -> Iterator[Token]:
+                 sampling: protocol.Sampling, logprobs: bool) -> Iterator[Token]:
         """Prefill `tokens` (the prompt, and on a resume what was generated so far) on `plan` and
         decode from step `first_step` on. Raises Interrupted when this plan cannot finish it."""
         attempt = Attempt(protocol.new_id(), plan.plan_id, plan.nodes)
         self.active[attempt.id] = attempt
         eos = self.model.stop_ids
         first_node = self.topics.node_inbox(plan.nodes[0], self.id)
+        sample = protocol.SAMPLE | (protocol.LOGPROBS if logprobs else 0)   # the flags of a step's last frame
 
         def send(step: int, pos: int, ids: list[int], flags: int) -> None:
             frame = protocol.Frame(attempt.id, self.id, plan.plan_id, step, pos, np.asarray(ids, dtype=np.int32),
@@ -300,7 +302,7 @@ class Coordinator:
         try:
             chunks = prefill_chunks(tokens, self.model.config.hidden_size)
             for i, (pos, ids) in enumerate(chunks):
-                send(first_step, pos, ids, protocol.SAMPLE if i == len(chunks) - 1 else 0)
+                send(first_step, pos, ids, sample if i == len(chunks) - 1 else 0)
             pos, sent_at, links = len(tokens), time.monotonic(), len(plan.nodes) + 1
             for step in range(first_step, max_tokens):
                 token = self._await_token(attempt, step)
@@ -310,7 +312,7 @@ class Coordinator:
                     yield token
                     return
                 if not token.continued:
-                    send(step + 1, pos, [token.id], protocol.SAMPLE)   # the next step goes out first
+                    send(step + 1, pos, [token.id], sample)   # the next step goes out first
                 # a step the last stage sent itself goes round the ring of stages, not through here
                 sent_at, links = time.monotonic(), len(plan.nodes) if token.continued else len(plan.nodes) + 1
                 pos += 1

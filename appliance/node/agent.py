@@ -35,7 +35,7 @@ from appliance.models.store import models_dir, parse_gguf_spec, resolve_model_di
 from appliance.node import system
 from appliance.node.identity import node_id
 from appliance.planner import Plan
-from appliance.sampling import log_softmax, sample, top_indices
+from appliance.sampling import log_softmax, sample, step_rng, top_indices
 
 log = logging.getLogger(__name__)
 
@@ -293,14 +293,15 @@ class NodeAgent:
         return None
 
     def reply_token(self, f: protocol.Frame, logits: np.ndarray) -> None:
-        # Each step's randomness comes from (seed, step): a request resumed on another node draws the same.
-        seed = f.sampling.seed
-        token = sample(logits, f.sampling, np.random.default_rng(None if seed is None else [seed, f.step]))
-        continued = self.continue_with(f, token)
-        logprobs = log_softmax(logits)
-        top = top_indices(logprobs, protocol.TOP_LOGPROBS)
-        self.bus.publish_json(self.topics.coord_out(f.coordinator_id, self.id), protocol.token_reply(
-            f, token, float(logprobs[token]), [(int(i), float(logprobs[i])) for i in top], continued))
+        token = sample(logits, f.sampling, step_rng(f.sampling.seed, f.step))
+        continued = self.continue_with(f, token)   # the next step goes out before the reply
+        logprob, top = None, []
+        if f.flags & protocol.LOGPROBS:   # only where the request asked: about 0.25 ms a token
+            logprobs = log_softmax(logits)
+            logprob = float(logprobs[token])
+            top = [(int(i), float(logprobs[i])) for i in top_indices(logprobs, protocol.TOP_LOGPROBS)]
+        self.bus.publish_json(self.topics.coord_out(f.coordinator_id, self.id),
+                              protocol.token_reply(f, token, continued, logprob, top))
 
     def continue_with(self, f: protocol.Frame, token: int) -> bool:
         """Send the step after `f`, fed its token, where the frame allows it: not past last_step, not

@@ -189,7 +189,7 @@ def run(params: Params, usage: dict):
     decoder = StreamDecoder(model.tokenizer)
     text, sent = "", 0
     record = RequestRecord(new_id(), params.model, [], len(params.prompt), endpoint=params.endpoint)
-    tokens = coordinator().generate(params.prompt, params.max_tokens, params.sampling, record)
+    tokens = coordinator().generate(params.prompt, params.max_tokens, params.sampling, record, params.logprobs)
 
     def finish(piece: Piece) -> Piece:
         record.finish_reason = piece.finish_reason
