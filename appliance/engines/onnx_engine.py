@@ -38,7 +38,7 @@ import numpy as np
 from appliance.engines.footprint import DEFAULT_QUANT
 from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step, lazy_zeros
 from appliance.engines.onnx_graph import QUANTS, build_graph, convert_weights, padded_head_dim
-from appliance.engines.weight_cache import cache_key, load_arrays, page_out_file, release_pages, save_arrays
+from appliance.engines.weight_cache import cache_key, load_arrays, paging_out, release_pages, save_arrays
 from appliance.models.config import ModelConfig
 from appliance.models.weights import load_shard
 
@@ -77,8 +77,8 @@ class OnnxEngine(Engine):
             saved = saved_session(shard, quant, cache_dir, self.capacity)
             self.weights, self.cache_path = load_arrays(saved.parent), saved.parent / "weights.bin"
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # optimized when saved
-            self.session = ort.InferenceSession(str(saved / "model.onnx"), options, providers=["CPUExecutionProvider"])
-            page_out_file(saved / "model.data")
+            with paging_out(saved / "model.data"):
+                self.session = ort.InferenceSession(str(saved / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
         self.layers, self.head_dim = shard.end - shard.start, padded_head_dim(c)
         self.pool = self._new_pool(slots)

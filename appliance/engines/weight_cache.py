@@ -4,6 +4,7 @@ on every later load. The onnxruntime and ggml engines both keep their converted 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -11,6 +12,7 @@ import mmap
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,28 @@ def page_out_file(path: Path) -> None:
         if len(fields) == 6 and fields[5] == target:
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
             madvise(lo, hi - lo, MADV_PAGEOUT)   # an old kernel says EINVAL: nothing dropped
+
+
+@contextlib.contextmanager
+def paging_out(path: Path, every_s: float = 0.05):
+    """page_out_file(path) every `every_s` while the block runs, and once after. onnxruntime reads
+    a saved session's whole data file while it builds the session, the original matrices and
+    their prepacked copies alike, and needs none of it resident afterwards: paging out as it reads
+    keeps the load's peak (VmHWM) under what running the session needs (TinyLlama q8: 1,207 ->
+    1,097 MB). onnxruntime lets go of the GIL while it builds, so this thread gets to run."""
+    done = threading.Event()
+
+    def pager():
+        while not done.wait(every_s):
+            page_out_file(path)
+    thread = threading.Thread(target=pager, name="page-out", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        page_out_file(path)
 
 
 MADV_HUGEPAGE = 14
