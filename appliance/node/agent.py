@@ -30,7 +30,6 @@ from appliance.config import Config
 from appliance.engines import ENGINES, Shard, Step, load_engine, pick_default_engine
 from appliance.engines.footprint import DEFAULT_QUANT, footprint
 from appliance.models.config import generation_defaults
-from appliance.models.download import Progress, fetch_gguf_shard, fetch_shard
 from appliance.models.store import models_dir, parse_gguf_spec, resolve_model_dir
 from appliance.node import system
 from appliance.node.identity import node_id
@@ -221,6 +220,7 @@ class NodeAgent:
     def model_files(self, model: str, start: int, end: int) -> Path:
         if Path(model).expanduser().exists():   # a folder, or a GGUF file
             return resolve_model_dir(model)
+        from appliance.models.download import Progress, fetch_gguf_shard, fetch_shard   # huggingface_hub: 8 MB a node
         progress = Progress(model, report=self.publish_download)
         fetch = fetch_gguf_shard if parse_gguf_spec(model) else fetch_shard   # ORG/REPO:FILE.gguf: byte ranges
         try:
