@@ -126,6 +126,23 @@ def test_batched_decode_gives_each_request_its_own_logits(name, options, tmp_pat
 
 @needs_stories
 @needs_ggml
+def test_a_ggml_decode_graphs_mask_is_the_one_its_position_needs(tmp_path):
+    """A span graph's one-row masks are slices of a row made once per window: key k is visible
+    where 0 <= pos - k < window."""
+    from appliance.engines import ggml_engine
+
+    g = ggml_engine.Graph(engine("ggml", whole(STORIES), tmp_path, max_seq=64), [Step("r", 0, np.array([1], np.int32))], span=16)
+    try:
+        keys = np.arange(16)
+        for window in (None, 1, 4):
+            for pos in range(16):
+                seen = (pos - keys >= 0) & (pos - keys < (window or 17))
+                np.testing.assert_array_equal(g.row_mask(pos, window), np.where(seen, 0, -np.inf)[None].astype(np.float16))
+    finally:
+        g.free()
+
+
+@needs_ggml
 def test_ggml_decode_graphs_follow_their_request_across_spans_and_evictions(tmp_path):
     """ggml keeps a decode graph per request and span and points it at each next position: one
     token a step from 0 to the capacity (past a span, into a clamped last one), two requests taking

@@ -121,6 +121,7 @@ class GgmlEngine(Engine):
         self.tensors = Tensors(self.arrays, self.types, repacked, repack_buffer_type(self.backend) if repack else None)
         release_pages(self.arrays.values())
         self.allocator = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self.backend))
+        self.laid_out: Graph | None = None   # the graph whose tensors the allocator's buffer holds now
         c = self.config
         self.head = "lm_head.weight" if "lm_head.weight" in self.arrays else "model.embed_tokens.weight"
         self.width = c.num_kv_heads * c.head_dim
@@ -224,6 +225,7 @@ class Graph:
         self.positions = np.concatenate([np.arange(s.pos, s.pos + len(s.x), dtype=np.int32) for s in steps])
         self.pos = self.input(self.positions, ggml.GGML_TYPE_I32)
         self.masks: dict[tuple[int, int | None], object] = {}
+        self.ramps: dict[int | None, np.ndarray] = {}   # a span graph's one-row masks, by window
         self.runs: dict[LayerRope, list] = {}
         self.caches = [engine.cache(s.request_id) for s in steps]
         self.x = None
@@ -232,6 +234,8 @@ class Graph:
         ggml.ggml_build_forward_expand(self.graph, self.out)
 
     def free(self) -> None:
+        if self.engine.laid_out is self:
+            self.engine.laid_out = None
         ggml.ggml_free(self.ctx)
 
     def input(self, values: np.ndarray, kind: int):
@@ -286,16 +290,20 @@ class Graph:
             write.contents.data = address + step.pos * stride
 
     def compute(self) -> np.ndarray:
-        if not ggml.ggml_gallocr_alloc_graph(self.engine.allocator, self.graph):
-            raise MemoryError("ggml could not allocate the compute buffer")
+        engine = self.engine
+        if engine.laid_out is not self:   # a decode graph run again finds its tensors where they were
+            if not ggml.ggml_gallocr_alloc_graph(engine.allocator, self.graph):
+                raise MemoryError("ggml could not allocate the compute buffer")
+            engine.laid_out = self
+            ne = self.out.contents.ne
+            buf = (ctypes.c_float * (ne[0] * ne[1])).from_address(self.out.contents.data)
+            self.output = np.ctypeslib.as_array(buf).reshape(ne[1], ne[0])
         for t, values in self.inputs:
             ctypes.memmove(t.contents.data, values.ctypes.data, values.nbytes)
-        status = ggml.ggml_backend_graph_compute(self.engine.backend, self.graph)
+        status = ggml.ggml_backend_graph_compute(engine.backend, self.graph)
         if status != 0:
             raise RuntimeError(f"ggml graph compute failed with status {status}")
-        ne = self.out.contents.ne
-        buf = (ctypes.c_float * (ne[0] * ne[1])).from_address(self.out.contents.data)
-        return np.ctypeslib.as_array(buf).reshape(ne[1], ne[0]).copy()
+        return self.output.copy()
 
     # ---- the layer ----
 
@@ -398,12 +406,27 @@ class Graph:
 
     def mask_values(self, s: int, window: int | None) -> np.ndarray:
         step, T = self.steps[s], len(self.steps[s].x)
+        if self.span and T == 1:
+            return self.row_mask(step.pos, window)
         end = step.pos + T
         distance = np.arange(step.pos, end)[:, None] - np.arange(self.span or end)[None, :]
         hidden = distance < 0
         if window:
             hidden |= distance >= window
         return np.where(hidden, -np.inf, 0).astype(np.float32)
+
+    def row_mask(self, pos: int, window: int | None) -> np.ndarray:
+        """One query's mask over the span at `pos`: a slice of a row made once per window, so a
+        decode step costs no mask arithmetic. Key k is visible where 0 <= pos - k < window."""
+        ramp = self.ramps.get(window)
+        if ramp is None:
+            distance = self.span - 1 - np.arange(2 * self.span - 1)   # pos - k along the slice for pos
+            hidden = distance < 0
+            if window:
+                hidden |= distance >= window
+            ramp = self.ramps[window] = np.where(hidden, -np.inf, 0).astype(np.float16)
+        start = self.span - 1 - pos
+        return ramp[None, start:start + self.span]
 
     def attend(self, q, k, v, i: int, s: int, window: int | None):
         """Step s's rows: write its keys and values into its cache, attend over positions [0, end)
