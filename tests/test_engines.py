@@ -142,6 +142,7 @@ def test_a_ggml_decode_graphs_mask_is_the_one_its_position_needs(tmp_path):
         g.free()
 
 
+@needs_stories
 @needs_ggml
 def test_ggml_decode_graphs_follow_their_request_across_spans_and_evictions(tmp_path):
     """ggml keeps a decode graph per request and span and points it at each next position: one

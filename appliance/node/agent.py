@@ -220,7 +220,7 @@ class NodeAgent:
     def model_files(self, model: str, start: int, end: int) -> Path:
         if Path(model).expanduser().exists():   # a folder, or a GGUF file
             return resolve_model_dir(model)
-        from appliance.models.download import Progress, fetch_gguf_shard, fetch_shard   # huggingface_hub: 8 MB a node
+        from appliance.models.download import Progress, fetch_gguf_shard, fetch_shard   # huggingface_hub, httpx: 7 MB a node
         progress = Progress(model, report=self.publish_download)
         fetch = fetch_gguf_shard if parse_gguf_spec(model) else fetch_shard   # ORG/REPO:FILE.gguf: byte ranges
         try:
