@@ -76,6 +76,20 @@ class Engine:
         return max(1, min(MAX_REQUESTS, int(memory_available * KV_SHARE) // max(self.kv_bytes(), 1)))
 
 
+def hidden_keys(distance: np.ndarray, window: int | None) -> np.ndarray:
+    """Where a query may not see a key, from query position - key position: a key in its future,
+    or, with a sliding window, `window` or more positions back."""
+    hidden = distance < 0
+    if window:
+        hidden |= distance >= window
+    return hidden
+
+
+def attention_mask(distance: np.ndarray, window: int | None, dtype=np.float32) -> np.ndarray:
+    """hidden_keys as a mask added to the scores: -inf where hidden, 0 elsewhere."""
+    return np.where(hidden_keys(distance, window), -np.inf, 0).astype(dtype)
+
+
 def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     """Zeros whose memory becomes resident a small page at a time, as it is first written: for KV
     caches, sized for a whole context but filled a position at a time. np.zeros would do, but numpy

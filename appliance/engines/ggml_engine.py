@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step, lazy_zeros
+from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step, attention_mask, lazy_zeros
 from appliance.engines.footprint import DEFAULT_QUANT
 from appliance.engines.rope import attention_factor, inv_freq
 from appliance.engines.weight_cache import (advise_huge_pages, cache_key, load_arrays, release_array, release_pages,
@@ -409,22 +409,14 @@ class Graph:
         if self.span and T == 1:
             return self.row_mask(step.pos, window)
         end = step.pos + T
-        distance = np.arange(step.pos, end)[:, None] - np.arange(self.span or end)[None, :]
-        hidden = distance < 0
-        if window:
-            hidden |= distance >= window
-        return np.where(hidden, -np.inf, 0).astype(np.float32)
+        return attention_mask(np.arange(step.pos, end)[:, None] - np.arange(self.span or end)[None, :], window)
 
     def row_mask(self, pos: int, window: int | None) -> np.ndarray:
         """One query's mask over the span at `pos`: a slice of a row made once per window, so a
         decode step costs no mask arithmetic. Key k is visible where 0 <= pos - k < window."""
         ramp = self.ramps.get(window)
-        if ramp is None:
-            distance = self.span - 1 - np.arange(2 * self.span - 1)   # pos - k along the slice for pos
-            hidden = distance < 0
-            if window:
-                hidden |= distance >= window
-            ramp = self.ramps[window] = np.where(hidden, -np.inf, 0).astype(np.float16)
+        if ramp is None:   # the slice for pos starts at span - 1 - pos, where the distance is pos
+            ramp = self.ramps[window] = attention_mask(self.span - 1 - np.arange(2 * self.span - 1), window, np.float16)
         start = self.span - 1 - pos
         return ramp[None, start:start + self.span]
 

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from appliance.engines.footprint import DEFAULT_QUANT
-from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
+from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step, hidden_keys
 from appliance.engines.rope import rope_tables
 from appliance.models.config import ModelConfig
 from appliance.models.weights import as_float32, load_shard
@@ -124,11 +124,7 @@ class NumpyEngine(Engine):
 
     def _mask(self, pos, end, window):
         """True where query position (rows pos..end-1) may not see key position (columns 0..end-1)."""
-        distance = np.arange(pos, end)[:, None] - np.arange(end)[None, :]
-        hidden = distance < 0
-        if window:
-            hidden |= distance >= window
-        return hidden
+        return hidden_keys(np.arange(pos, end)[:, None] - np.arange(end)[None, :], window)
 
     def _heads(self, h, p, kind, heads):
         """[T, hidden] -> [heads, T, head_dim] of q, k or v; q and k normed per head where the model does."""

@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from appliance.engines.footprint import DEFAULT_QUANT
-from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step
+from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step, attention_mask
 from appliance.engines.rope import rope_tables
 from appliance.models.config import ModelConfig
 from appliance.models.weights import as_float32, load_shard
@@ -92,8 +92,7 @@ class TinygradEngine(Engine):
         last = np.zeros((len(steps), padded), np.float32)
         last[:, T - 1] = 1                        # the row whose logits the last shard returns
         distance = pos[:, :, None] - np.arange(self.capacity)[None, None, :]     # [B, T, capacity]
-        masks = [np.where((distance < 0) | ((distance >= window) if window else False), -np.inf, 0).astype(np.float32)
-                 for window in self.windows]
+        masks = [attention_mask(distance, window) for window in self.windows]
         tables = [t[pos][:, :, None] for pair in self.tables for t in pair]    # [B, T, 1, rotary_dim/2]
         inputs = [Tensor(a, device=self.device) for a in (x, last, *masks, *tables)]
         caches = [c for s in steps for c in self._cache(s.request_id)]
