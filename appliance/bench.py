@@ -27,9 +27,9 @@ from appliance.broker import EmbeddedBroker
 from appliance.bus.protocol import WIRE_ACTIVATIONS, Sampling, Topics
 from appliance.config import Config
 from appliance.coordinator.coordinator import Coordinator, GenerationError
+from appliance.engines.footprint import QUANTS
 
-ENGINE_QUANTS = {"numpy": ["f32"], "onnxruntime": ["q4", "q8", "f16", "f32"], "ggml": ["q4", "q8", "f16", "f32"],
-                 "tinygrad": ["f32", "f16"]}
+ENGINE_QUANTS = {"numpy": ["f32"], "onnxruntime": list(QUANTS), "ggml": list(QUANTS), "tinygrad": ["f32", "f16"]}
 
 
 @dataclass

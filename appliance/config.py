@@ -81,7 +81,7 @@ def _engine(name: str) -> None:
 def _quant(name: str) -> None:
     if not name:
         return
-    from appliance.engines.onnx_graph import QUANTS   # imports onnx: only when a quant is given
+    from appliance.engines.footprint import QUANTS
 
     if name not in QUANTS:
         raise ValueError(f"unknown quant {name!r}; choose {', '.join(QUANTS)}")

@@ -404,6 +404,46 @@ def test_a_file_read_while_paging_out_stays_mostly_out_of_memory(tmp_path):
     assert peak < 24 << 20, f"{peak / 2**20:.0f} MB of the file were resident at once"
 
 
+
+@needs_stories
+def test_an_onnxruntime_node_runs_its_saved_session_without_onnx(tmp_path):
+    """The onnx package (14 MB in a process) builds graphs: a child process does that on the first
+    load, and the node that runs the saved session never imports it."""
+    code = (f"import sys\nfrom appliance.engines.base import Shard, Step\n"
+            f"from appliance.engines.onnx_engine import OnnxEngine\nimport numpy as np\n"
+            f"e = OnnxEngine(Shard({str(STORIES)!r}, 0, 5, 5), quant='q8', cache_dir={str(tmp_path)!r})\n"
+            f"print(int(np.argmax(e.forward([Step('r', 0, np.array([1], np.int32))])[0])), 'onnx' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    expected = load_engine("numpy", whole(STORIES)).forward([Step("r", 0, np.array([1], np.int32))])[0]
+    assert run.stdout.split() == [str(int(np.argmax(expected))), "False"]
+
+
+@needs_ggml
+def test_converting_a_shard_for_ggml_leaves_its_source_pages_behind(tmp_path):
+    """A first load reads the checkpoint's matrices from their memory map and writes their blocks to
+    the cache: each source matrix's pages are let go once written, so the load never holds the
+    checkpoint whole (TinyLlama q8, half the layers: 1,402 -> 599 MB at its peak)."""
+    from appliance.engines.ggml_engine import convert_weights
+
+    rows, matrices = 2048, 8
+    source = np.memmap(tmp_path / "weights.f16", np.float16, "w+", shape=(matrices * rows, 2048))
+    source[:] = 0.01
+    source.flush()
+    source = np.memmap(tmp_path / "weights.f16", np.float16, "r", shape=(matrices * rows, 2048))   # clean pages
+    tensors = {f"model.layers.{i}.mlp.down_proj.weight": source[i * rows:(i + 1) * rows] for i in range(matrices)}
+
+    def rss_file() -> int:
+        return int(next(line for line in open("/proc/self/status") if line.startswith("RssFile")).split()[1]) << 10
+
+    base, peak = rss_file(), 0
+    for name, blocks in convert_weights(tensors, "q8"):
+        assert blocks.dtype == np.uint8 and len(blocks) == rows   # as written to the cache
+        peak = max(peak, rss_file() - base)
+    assert peak < 24 << 20, f"{peak / 2**20:.0f} MB of the 64 MB checkpoint were resident at once"
+
+
 # -- what the planner counts is what the engines hold (issue 13, point 3)
 def held_bytes(engine) -> int:
     if engine.name == "onnxruntime":

@@ -362,3 +362,17 @@ def test_the_bus_sends_each_message_at_once(broker):
         assert bus.client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         bus.stop()
+
+
+def test_a_node_imports_no_engine_and_no_hub_client_it_does_not_use():
+    """Each import is memory in every node process (onnx alone is 14 MB): checking a quant must
+    not import onnxruntime's graph builder, nor a node's start the download code."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom appliance.config import load_config\nload_config(None, env={}, quant='q4', engine='ggml')\n"
+            "import appliance.node.agent\n"
+            "print(' '.join(m for m in ('onnx', 'onnxruntime', 'huggingface_hub', 'httpx') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == []

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from appliance.models.config import DTYPE_BYTES, ModelConfig
 
+QUANTS = ("q4", "q8", "f16", "f32")   # what every engine but numpy can hold a matrix as
 DEFAULT_QUANT = {"numpy": "f32", "onnxruntime": "q8", "tinygrad": "f32", "ggml": "q8"}
 BLOCK = 32   # onnxruntime's MatMulNBits block (onnx_graph.BLOCK)
 FLOAT_BYTES = {"f32": 4, "f16": 2}

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step, attention_mask, lazy_zeros
-from appliance.engines.footprint import DEFAULT_QUANT
+from appliance.engines.footprint import DEFAULT_QUANT, QUANTS
 from appliance.engines.rope import attention_factor, inv_freq
 from appliance.engines.weight_cache import (advise_huge_pages, cache_key, load_arrays, release_array, release_pages,
                                             save_arrays)
@@ -54,7 +54,6 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 import ggml  # noqa: E402  (ggml-python: pip install 'exo-appliance[ggml]')
 
-QUANTS = ("q4", "q8", "f16", "f32")
 MATRIX_TYPES = {"q4": ggml.GGML_TYPE_Q4_0, "q8": ggml.GGML_TYPE_Q8_0, "f16": ggml.GGML_TYPE_F16,
                 "f32": ggml.GGML_TYPE_F32}
 GGUF_BLOCKS = {("Q4_0", "q4"), ("Q8_0", "q8")}   # a GGUF tensor's blocks taken as they are
@@ -543,9 +542,12 @@ def convert_weights(tensors: dict[str, np.ndarray], quant: str):
         fused = PART_OF.get(part)
         if fused is None:
             yield name, convert(t, quant)
+            release_array(t)   # written: its source pages need not stay resident
         elif part == FUSED[fused][0]:   # the fused matrix, when its first part comes by
-            yield f"{layer}{fused}.{leaf}", np.concatenate(
-                [convert(tensors[f"{layer}{other}.{leaf}"], quant) for other in FUSED[fused]])
+            parts = [tensors[f"{layer}{other}.{leaf}"] for other in FUSED[fused]]
+            yield f"{layer}{fused}.{leaf}", np.concatenate([convert(p, quant) for p in parts])
+            for p in parts:
+                release_array(p)
 
 
 def _layer_part(prefix: str) -> tuple[str, str]:

@@ -35,9 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.engines.footprint import DEFAULT_QUANT
+from appliance.engines.footprint import DEFAULT_QUANT, QUANTS
 from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step, lazy_zeros
-from appliance.engines.onnx_graph import QUANTS, build_graph, convert_weights, padded_head_dim
 from appliance.engines.weight_cache import cache_key, load_arrays, paging_out, release_pages, save_arrays
 from appliance.models.config import ModelConfig
 from appliance.models.weights import load_shard
@@ -68,6 +67,7 @@ class OnnxEngine(Engine):
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         checkpoint = float32_checkpoint(shard, c, quant)
         if checkpoint is not None:
+            from appliance.engines.onnx_graph import build_graph, convert_weights   # onnx: only to build a graph
             self.weights = dict(convert_weights(checkpoint, quant, shard.is_first, shard.is_last))
             self.cache_path = None
             self.session = session_over(self.weights, build_graph(c, shard, shapes(self.weights), quant, self.capacity),
@@ -80,7 +80,8 @@ class OnnxEngine(Engine):
             with paging_out(saved / "model.data"):
                 self.session = ort.InferenceSession(str(saved / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
-        self.layers, self.head_dim = shard.end - shard.start, padded_head_dim(c)
+        self.layers = shard.end - shard.start
+        self.head_dim = {i.name: i.shape for i in self.session.get_inputs()}["past_key_0"][-1]   # padded for GQA
         self.pool = self._new_pool(slots)
         self.slot: dict[str, int] = {}
         self.length: dict[str, int] = {}
@@ -236,6 +237,8 @@ def prepare_shard(shard: Shard, quant: str, path: Path, capacity: int) -> None:
     """Convert the weights (once), then let onnxruntime optimize the graph over them and save it
     with its prepacked weights in a data file beside it."""
     import onnxruntime as ort
+
+    from appliance.engines.onnx_graph import build_graph, convert_weights
 
     config = ModelConfig.load(shard.model_dir)
     if not (path / "index.json").exists():

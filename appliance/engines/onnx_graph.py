@@ -42,7 +42,6 @@ from appliance.engines.rope import rope_tables
 from appliance.models.config import ModelConfig, Rope
 from appliance.models.weights import as_float32
 
-QUANTS = ("q4", "q8", "f16", "f32")
 BLOCK = 32  # MatMulNBits block size
 ONNX_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
                np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int8): TensorProto.INT8}
@@ -58,10 +57,6 @@ def head_layout(config: ModelConfig) -> np.ndarray:
     half = -(-(rot // 2 + len(p1)) // 8) * 8   # Dp = 2 * half, a multiple of 16
     zeros = lambda part: [D] * (half - rot // 2 - len(part))  # noqa: E731
     return np.array([*range(rot // 2), *p1, *zeros(p1), *range(rot // 2, rot), *p2, *zeros(p2)], np.int64)
-
-
-def padded_head_dim(config: ModelConfig) -> int:
-    return len(head_layout(config))
 
 
 # ---- weights: HF tensors -> what the graph's initializers hold, per quant --------------------

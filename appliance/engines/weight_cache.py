@@ -153,7 +153,7 @@ def save_arrays(path: Path, arrays) -> None:
             f.write(b"\0" * (-offset % 64))
             offset += -offset % 64
             index[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": offset}
-            f.write(a.tobytes())
+            f.write(a.data if a.ndim else a.tobytes())   # the buffer itself: no copy of a large matrix
             offset += a.nbytes
     (tmp / "index.json").write_text(json.dumps(index))
     shutil.rmtree(path, ignore_errors=True)
