@@ -142,6 +142,22 @@ def test_a_ggml_decode_graphs_mask_is_the_one_its_position_needs(tmp_path):
         g.free()
 
 
+@needs_ggml
+@pytest.mark.parametrize("quant,size", [("f32", 4), ("f16", 2), ("q8", 2), ("q4", 2)])
+def test_ggml_keeps_keys_and_values_in_float16_beside_quantized_weights(quant, size, tmp_path):
+    """llama.cpp's default: half a long context's memory, and half the bytes a step reads. The
+    planner counts the cache as the engine holds it."""
+    from appliance.engines.footprint import footprint
+
+    model_dir = synth_model("smollm2-135m", layers=4)
+    under_test = load_engine("ggml", Shard(Path(model_dir), 0, 2, 4), quant=quant, cache_dir=tmp_path, max_seq=256)
+    under_test.forward([Step("r", 0, np.array([1, 2, 3], np.int32))])
+    cache = under_test.caches["r"]
+    assert cache.k.itemsize == cache.v.itemsize == size
+    counted = footprint(ModelConfig.load(model_dir), "ggml", quant, positions=under_test.capacity).kv_layer
+    assert under_test.kv_bytes() == 2 * counted == cache.k.nbytes + cache.v.nbytes
+
+
 @needs_stories
 @needs_ggml
 def test_ggml_decode_graphs_follow_their_request_across_spans_and_evictions(tmp_path):

@@ -66,10 +66,12 @@ class Engine:
     def requests(self) -> list[str]:
         return list(self.caches)
 
+    kv_value_bytes = 4   # a key or value number: float32 (footprint.kv_value_bytes says which engine holds less)
+
     def kv_bytes(self) -> int:
-        """What one request's KV cache takes at full capacity (float32 keys and values)."""
+        """What one request's KV cache takes at full capacity."""
         c = self.config
-        return (self.shard.end - self.shard.start) * 2 * c.num_kv_heads * c.head_dim * self.capacity * 4
+        return (self.shard.end - self.shard.start) * 2 * c.num_kv_heads * c.head_dim * self.capacity * self.kv_value_bytes
 
     def request_room(self, memory_available: int) -> int:
         """How many requests this engine can hold in `memory_available` bytes, 1 to MAX_REQUESTS."""

@@ -5,8 +5,8 @@ q4 as 4-bit blocks of 32 with a float32 scale each, q8 as int8 with a float32 sc
 channel; ggml holds Q4_0 / Q8_0 blocks (32 weights and a float16 scale, float16 where a row is
 no whole number of blocks); numpy widens every matrix to float32; tinygrad keeps f32 or f16 on
 its device. No engine widens the embedding: numpy and tinygrad map it as stored, onnxruntime keeps
-it float16, ggml quantizes it like the matrices. The KV room is one request's float32 keys and
-values over the full context. A mixture of experts is held whole (every expert: the memory) but a
+it float16, ggml quantizes it like the matrices. The KV room is one request's keys and values over
+the full context, float32 (ggml: float16 but at f32). A mixture of experts is held whole (every expert: the memory) but a
 token reads only its router and k experts (`active_layer`: for speed estimates); onnxruntime holds
 the experts in QMoE's blocks of 32 (q8 too: a scale a block). Light on purpose (no numpy, no engine
 imports): the coordinator plans with it.
@@ -88,7 +88,13 @@ def footprint(config: ModelConfig, engine: str, quant: str = "", positions: int 
     layer = max(layer_bytes(c, i, engine, quant) for i in kinds)
     active = max(layer_bytes(c, i, engine, quant, active=True) for i in kinds)
     return Footprint(layer, embedding_bytes(c, engine, quant), h * 4 + matrix_bytes(c.vocab_size, h, engine, quant),
-                     2 * kv * min(positions, c.max_position_embeddings) * 4, active)
+                     2 * kv * min(positions, c.max_position_embeddings) * kv_value_bytes(engine, quant), active)
+
+
+def kv_value_bytes(engine: str, quant: str) -> int:
+    """One key or value number in a KV cache: ggml keeps them float16 beside quantized or float16
+    weights (llama.cpp's default), every other engine and quant float32."""
+    return 2 if engine == "ggml" and quant != "f32" else 4
 
 
 def embedding_bytes(c: ModelConfig, engine: str, quant: str) -> int:

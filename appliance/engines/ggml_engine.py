@@ -23,9 +23,10 @@ a tenth of a q4 TinyLlama step). ggml's allocator reuses one compute buffer for 
 Rope is ggml's NEOX mode (pairs i and i + rotary/2 of each head, Hugging Face's layout); its
 frequencies come from rope.py as per-pair factors.
 
-KV cache. Per request, float32, two arrays over all the shard's layers, keys and values alike
-[layers, capacity, kv_heads * D]: a row per position, as ggml's fused attention (flash_attn_ext)
-reads them. Their pages are made as they are written (lazy_zeros).
+KV cache. Per request, two arrays over all the shard's layers, keys and values alike [layers,
+capacity, kv_heads * D]: a row per position, as ggml's fused attention (flash_attn_ext) reads them.
+float16 (llama.cpp's default: half the memory and half the bytes a step reads), float32 at f32.
+Their pages are made as they are written (lazy_zeros).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step, attention_mask, lazy_zeros
-from appliance.engines.footprint import DEFAULT_QUANT, QUANTS
+from appliance.engines.footprint import DEFAULT_QUANT, QUANTS, kv_value_bytes
 from appliance.engines.rope import attention_factor, inv_freq
 from appliance.engines.weight_cache import (advise_huge_pages, cache_key, load_arrays, release_array, release_pages,
                                             save_arrays)
@@ -62,6 +63,7 @@ DEFAULT_CACHE_DIR = Path("~/.cache/exo/ggml")
 FORMAT = 2   # of the cached shard (2: fused q/k/v and gate/up): a new format converts again
 NUMPY_TYPES = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.float16): ggml.GGML_TYPE_F16}
 F32 = ggml.GGML_TYPE_F32
+KV_TYPES = {2: np.dtype(np.float16), 4: np.dtype(np.float32)}   # a KV cache's numbers, by their bytes
 SPAN = 256           # a decode graph attends over a whole span of this many positions
 KEPT_DECODERS = 8    # decode graphs kept (a request's current span each), the least recently used dropped
 log = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ class GgmlEngine(Engine):
             raise ValueError(f"the ggml engine does not run mixtures of experts ({self.config.model_type}): "
                              "use the onnxruntime or numpy engine")
         self.quant = quant
+        self.kv_value_bytes = kv_value_bytes(self.name, quant)
         self.arrays, self.cache_path = shard_arrays(shard, self.config, quant, cache_dir)
         self.types = {name: ggml_type(name, a, quant) for name, a in self.arrays.items()}
         self.backend = ggml.ggml_backend_cpu_init()
@@ -191,16 +194,17 @@ class GgmlEngine(Engine):
     def cache(self, request_id: str) -> "KVCache":
         cache = self.caches.get(request_id)
         if cache is None:
-            cache = self.caches[request_id] = KVCache(self.shard.end - self.shard.start, self.width, self.capacity)
+            cache = self.caches[request_id] = KVCache(self.shard.end - self.shard.start, self.width, self.capacity,
+                                                      KV_TYPES[self.kv_value_bytes])
         return cache
 
 
 class KVCache:
-    """One request's float32 keys and values for each local layer, a row per position."""
+    """One request's keys and values for each local layer, a row per position."""
 
-    def __init__(self, layers: int, width: int, capacity: int):
-        self.k = lazy_zeros((layers, capacity, width))
-        self.v = lazy_zeros((layers, capacity, width))
+    def __init__(self, layers: int, width: int, capacity: int, dtype: np.dtype):
+        self.k = lazy_zeros((layers, capacity, width), dtype)
+        self.v = lazy_zeros((layers, capacity, width), dtype)
 
 
 class Graph:
@@ -425,15 +429,16 @@ class Graph:
         c, ctx = self.config, self.ctx
         first, T = self.rows[s]
         pos, cache, width, cap = self.steps[s].pos, self.caches[s], self.engine.width, self.engine.capacity
-        end, D, row = self.span or pos + T, c.head_dim, width * 4
+        size = cache.k.itemsize
+        end, D, row = self.span or pos + T, c.head_dim, width * size
         seen = []
         for new, cache_rows in ((k, cache.k[i]), (v, cache.v[i])):
-            whole = self.external(F32, (width, cap), cache_rows.ctypes.data)
+            whole = self.external(NUMPY_TYPES[cache_rows.dtype], (width, cap), cache_rows.ctypes.data)
             write = ggml.ggml_cpy(ctx, ggml.ggml_view_2d(ctx, new, width, T, new.contents.nb[2], first * new.contents.nb[2]),
                                   ggml.ggml_view_2d(ctx, whole, width, T, row, pos * row))
             ggml.ggml_build_forward_expand(self.graph, write)
             self.writes.append((write, cache_rows.ctypes.data, row))   # a copy writes where its node points
-            seen.append(ggml.ggml_view_3d(ctx, whole, D, end, c.num_kv_heads, row, D * 4, 0))   # [D, L, kvh]
+            seen.append(ggml.ggml_view_3d(ctx, whole, D, end, c.num_kv_heads, row, D * size, 0))   # [D, L, kvh]
         queries = ggml.ggml_permute(ctx, ggml.ggml_view_3d(ctx, q, D, c.num_heads, T, q.contents.nb[1],
                                                            q.contents.nb[2], first * q.contents.nb[2]), 0, 2, 1, 3)
         out = ggml.ggml_flash_attn_ext(ctx, queries, *seen, self.mask(s, window), c.attention_scale, 0.0, 0.0)
