@@ -25,7 +25,7 @@ frequencies come from rope.py as per-pair factors.
 
 KV cache. Per request, two arrays over all the shard's layers, keys and values alike [layers,
 capacity, kv_heads * D]: a row per position, as ggml's fused attention (flash_attn_ext) reads them.
-float16 (llama.cpp's default: half the memory and half the bytes a step reads), float32 at f32.
+float16 (llama.cpp's default: half the memory, half the bytes attention reads), float32 at f32.
 Their pages are made as they are written (lazy_zeros).
 """
 from __future__ import annotations
