@@ -338,8 +338,8 @@ def run_all(config: Config) -> None:
             keeper.watch(coordinator.cluster)
         print_admin_token(config)
         log_downloads(coordinator)
-        announce_when_ready(config, coordinator)
-        serve(config, coordinator, watch=[p for p in started if isinstance(p, subprocess.Popen)])
+        serve(config, coordinator, watch=[p for p in started if isinstance(p, subprocess.Popen)],
+              listening=lambda: announce_when_ready(config, coordinator))
     finally:
         for part in reversed(started):
             stop_part(part)

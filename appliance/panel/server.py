@@ -15,6 +15,7 @@ import json
 import logging
 import subprocess
 import threading
+from typing import Callable
 
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer, create_server
@@ -66,9 +67,13 @@ def make_server(config: Config, coordinator: Coordinator):
     return app, server
 
 
-def serve(config: Config, coordinator: Coordinator, watch: list[subprocess.Popen] = ()) -> None:
-    """Serve until interrupted, saying so when one of the watched processes (local nodes) exits."""
-    app, server = make_server(config, coordinator)
+def serve(config: Config, coordinator: Coordinator, watch: list[subprocess.Popen] = (),
+          listening: Callable[[], object] | None = None) -> None:
+    """Serve until interrupted, saying so when one of the watched processes (local nodes) exits.
+    `listening` runs once the port takes connections (before that, "ready" would be a lie)."""
+    app, server = make_server(config, coordinator)   # waitress listens from here on
+    if listening:
+        listening()
     thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()
     watch = list(watch)
