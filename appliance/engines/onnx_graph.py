@@ -39,6 +39,7 @@ from onnx import TensorProto, helper
 
 from appliance.engines.base import Shard
 from appliance.engines.rope import rope_tables
+from appliance.engines.weight_cache import release_array
 from appliance.models.config import ModelConfig, Rope
 from appliance.models.weights import as_float32
 
@@ -102,33 +103,39 @@ ROUTERS = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")   # kept float32:
 
 def convert_weights(tensors: dict[str, np.ndarray], quant: str, first: bool, last: bool):
     """Yield (graph initializer name, array) for every HF tensor of the shard, one at a time so a
-    bfloat16 checkpoint is widened tensor by tensor; a sparse layer's experts come stacked, at the end."""
+    bfloat16 checkpoint is widened tensor by tensor; a sparse layer's experts come stacked, at the end.
+    Each source tensor's mapped pages are let go once what it became was taken (written)."""
     experts: dict[str, dict] = {}
     for name, t in tensors.items():
         if match := EXPERT.match(name):
             experts.setdefault(match.group(1), {})[int(match.group(2)), match.group(3)] = t
             continue
-        if name.endswith(ROUTERS):
-            yield name, as_float32(t)
-            continue
-        if name != "model.embed_tokens.weight" and gguf_blocks_fit(t, quant):
-            yield from _from_gguf_blocks(name, t)
-            continue
-        t = as_float32(t)
-        is_matrix = t.ndim == 2 and name != "model.embed_tokens.weight"
-        if name == "model.embed_tokens.weight":
-            if first or quant in ("f32", "f16"):  # gathered by the first stage; a float tied head uses it too
-                yield name, t if quant == "f32" else t.astype(np.float16)
-            if last and quant in ("q4", "q8") and "lm_head.weight" not in tensors:   # a tied head, quantized
-                yield from _quantized("lm_head.weight", t, quant)
-        elif is_matrix and quant in ("q4", "q8"):
-            yield from _quantized(name, t, quant)
-        elif is_matrix and quant == "f16":
-            yield name, t.astype(np.float16)
-        else:
-            yield name, t  # f32 matrices, norms and biases stay float32
+        yield from _converted(name, t, tensors, quant, first, last)
+        release_array(t)
     for prefix, parts in experts.items():
         yield from stacked_experts(prefix, parts, quant)
+        for t in parts.values():
+            release_array(t)
+
+
+def _converted(name: str, t: np.ndarray, tensors: dict[str, np.ndarray], quant: str, first: bool, last: bool):
+    """The initializers one tensor (not an expert's) becomes."""
+    if name.endswith(ROUTERS):
+        yield name, as_float32(t)
+    elif name != "model.embed_tokens.weight" and gguf_blocks_fit(t, quant):
+        yield from _from_gguf_blocks(name, t)
+    elif name == "model.embed_tokens.weight":
+        t = as_float32(t)
+        if first or quant in ("f32", "f16"):  # gathered by the first stage; a float tied head uses it too
+            yield name, t if quant == "f32" else t.astype(np.float16)
+        if last and quant in ("q4", "q8") and "lm_head.weight" not in tensors:   # a tied head, quantized
+            yield from _quantized("lm_head.weight", t, quant)
+    elif np.ndim(t) == 2 and quant in ("q4", "q8"):
+        yield from _quantized(name, as_float32(t), quant)
+    elif np.ndim(t) == 2 and quant == "f16":
+        yield name, as_float32(t).astype(np.float16)
+    else:
+        yield name, as_float32(t)  # f32 matrices, norms and biases stay float32
 
 
 def stacked_experts(prefix: str, parts: dict, quant: str):
