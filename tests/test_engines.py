@@ -48,6 +48,11 @@ def engine(name: str, shard: Shard, tmp_path, **options):
     return load_engine(name, shard, **options)
 
 
+def rss_file() -> int:
+    """This process's resident pages of mapped files, in bytes."""
+    return int(next(line for line in open("/proc/self/status") if line.startswith("RssFile")).split()[1]) << 10
+
+
 def greedy(engine, prompt: list[int], new: int) -> list[int]:
     """Prefill in two chunks, then decode token by token."""
     half = len(prompt) // 2
@@ -145,7 +150,7 @@ def test_a_ggml_decode_graphs_mask_is_the_one_its_position_needs(tmp_path):
 @needs_ggml
 @pytest.mark.parametrize("quant,size", [("f32", 4), ("f16", 2), ("q8", 2), ("q4", 2)])
 def test_ggml_keeps_keys_and_values_in_float16_beside_quantized_weights(quant, size, tmp_path):
-    """llama.cpp's default: half a long context's memory, and half the bytes a step reads. The
+    """llama.cpp's default: half a long context's memory, and half the bytes attention reads. The
     planner counts the cache as the engine holds it."""
     from appliance.engines.footprint import footprint
 
@@ -401,9 +406,6 @@ def test_a_file_read_while_paging_out_stays_mostly_out_of_memory(tmp_path):
         f.write(b"\1" * (64 << 20))
         os.fsync(f.fileno())   # clean pages, as a saved session's are
 
-    def rss_file() -> int:
-        return int(next(line for line in open("/proc/self/status") if line.startswith("RssFile")).split()[1]) << 10
-
     def peak_while_reading() -> int:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             pages, base, peak = np.frombuffer(m, np.uint8)[::4096], rss_file(), 0
@@ -418,7 +420,6 @@ def test_a_file_read_while_paging_out_stays_mostly_out_of_memory(tmp_path):
     with paging_out(path, every_s=0.01):
         peak = peak_while_reading()
     assert peak < 24 << 20, f"{peak / 2**20:.0f} MB of the file were resident at once"
-
 
 
 @needs_stories
@@ -456,9 +457,6 @@ def test_converting_a_shard_leaves_its_source_pages_behind(name, tmp_path):
     source.flush()
     source = np.memmap(tmp_path / "weights.f16", np.float16, "r", shape=(matrices * rows, 2048))   # clean pages
     tensors = {f"model.layers.{i}.mlp.down_proj.weight": source[i * rows:(i + 1) * rows] for i in range(matrices)}
-
-    def rss_file() -> int:
-        return int(next(line for line in open("/proc/self/status") if line.startswith("RssFile")).split()[1]) << 10
 
     base, peak = rss_file(), 0
     for _, converted in convert_weights(tensors, "q8"):
