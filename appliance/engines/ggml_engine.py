@@ -268,12 +268,16 @@ class Graph:
                 x = ggml.ggml_scale(self.ctx, x, c.embedding_scale)
         else:
             self.x = x = self.input(np.concatenate([np.asarray(s.x, np.float32) for s in steps]), F32)
+        # the last stage makes a token of each step's last row only: after the model's last
+        # attention (which reads every row's keys and values) the other rows are left behind
+        self.token_rows = None
+        if shard.is_last and len(self.positions) > len(steps):
+            self.token_rows = self.input(np.cumsum([len(s.x) for s in steps]).astype(np.int32) - 1, ggml.GGML_TYPE_I32)
         for i, layer in enumerate(range(shard.start, shard.end)):
             x = self.layer(x, layer, i)
         if not shard.is_last:
             return x
-        last = self.input(np.cumsum([len(s.x) for s in steps]).astype(np.int32) - 1, ggml.GGML_TYPE_I32)
-        x = self.norm(ggml.ggml_get_rows(self.ctx, x, last), "model.norm.weight")
+        x = self.norm(x, "model.norm.weight")
         x = ggml.ggml_mul_mat(self.ctx, self.engine.tensors[self.engine.head], x)
         if c.final_logit_softcapping:
             cap = c.final_logit_softcapping
@@ -344,6 +348,8 @@ class Graph:
         attention = outs[0]
         for more in outs[1:]:
             attention = ggml.ggml_concat(ctx, attention, more, 1)
+        if self.token_rows is not None and layer == self.engine.shard.end - 1:
+            attention, x = (ggml.ggml_get_rows(ctx, t, self.token_rows) for t in (attention, x))
         attention = self.linear(attention, p + "self_attn.o_proj")
         if c.sandwich_norms:   # Gemma: the attention's output is normed, and the MLP's input by its own norm
             x = ggml.ggml_add(ctx, x, self.norm(attention, p + "post_attention_layernorm.weight"))
