@@ -199,10 +199,13 @@ def session_over(weights: dict[str, np.ndarray], model, options, quant: str):
                                 disabled_optimizers=disabled)
 
 
+GRAPH_VERSION = 2   # a session saved from an older graph is made again
+
+
 def session_name(capacity: int) -> str:
     """The saved session's folder: its graph's KV inputs are sized by the capacity, and its
     prepacked layout suits this CPU's instruction set (a card moved to another board re-saves)."""
-    return f"session-{capacity}-{cpu_features()}"
+    return f"session-{capacity}-{cpu_features()}-g{GRAPH_VERSION}"
 
 
 def cpu_features() -> str:

@@ -6,7 +6,7 @@ fixed-capacity buffer that the kernel updates in place (see onnx_engine for how 
 
 Inputs:  input_ids int64 [N] (first stage) or hidden float [N, H]; seqlens_k int32 [B] (each
          row's total length minus one); total_sequence_length int32 []; last_rows int64 [B]
-         (last stage: which of the N rows to take logits of); past_key_<i>, past_value_<i> float
+         (last stage: the N rows that go on past the last attention, to logits); past_key_<i>, past_value_<i> float
          [B, kv_heads, capacity, Dp].
 Outputs: hidden_out [N, H] or logits [B, vocab]; present_key_<i>, present_value_<i>.
 
@@ -364,7 +364,10 @@ def build_graph(config: ModelConfig, shard: Shard, shapes: dict, quant: str, cap
                          outputs=[f"attention_{i}", f"present_key_{i}", f"present_value_{i}"], domain="com.microsoft",
                          num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, scale=c.attention_scale,
                          do_rotary=int(rope is not None), local_window_size=window if window else -1)
-        attention = g.linear(g.from_attention(attention, c.num_heads, layout, D), p + "self_attn.o_proj", c.num_heads * D)
+        attention = g.from_attention(attention, c.num_heads, layout, D)
+        if shard.is_last and layer == shard.end - 1:   # past the last attention only the rows that make a token
+            attention, x = (g.op("Gather", t, "last_rows", axis=0) for t in (attention, x))
+        attention = g.linear(attention, p + "self_attn.o_proj", c.num_heads * D)
         if c.sandwich_norms:   # Gemma: the attention's output is normed, and the MLP's input by its own norm
             x = g.op("Add", x, g.rms_norm(attention, p + "post_attention_layernorm.weight", c.rms_norm_eps))
             h = g.rms_norm(x, p + "pre_feedforward_layernorm.weight", c.rms_norm_eps)
@@ -378,7 +381,7 @@ def build_graph(config: ModelConfig, shard: Shard, shapes: dict, quant: str, cap
 
     if shard.is_last:
         inputs.append(helper.make_tensor_value_info("last_rows", TensorProto.INT64, ["B"]))
-        last = g.rms_norm(g.op("Gather", x, "last_rows", axis=0), "model.norm.weight", c.rms_norm_eps)
+        last = g.rms_norm(x, "model.norm.weight", c.rms_norm_eps)
         head = "lm_head" if "lm_head.weight" in shapes or "lm_head.weight.q" in shapes else "model.embed_tokens"
         logits = g.linear(last, head, c.hidden_size)
         if c.final_logit_softcapping:
