@@ -133,8 +133,8 @@ def test_batched_decode_gives_each_request_its_own_logits(name, options, tmp_pat
 @pytest.mark.parametrize("name", FAST)
 def test_prompts_prefilled_in_one_call_each_get_their_last_rows_logits(name, tmp_path):
     """Three prompts of different lengths in one call: each gets what numpy gives it alone, the
-    logits of its own last row (ggml's last stage carries only those rows past the model's last
-    attention)."""
+    logits of its own last row (the last stage of ggml and onnxruntime carries only those rows
+    past the model's last attention)."""
     prompts = [np.array(p, np.int32) for p in ([1, 400, 34], [1, 20, 21, 22, 23, 24, 25], [1, 7])]
     reference = load_engine("numpy", whole(STORIES))
     together = engine(name, whole(STORIES), tmp_path).forward([Step(f"r{i}", 0, p) for i, p in enumerate(prompts)])

@@ -6,8 +6,8 @@ fixed-capacity buffer that the kernel updates in place (see onnx_engine for how 
 
 Inputs:  input_ids int64 [N] (first stage) or hidden float [N, H]; seqlens_k int32 [B] (each
          row's total length minus one); total_sequence_length int32 []; last_rows int64 [B]
-         (last stage: the N rows that go on past the last attention, to logits); past_key_<i>, past_value_<i> float
-         [B, kv_heads, capacity, Dp].
+         (last stage: which of the N rows go on past the last attention, to logits);
+         past_key_<i>, past_value_<i> float [B, kv_heads, capacity, Dp].
 Outputs: hidden_out [N, H] or logits [B, vocab]; present_key_<i>, present_value_<i>.
 
 GroupQueryAttention also applies the rotary embedding (do_rotary), from cos/sin tables baked into
