@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from appliance.bench import bench  # noqa: E402
+from appliance.bench import bench, peak_rss_mb  # noqa: E402
 
 GGUF_TYPES = {"q4": "Q4_0", "q8": "Q8_0"}
 PROMPT = "The old lighthouse keeper climbed the stairs every evening to light the lamp."   # ~16 tokens
@@ -82,16 +82,21 @@ def model_gguf(model_dir: Path, quant: str, work: Path) -> Path:
 
 
 def run_measuring_peak(command: list[str]) -> tuple[str, float]:
-    """Run a command to its end; its stdout and its peak RSS in MB (the kernel's maxrss)."""
+    """Run a command to its end; its stdout and its peak RSS in MB: the high-water mark of its own
+    memory (VmHWM, as exo bench reads its nodes'), read until it exits. Not the kernel's maxrss of
+    a child, which starts from this process's own: a fork begins with the parent's pages, so after
+    this process had loaded an engine, llama-bench's peak read 3,035 MB instead of 1,197."""
     with tempfile.TemporaryFile() as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
+        peak = 0.0
+        while process.poll() is None:   # the high-water mark only grows: the last reading is the peak
+            peak = max(peak, peak_rss_mb(process.pid))
+            time.sleep(0.05)
         out.seek(0)
         text = out.read().decode()
     if process.returncode:
         raise RuntimeError(f"{command[0]} failed ({process.returncode})")
-    return text, usage.ru_maxrss / 1024
+    return text, peak
 
 
 def llama_bench(tool: str, gguf: Path, threads: int) -> dict:
