@@ -150,13 +150,14 @@ def test_a_ggml_decode_graphs_mask_is_the_one_its_position_needs(tmp_path):
     where 0 <= pos - k < window."""
     from appliance.engines import ggml_engine
 
-    g = ggml_engine.Graph(engine("ggml", whole(STORIES), tmp_path, max_seq=64), [Step("r", 0, np.array([1], np.int32))], span=16)
+    g = ggml_engine.Graph(engine("ggml", whole(STORIES), tmp_path, max_seq=64), [Step("r", 0, np.array([1], np.int32))],
+                          spans=(16,))
     try:
         keys = np.arange(16)
         for window in (None, 1, 4):
             for pos in range(16):
                 seen = (pos - keys >= 0) & (pos - keys < (window or 17))
-                np.testing.assert_array_equal(g.row_mask(pos, window), np.where(seen, 0, -np.inf)[None].astype(np.float16))
+                np.testing.assert_array_equal(g.row_mask(16, pos, window), np.where(seen, 0, -np.inf)[None].astype(np.float16))
     finally:
         g.free()
 
@@ -201,7 +202,44 @@ def test_ggml_decode_graphs_follow_their_request_across_spans_and_evictions(tmp_
                 under_test.forward([Step(f"other{n}", 0, np.array([7], np.int32))])
     assert len(under_test.decoders) <= ggml_engine.KEPT_DECODERS
     under_test.free("a")
-    assert not [k for k in under_test.decoders if k[0] == "a"]
+    assert not [k for k in under_test.decoders if "a" in k[0]]
+
+
+@needs_stories
+@needs_ggml
+def test_ggml_decodes_requests_together_in_one_graph_pointed_at_their_next_steps(tmp_path):
+    """Decode steps of several requests share one graph, built once and pointed at each next step
+    while the same requests decode together: requests at different positions, one crossing into
+    its next span while the others stay in theirs, then one leaving and another joining. Each
+    request gets what numpy gets, every step."""
+    from appliance.engines import ggml_engine
+
+    under_test = engine("ggml", whole(STORIES), tmp_path, max_seq=ggml_engine.SPAN + 40)
+    reference = load_engine("numpy", whole(STORIES))
+    rng = np.random.default_rng(5)
+    pos = {}
+
+    def prefill(rid: str, n: int) -> None:
+        prompt = rng.integers(3, 500, n).astype(np.int32)
+        for e in (under_test, reference):
+            e.forward([Step(rid, 0, prompt)])
+        pos[rid] = n
+
+    for rid, n in (("a", ggml_engine.SPAN - 5), ("b", 3), ("c", 40)):   # "a" crosses a span on its 6th step
+        prefill(rid, n)
+    graphs = []
+    for t in range(12):
+        if t == 8:
+            prefill("d", 7)
+        batch = [Step(rid, pos[rid], rng.integers(3, 500, 1).astype(np.int32))
+                 for rid in (("a", "b", "c") if t < 8 else ("c", "a", "d"))]
+        for got, step in zip(under_test.forward(batch), batch):
+            np.testing.assert_allclose(got, reference.forward([step])[0], atol=1e-4)
+            pos[step.request_id] += 1
+        graphs.append(next(iter(under_test.decoders.values())) if len(under_test.decoders) == 1 else None)
+    assert graphs[1] is graphs[0] is not None          # the same requests in the same spans: one graph, pointed on
+    assert graphs[5] is not graphs[4] is graphs[1]     # "a" in its next span: built again
+    assert graphs[9] is not graphs[7]                  # another set of requests
 
 
 @pytest.mark.parametrize("quant", ["f32", "f16", "q8", "q4"])

@@ -16,10 +16,11 @@ asks for transparent huge pages (fewer TLB misses: a decode step 10 % faster at 
 
 A step. A call over several steps (requests distinct) builds one ggml graph for them all: the
 linear layers run over every token row of every request at once, attention per request against its
-own KV cache. One decode step (one request, one token) reuses its request's graph instead: built
-once per SPAN positions, attending over the whole span with the positions not yet written masked,
-then pointed at each next position (building one is about 2 ms of Python for 22 layers, more than
-a tenth of a q4 TinyLlama step). ggml's allocator reuses one compute buffer for every graph.
+own KV cache. Decode steps (one token each) reuse their requests' graph instead: built once per
+SPAN positions of each, attending over the whole span with the positions not yet written masked,
+then pointed at each next position while the same requests decode together (building one is about
+2 ms of Python for 22 layers and one request, more than a tenth of a q4 TinyLlama step; 10 ms for
+eight). ggml's allocator reuses one compute buffer for every graph.
 Rope is ggml's NEOX mode (pairs i and i + rotary/2 of each head, Hugging Face's layout); its
 frequencies come from rope.py as per-pair factors.
 
@@ -132,7 +133,7 @@ class GgmlEngine(Engine):
                       for layer in range(shard.start, shard.end)]
         self.windows = [c.window(layer) for layer in range(shard.start, shard.end)]
         self.long_ropes = [r for r in ropes.values() if r.original]   # their factors change along the way
-        self.decoders: dict[tuple, Graph] = {}   # (request, span, long factors in use) -> its decode graph
+        self.decoders: dict[tuple, Graph] = {}   # (requests, their spans, long factors in use) -> their decode graph
 
     def __del__(self):
         for g in getattr(self, "decoders", {}).values():
@@ -146,9 +147,10 @@ class GgmlEngine(Engine):
             if step.pos + len(step.x) > self.capacity:
                 raise ValueError(f"request {step.request_id}: position {step.pos + len(step.x)} is past the KV "
                                  f"capacity {self.capacity} (max_seq)")
-        if len(steps) == 1 and len(steps[0].x) == 1:
-            return [self._decode(steps[0])]
-        if len({s.request_id for s in steps}) == len(steps):
+        distinct = len({s.request_id for s in steps}) == len(steps)
+        if distinct and all(len(s.x) == 1 for s in steps):
+            return self._decode(steps)
+        if distinct:
             return self._run(steps)
         return [self._run([step])[0] for step in steps]   # two steps of one request: in order
 
@@ -157,7 +159,7 @@ class GgmlEngine(Engine):
         self._drop_decoders(request_id)
 
     def _drop_decoders(self, request_id: str) -> None:
-        for key in [k for k in self.decoders if k[0] == request_id]:
+        for key in [k for k in self.decoders if request_id in k[0]]:
             self.decoders.pop(key).free()
 
     # ---- one graph over the steps of distinct requests ----
@@ -173,23 +175,27 @@ class GgmlEngine(Engine):
         bounds = np.cumsum([0] + [len(s.x) for s in steps])
         return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def _decode(self, step: Step) -> np.ndarray:
-        """One request's next token: its graph is built once per SPAN positions (attending over
-        the whole span, the positions not yet written masked) and run again with new inputs, which
-        saves rebuilding it in Python (about 2 ms a step for 22 layers)."""
-        span = min(self.capacity, (step.pos // SPAN + 1) * SPAN)
-        key = (step.request_id, span, tuple(step.pos >= r.original for r in self.long_ropes))
+    def _decode(self, steps: list[Step]) -> list[np.ndarray]:
+        """The next token of each of some requests, one row each: their graph is built once per
+        SPAN positions of each (attending over the whole span, the positions not yet written
+        masked) and run again with new inputs while the same requests decode together, which
+        saves rebuilding it in Python (about 2 ms a step for 22 layers and one request, 10 ms
+        for eight)."""
+        spans = tuple(min(self.capacity, (s.pos // SPAN + 1) * SPAN) for s in steps)
+        key = (tuple(s.request_id for s in steps), spans,
+               tuple(s.pos >= r.original for s in steps for r in self.long_ropes))
         g = self.decoders.pop(key, None)
         if g is None:
-            self._drop_decoders(step.request_id)   # its graph of the span before
+            for step in steps:   # their graphs of the span, or the batch, before
+                self._drop_decoders(step.request_id)
             while len(self.decoders) >= KEPT_DECODERS:
                 self.decoders.pop(next(iter(self.decoders))).free()
-            g = Graph(self, [step], span=span)
+            g = Graph(self, steps, spans=spans)
         else:
-            g.retarget(step)
+            g.retarget(steps)
         self.decoders[key] = g   # last used last
         out = g.compute()
-        return out[0] if self.shard.is_last else out
+        return list(out) if self.shard.is_last else [out[i:i + 1] for i in range(len(steps))]
 
     def cache(self, request_id: str) -> "KVCache":
         cache = self.caches.get(request_id)
@@ -210,11 +216,12 @@ class KVCache:
 class Graph:
     """A ggml graph over some steps: a context for its tensors' descriptions (the data lives in the
     weight maps, the KV caches and the allocator's buffer), the inputs to write once it is
-    allocated. With a `span` (one decode step), attention covers that many positions, those not
-    yet written masked, so `retarget` can point the graph at the request's next position."""
+    allocated. With `spans` (decode steps, one row each), each step's attention covers that many
+    positions, those not yet written masked, so `retarget` can point the graph at the requests'
+    next positions."""
 
-    def __init__(self, engine: GgmlEngine, steps: list[Step], span: int | None = None):
-        self.engine, self.config, self.steps, self.span = engine, engine.config, steps, span
+    def __init__(self, engine: GgmlEngine, steps: list[Step], spans: tuple[int, ...] | None = None):
+        self.engine, self.config, self.steps, self.spans = engine, engine.config, steps, spans
         layers = engine.shard.end - engine.shard.start
         self.size = 64 + layers * (48 + 32 * len(steps))
         params = ggml.ggml_init_params(mem_size=self.size * ggml.ggml_tensor_overhead() +
@@ -222,13 +229,13 @@ class Graph:
         self.ctx = ggml.ggml_init(params)
         self.graph = ggml.ggml_new_graph_custom(self.ctx, self.size, False)
         self.inputs: list[tuple[object, np.ndarray]] = []
-        self.writes: list[tuple[object, int, int]] = []   # (a copy into a KV cache, the cache's address, bytes a position)
+        self.writes: list[tuple[object, int, int, int]] = []   # (a copy into a KV cache, its address, bytes a position, step)
         starts = np.cumsum([0] + [len(s.x) for s in steps])
         self.rows = [(int(a), len(s.x)) for a, s in zip(starts, steps)]   # (first row, rows) of each step
         self.positions = np.concatenate([np.arange(s.pos, s.pos + len(s.x), dtype=np.int32) for s in steps])
         self.pos = self.input(self.positions, ggml.GGML_TYPE_I32)
         self.masks: dict[tuple[int, int | None], object] = {}
-        self.ramps: dict[int | None, np.ndarray] = {}   # a span graph's one-row masks, by window
+        self.ramps: dict[tuple[int, int | None], np.ndarray] = {}   # a decode graph's one-row masks, by span and window
         self.runs: dict[LayerRope, list] = {}
         self.caches = [engine.cache(s.request_id) for s in steps]
         self.x = None
@@ -284,17 +291,17 @@ class Graph:
             x = ggml.ggml_scale(self.ctx, ggml.ggml_tanh(self.ctx, ggml.ggml_scale(self.ctx, x, 1 / cap)), cap)
         return x
 
-    def retarget(self, step: Step) -> None:
-        """A span graph, to one more step of its request: the new row, position and masks, and the
-        KV cache rows it writes."""
-        self.steps = [step]
-        self.positions = np.array([step.pos], np.int32)
-        self.set_input(self.x, step.x)
+    def retarget(self, steps: list[Step]) -> None:
+        """A decode graph, to one more step of each of its requests: the new rows, positions and
+        masks, and the KV cache rows they write."""
+        self.steps = steps
+        self.positions = np.array([s.pos for s in steps], np.int32)
+        self.set_input(self.x, np.concatenate([s.x for s in steps]))
         self.set_input(self.pos, self.positions)
         for (s, window), mask in self.masks.items():
             self.set_input(mask, self.mask_values(s, window))
-        for write, address, stride in self.writes:
-            write.contents.data = address + step.pos * stride
+        for write, address, stride, s in self.writes:
+            write.contents.data = address + steps[s].pos * stride
 
     def compute(self) -> np.ndarray:
         engine = self.engine
@@ -405,29 +412,29 @@ class Graph:
 
     def mask(self, s: int, window: int | None):
         """Step s's attention mask [L, T]: 0 where a query may see a key, -inf elsewhere. None where
-        nothing is hidden (one new token, no window, no span)."""
+        nothing is hidden (one new token, no window, no spans)."""
         key = (s, window)
         if key not in self.masks:
             values = self.mask_values(s, window)
-            hides = self.span or np.isinf(values).any()
+            hides = self.spans or np.isinf(values).any()
             self.masks[key] = self.input(values.astype(np.float16), ggml.GGML_TYPE_F16) if hides else None
         return self.masks[key]
 
     def mask_values(self, s: int, window: int | None) -> np.ndarray:
         step, T = self.steps[s], len(self.steps[s].x)
-        if self.span and T == 1:
-            return self.row_mask(step.pos, window)
+        if self.spans:
+            return self.row_mask(self.spans[s], step.pos, window)
         end = step.pos + T
-        return attention_mask(np.arange(step.pos, end)[:, None] - np.arange(self.span or end)[None, :], window)
+        return attention_mask(np.arange(step.pos, end)[:, None] - np.arange(end)[None, :], window)
 
-    def row_mask(self, pos: int, window: int | None) -> np.ndarray:
-        """One query's mask over the span at `pos`: a slice of a row made once per window, so a
-        decode step costs no mask arithmetic. Key k is visible where 0 <= pos - k < window."""
-        ramp = self.ramps.get(window)
+    def row_mask(self, span: int, pos: int, window: int | None) -> np.ndarray:
+        """One query's mask over a span at `pos`: a slice of a row made once per span and window,
+        so a decode step costs no mask arithmetic. Key k is visible where 0 <= pos - k < window."""
+        ramp = self.ramps.get((span, window))
         if ramp is None:   # the slice for pos starts at span - 1 - pos, where the distance is pos
-            ramp = self.ramps[window] = attention_mask(self.span - 1 - np.arange(2 * self.span - 1), window, np.float16)
-        start = self.span - 1 - pos
-        return ramp[None, start:start + self.span]
+            ramp = self.ramps[span, window] = attention_mask(span - 1 - np.arange(2 * span - 1), window, np.float16)
+        start = span - 1 - pos
+        return ramp[None, start:start + span]
 
     def attend(self, q, k, v, i: int, s: int, window: int | None):
         """Step s's rows: write its keys and values into its cache, attend over positions [0, end)
@@ -436,14 +443,14 @@ class Graph:
         first, T = self.rows[s]
         pos, cache, width, cap = self.steps[s].pos, self.caches[s], self.engine.width, self.engine.capacity
         size = cache.k.itemsize
-        end, D, row = self.span or pos + T, c.head_dim, width * size
+        end, D, row = self.spans[s] if self.spans else pos + T, c.head_dim, width * size
         seen = []
         for new, cache_rows in ((k, cache.k[i]), (v, cache.v[i])):
             whole = self.external(NUMPY_TYPES[cache_rows.dtype], (width, cap), cache_rows.ctypes.data)
             write = ggml.ggml_cpy(ctx, ggml.ggml_view_2d(ctx, new, width, T, new.contents.nb[2], first * new.contents.nb[2]),
                                   ggml.ggml_view_2d(ctx, whole, width, T, row, pos * row))
             ggml.ggml_build_forward_expand(self.graph, write)
-            self.writes.append((write, cache_rows.ctypes.data, row))   # a copy writes where its node points
+            self.writes.append((write, cache_rows.ctypes.data, row, s))   # a copy writes where its node points
             seen.append(ggml.ggml_view_3d(ctx, whole, D, end, c.num_kv_heads, row, D * size, 0))   # [D, L, kvh]
         queries = ggml.ggml_permute(ctx, ggml.ggml_view_3d(ctx, q, D, c.num_heads, T, q.contents.nb[1],
                                                            q.contents.nb[2], first * q.contents.nb[2]), 0, 2, 1, 3)
