@@ -19,7 +19,7 @@ linear layers run over every token row of every request at once, attention per r
 own KV cache. Decode steps (one token each) reuse their requests' graph instead: built once per
 SPAN positions of each, attending over the whole span with the positions not yet written masked,
 then pointed at each next position while the same requests decode together (building one is about
-2 ms of Python for 22 layers and one request, more than a tenth of a q4 TinyLlama step; 10 ms for
+2 ms of Python for 22 layers and one request, more than a tenth of a q4 TinyLlama step; 6 ms for
 eight). ggml's allocator reuses one compute buffer for every graph.
 Rope is ggml's NEOX mode (pairs i and i + rotary/2 of each head, Hugging Face's layout); its
 frequencies come from rope.py as per-pair factors.
@@ -179,7 +179,7 @@ class GgmlEngine(Engine):
         """The next token of each of some requests, one row each: their graph is built once per
         SPAN positions of each (attending over the whole span, the positions not yet written
         masked) and run again with new inputs while the same requests decode together, which
-        saves rebuilding it in Python (about 2 ms a step for 22 layers and one request, 10 ms
+        saves rebuilding it in Python (about 2 ms a step for 22 layers and one request, 6 ms
         for eight)."""
         spans = tuple(min(self.capacity, (s.pos // SPAN + 1) * SPAN) for s in steps)
         key = (tuple(s.request_id for s in steps), spans,
