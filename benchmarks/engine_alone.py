@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
-from vs_llama_cpp import GEN_TOKENS, PROMPT_TOKENS, find_tool, llama_bench, model_gguf, run_measuring_peak
+from vs_llama_cpp import GEN_TOKENS, PROMPT_TOKENS, find_tool, llama_bench, model_gguf
 
 from appliance.engines import load_engine
 from appliance.engines.base import Shard, Step
@@ -60,9 +61,10 @@ def engine_streams(engine, streams: int) -> float:
 
 def llama_batched(tool: str, gguf: Path, threads: int, streams: int) -> float:
     """llama.cpp's decode of `streams` sequences together, after a prompt each (tokens per second)."""
-    text, _ = run_measuring_peak([tool, "-m", str(gguf), "-c", str(streams * (PROMPT_TOKENS + GEN_TOKENS)),
-                                  "-npp", str(PROMPT_TOKENS), "-ntg", str(GEN_TOKENS), "-npl", str(streams),
-                                  "-t", str(threads), "--output-format", "jsonl"])
+    text = subprocess.run([tool, "-m", str(gguf), "-c", str(streams * (PROMPT_TOKENS + GEN_TOKENS)),
+                           "-npp", str(PROMPT_TOKENS), "-ntg", str(GEN_TOKENS), "-npl", str(streams),
+                           "-t", str(threads), "--output-format", "jsonl"],
+                          capture_output=True, text=True, check=True).stdout
     return json.loads(text.strip().splitlines()[-1])["speed_tg"]
 
 
@@ -95,7 +97,7 @@ def main() -> None:
                 ours[-1]["streams"] = engine_streams(engine, args.streams)
             print(json.dumps({quant: {"llama.cpp": theirs[-1], args.engine: ours[-1]}}), flush=True)
         del engine
-        for key in ("prefill", "decode", "streams")[:3 if batched else 2]:
+        for key in ["prefill", "decode"] + (["streams"] if batched else []):
             a, b = (statistics.median(f[key] for f in side) for side in (theirs, ours))
             what = f"decode of {args.streams} streams" if key == "streams" else key
             print(f"{quant} {what}: llama.cpp {a:.1f}, exo {args.engine} alone {b:.1f} tok/s ({b / a:.2f}×)")

@@ -85,7 +85,7 @@ def run_measuring_peak(command: list[str]) -> tuple[str, float]:
     """Run a command to its end; its stdout and its peak RSS in MB: the high-water mark of its own
     memory (VmHWM, as exo bench reads its nodes'), read until it exits. Not the kernel's maxrss of
     a child, which starts from this process's own: a fork begins with the parent's pages, so after
-    this process had loaded an engine, llama-bench's peak read 3,035 MB instead of 1,197."""
+    this process had loaded an engine, llama-bench's peak read 3,035 MB instead of 1,169."""
     with tempfile.TemporaryFile() as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.DEVNULL)
         peak = 0.0
