@@ -101,14 +101,14 @@ def wheelhouse(arch: str) -> Path:
     return dest
 
 
-def in_chroot(root: Path, script: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def in_chroot(root: Path, script: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     """Run a bash script inside root as pi-gen's on_chroot does, with /proc, /sys and /dev mounted
-    in a private mount namespace (they go away with it) and a private hostname."""
+    in a private mount namespace (they go away with it) and a private hostname. `kw` goes to `run`."""
     mounts = (f"mount -t proc proc {root}/proc && mount -t sysfs sys {root}/sys && "
               f"mount --rbind /dev {root}/dev && exec chroot {root} /bin/bash -e")
     return run("unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", mounts,
                input=script, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
-                                  "DEBIAN_FRONTEND": "noninteractive", **(env or {})})
+                                  "DEBIAN_FRONTEND": "noninteractive", **(env or {})}, **kw)
 
 
 def install_stage(root: Path, arch: str, workdir: Path) -> None:
