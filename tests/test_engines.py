@@ -374,6 +374,29 @@ def test_the_default_engine_is_tinygrad_where_a_gpu_driver_is_present(device, li
     assert picked == "tinygrad"
 
 
+def test_embedding_rows_read_from_the_file_are_never_mapped_in(tmp_path):
+    """A first stage reads a token's embedding row with pread (weight_cache.FileRows): the row's
+    bytes, and none of the map. Reading the same rows through the map makes pages resident around
+    each (16 pages at least, a whole large folio where the page cache has them)."""
+    from appliance.engines.weight_cache import FileRows, load_arrays, save_arrays
+
+    rng = np.random.default_rng(0)
+    save_arrays(tmp_path / "shard", [("embedding", rng.integers(0, 255, (32000, 1088), dtype=np.uint8)),
+                                     ("norm", np.ones(64, np.float32))])
+    embedding = load_arrays(tmp_path / "shard")["embedding"]
+    tokens = rng.choice(len(embedding), 64, replace=False)
+    rows = FileRows(embedding)
+
+    before = rss_file()
+    read = rows.read(tokens)
+    assert rss_file() - before < 1 << 20
+    mapped = embedding[tokens].copy()   # the same rows through the map
+    assert rss_file() - before > 2 << 20
+    assert np.array_equal(read, mapped)
+    with pytest.raises(ValueError, match="not one of the 32000 rows"):
+        rows.read([32000])
+
+
 @needs_stories
 @needs_mount_namespace
 @pytest.mark.parametrize("name", ["numpy", *ON_A_DEVICE])

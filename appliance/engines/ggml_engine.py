@@ -3,7 +3,8 @@ the `ggml-python` bindings, with ggml's own Q4_0 / Q8_0 block kernels.
 
 Weights. Matrices are held as ggml blocks: Q4_0 (q4), Q8_0 (q8), F16 or F32; the embedding too
 (looked up with get_rows, which widens only the rows it reads), and a tied head is the embedding's
-own tensor. A GGUF file's Q4_0 / Q8_0 blocks are used as they are. A matrix whose rows are not a
+own tensor. A first stage reads its tokens' rows of the embedding from the file (pread), not
+through the map, where the embedding is not also its head. A GGUF file's Q4_0 / Q8_0 blocks are used as they are. A matrix whose rows are not a
 whole number of 32-wide blocks stays F16. Norms and biases are float32. The converted shard is
 written once to the on-disk cache (weight_cache.py, default ~/.cache/exo/ggml) and memory-mapped:
 ggml's tensors point into the map, so only the pages of this node's layers are ever read in.
@@ -43,7 +44,7 @@ from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step, attention_m
 from appliance.engines.footprint import DEFAULT_QUANT, QUANTS, kv_value_bytes
 from appliance.engines.rope import attention_factor, inv_freq
 from appliance.engines.weight_cache import (advise_huge_pages, cache_key, load_arrays, release_array, release_pages,
-                                            save_arrays)
+                                            row_reader, save_arrays)
 from appliance.models.config import ModelConfig, Rope
 from appliance.models.weights import as_float32, load_shard
 
@@ -64,6 +65,7 @@ DEFAULT_CACHE_DIR = Path("~/.cache/exo/ggml")
 FORMAT = 2   # of the cached shard (2: fused q/k/v and gate/up): a new format converts again
 NUMPY_TYPES = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.float16): ggml.GGML_TYPE_F16}
 F32 = ggml.GGML_TYPE_F32
+EMBED = "model.embed_tokens.weight"
 KV_TYPES = {2: np.dtype(np.float16), 4: np.dtype(np.float32)}   # a KV cache's numbers, by their bytes
 SPAN = 256           # a decode graph attends over a whole span of this many positions
 KEPT_DECODERS = 8    # decode graphs kept (a request's current span each), the least recently used dropped
@@ -120,13 +122,17 @@ class GgmlEngine(Engine):
         ggml.ggml_backend_cpu_set_n_threads(self.backend, threads or len(os.sched_getaffinity(0)))
         # The embedding is read by get_rows, which needs the plain layout; a tied head shares it.
         repacked = [n for n, t in self.types.items() if t in (ggml.GGML_TYPE_Q4_0, ggml.GGML_TYPE_Q8_0)
-                    and n != "model.embed_tokens.weight"]
+                    and n != EMBED]
         self.tensors = Tensors(self.arrays, self.types, repacked, repack_buffer_type(self.backend) if repack else None)
         release_pages(self.arrays.values())
         self.allocator = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self.backend))
         self.laid_out: Graph | None = None   # the graph whose tensors the allocator's buffer holds now
         c = self.config
-        self.head = "lm_head.weight" if "lm_head.weight" in self.arrays else "model.embed_tokens.weight"
+        self.head = "lm_head.weight" if "lm_head.weight" in self.arrays else EMBED
+        # A first stage reads its tokens' embedding rows from the file, unless the embedding is its
+        # head too (which reads every row each step).
+        self.embedding_rows = row_reader(self.arrays[EMBED]) \
+            if shard.is_first and not (shard.is_last and self.head == EMBED) else None
         self.width = c.num_kv_heads * c.head_dim
         ropes: dict[Rope, LayerRope] = {}
         self.ropes = [None if (r := c.rope(layer)) is None else ropes.setdefault(r, LayerRope.of(r))
@@ -248,9 +254,12 @@ class Graph:
             self.engine.laid_out = None
         ggml.ggml_free(self.ctx)
 
-    def input(self, values: np.ndarray, kind: int):
+    def input(self, values: np.ndarray, kind: int, shape: tuple[int, ...] | None = None):
+        """An input tensor of values; `shape` in ggml's order (fastest first), the values' own unless
+        told (a quantized type's rows hold more elements than bytes)."""
         values = np.ascontiguousarray(values)
-        t = ggml.ggml_new_tensor(self.ctx, kind, values.ndim, dims(values.shape[::-1]))
+        shape = shape or values.shape[::-1]
+        t = ggml.ggml_new_tensor(self.ctx, kind, len(shape), dims(shape))
         ggml.ggml_set_input(t)
         self.inputs.append((t, values))
         return t
@@ -269,8 +278,7 @@ class Graph:
         """The shard's layers over the steps' rows: the output tensor."""
         c, shard, steps = self.config, self.engine.shard, self.steps
         if shard.is_first:
-            self.x = x = self.input(np.concatenate([np.asarray(s.x, np.int32) for s in steps]), ggml.GGML_TYPE_I32)
-            x = ggml.ggml_get_rows(self.ctx, self.engine.tensors["model.embed_tokens.weight"], x)
+            x = self.embed(np.concatenate([np.asarray(s.x, np.int32) for s in steps]))
             if c.embedding_scale != 1.0:
                 x = ggml.ggml_scale(self.ctx, x, c.embedding_scale)
         else:
@@ -291,12 +299,24 @@ class Graph:
             x = ggml.ggml_scale(self.ctx, ggml.ggml_tanh(self.ctx, ggml.ggml_scale(self.ctx, x, 1 / cap)), cap)
         return x
 
+    def embed(self, ids: np.ndarray):
+        """The embedding's rows of these token ids, widened to float32. `self.x` is the input that
+        `retarget` sets: the ids, or the rows themselves where the engine reads them from the file."""
+        rows, embedding = self.engine.embedding_rows, self.engine.tensors[EMBED]
+        if rows is None:
+            self.x = self.input(ids, ggml.GGML_TYPE_I32)
+            return ggml.ggml_get_rows(self.ctx, embedding, self.x)
+        self.x = self.input(rows(ids), embedding.contents.type, (embedding.contents.ne[0], len(ids)))
+        return ggml.ggml_get_rows(self.ctx, self.x, self.input(np.arange(len(ids), dtype=np.int32), ggml.GGML_TYPE_I32))
+
     def retarget(self, steps: list[Step]) -> None:
         """A decode graph, to one more step of each of its requests: the new rows, positions and
         masks, and the KV cache rows they write."""
         self.steps = steps
         self.positions = np.array([s.pos for s in steps], np.int32)
-        self.set_input(self.x, np.concatenate([s.x for s in steps]))
+        x = np.concatenate([s.x for s in steps])
+        rows = self.engine.embedding_rows
+        self.set_input(self.x, x if rows is None else rows(x))
         self.set_input(self.pos, self.positions)
         for (s, window), mask in self.masks.items():
             self.set_input(mask, self.mask_values(s, window))

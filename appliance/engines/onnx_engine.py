@@ -37,7 +37,7 @@ import numpy as np
 
 from appliance.engines.footprint import DEFAULT_QUANT, QUANTS
 from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step, lazy_zeros
-from appliance.engines.weight_cache import cache_key, load_arrays, paging_out, release_pages, save_arrays
+from appliance.engines.weight_cache import cache_key, load_arrays, paging_out, release_pages, row_reader, save_arrays
 from appliance.models.config import ModelConfig
 from appliance.models.weights import load_shard
 
@@ -80,6 +80,9 @@ class OnnxEngine(Engine):
             with paging_out(saved / "model.data"):
                 self.session = ort.InferenceSession(str(saved / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
+        # A first stage looks up its tokens' embedding rows itself, from the file (weight_cache.FileRows):
+        # through onnxruntime's map of it, each token made resident the pages around its row.
+        self.embedding_rows = row_reader(self.weights["model.embed_tokens.weight"]) if shard.is_first else None
         self.layers = shard.end - shard.start
         self.head_dim = {i.name: i.shape for i in self.session.get_inputs()}["past_key_0"][-1]   # padded for GQA
         self.pool = self._new_pool(slots)
@@ -114,13 +117,15 @@ class OnnxEngine(Engine):
                 raise ValueError(f"request {step.request_id}: position {step.pos + T} is past the KV capacity "
                                  f"{self.capacity} (max_seq)")
             self._assign_slot(step.request_id)
+        if self.shard.is_first:
+            steps = [Step(s.request_id, s.pos, self.embed(s.x)) for s in steps]
         slots = [self.slot[s.request_id] for s in steps]
         lo, hi = min(slots), max(slots) + 1
         x, seqlens = self._rows(dict(zip(slots, steps)), lo, hi, T)
 
         io = self.session.io_binding()
         io.bind_output("logits" if self.shard.is_last else "hidden_out")
-        io.bind_cpu_input("input_ids" if self.shard.is_first else "hidden", x)
+        io.bind_cpu_input("hidden", x)
         io.bind_cpu_input("seqlens_k", seqlens)
         io.bind_cpu_input("total_sequence_length", np.array(seqlens.max() + 1, np.int32))
         if self.shard.is_last:
@@ -149,11 +154,17 @@ class OnnxEngine(Engine):
                 rows.append(step.x)
                 start = step.pos
             else:  # a dummy row: writes one junk entry where the slot's next real step will write
-                rows.append(np.zeros((T,) if self.shard.is_first else (T, self.config.hidden_size)))
+                rows.append(np.zeros((T, self.config.hidden_size), np.float32))
                 start = min(self.length.get(owner.get(slot), 0), self.capacity - T)
             last_positions.append(start + T - 1)
-        x = np.concatenate(rows).astype(np.int64 if self.shard.is_first else np.float32)
-        return x, np.array(last_positions, np.int32)
+        return np.concatenate(rows, dtype=np.float32), np.array(last_positions, np.int32)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """The embedding's rows of these token ids, as float32 hidden states."""
+        x = self.embedding_rows(ids).astype(np.float32)
+        if self.config.embedding_scale != 1.0:
+            x *= np.float32(self.config.embedding_scale)
+        return x
 
     def _assign_slot(self, request_id: str) -> None:
         if request_id in self.slot:
@@ -190,7 +201,8 @@ def session_over(weights: dict[str, np.ndarray], model, options, quant: str):
     """A session whose initializers are OrtValues over `weights` (no copy of their bytes)."""
     import onnxruntime as ort
 
-    names = list(weights)
+    used = {name for node in model.graph.node for name in node.input}   # not a first stage's embedding
+    names = [n for n in weights if n in used]
     options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(weights[n]) for n in names])
     # f16 keeps its weights float16 in memory and widens them per step; folding the Cast would
     # store a float32 copy instead.
@@ -199,7 +211,7 @@ def session_over(weights: dict[str, np.ndarray], model, options, quant: str):
                                 disabled_optimizers=disabled)
 
 
-GRAPH_VERSION = 2   # a session saved from an older graph is made again
+GRAPH_VERSION = 3   # a session saved from an older graph is made again
 
 
 def session_name(capacity: int) -> str:

@@ -4,9 +4,9 @@ The graph works on a batch of B rows of T tokens each, flattened to N = B*T rows
 layers; attention is onnxruntime's GroupQueryAttention (com.microsoft), whose KV cache is a
 fixed-capacity buffer that the kernel updates in place (see onnx_engine for how it is bound).
 
-Inputs:  input_ids int64 [N] (first stage) or hidden float [N, H]; seqlens_k int32 [B] (each
-         row's total length minus one); total_sequence_length int32 []; last_rows int64 [B]
-         (last stage: which of the N rows go on past the last attention, to logits);
+Inputs:  hidden float [N, H] (a first stage's too: the engine looks up the embedding's rows);
+         seqlens_k int32 [B] (each row's total length minus one); total_sequence_length int32 [];
+         last_rows int64 [B] (last stage: which of the N rows go on past the last attention, to logits);
          past_key_<i>, past_value_<i> float [B, kv_heads, capacity, Dp].
 Outputs: hidden_out [N, H] or logits [B, vocab]; present_key_<i>, present_value_<i>.
 
@@ -327,16 +327,8 @@ def build_graph(config: ModelConfig, shard: Shard, shapes: dict, quant: str, cap
     inputs = [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
     outputs = []
-    if shard.is_first:
-        inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N"]))
-        x = g.op("Gather", "model.embed_tokens.weight", "input_ids")
-        if shapes["model.embed_tokens.weight"][1] != np.float32:
-            x = g.op("Cast", x, to=f)
-        if c.embedding_scale != 1.0:
-            x = g.op("Mul", x, g.const(c.embedding_scale, np.float32))
-    else:
-        inputs.append(helper.make_tensor_value_info("hidden", f, ["N", c.hidden_size]))
-        x = "hidden"
+    inputs.append(helper.make_tensor_value_info("hidden", f, ["N", c.hidden_size]))
+    x = "hidden"
     # [B, -1, width] reshapes for attention, B taken from seqlens_k.
     batch = g.op("Shape", "seqlens_k")
     q_shape = g.op("Concat", batch, g.const([-1, c.num_heads * Dp]), axis=0)
