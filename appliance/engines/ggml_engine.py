@@ -4,10 +4,11 @@ the `ggml-python` bindings, with ggml's own Q4_0 / Q8_0 block kernels.
 Weights. Matrices are held as ggml blocks: Q4_0 (q4), Q8_0 (q8), F16 or F32; the embedding too
 (looked up with get_rows, which widens only the rows it reads), and a tied head is the embedding's
 own tensor. A first stage reads its tokens' rows of the embedding from the file (pread), not
-through the map, where the embedding is not also its head. A GGUF file's Q4_0 / Q8_0 blocks are used as they are. A matrix whose rows are not a
-whole number of 32-wide blocks stays F16. Norms and biases are float32. The converted shard is
-written once to the on-disk cache (weight_cache.py, default ~/.cache/exo/ggml) and memory-mapped:
-ggml's tensors point into the map, so only the pages of this node's layers are ever read in.
+through the map, where the embedding is not also its head. A GGUF file's Q4_0 / Q8_0 blocks are
+used as they are. A matrix whose rows are not a whole number of 32-wide blocks stays F16. Norms
+and biases are float32. The converted shard is written once to the on-disk cache (weight_cache.py,
+default ~/.cache/exo/ggml) and memory-mapped: ggml's tensors point into the map, so only the pages
+of this node's layers are ever read in.
 q, k and v are stacked into one matrix, gate and up into another: one product each instead of
 three and two (fewer graph nodes, each a barrier of ggml's threads). Q4_0 and Q8_0 matrices (but
 the embedding) are copied into ggml's CPU_REPACK buffer, whose interleaved blocks feed llama.cpp's

@@ -80,8 +80,8 @@ class OnnxEngine(Engine):
             with paging_out(saved / "model.data"):
                 self.session = ort.InferenceSession(str(saved / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
-        # A first stage looks up its tokens' embedding rows itself, from the file (weight_cache.FileRows):
-        # through onnxruntime's map of it, each token made resident the pages around its row.
+        # A first stage looks up its tokens' embedding rows itself, from the file (FileRows): through
+        # onnxruntime's map of it, each token made the pages around its row resident.
         self.embedding_rows = row_reader(self.weights["model.embed_tokens.weight"]) if shard.is_first else None
         self.layers = shard.end - shard.start
         self.head_dim = {i.name: i.shape for i in self.session.get_inputs()}["past_key_0"][-1]   # padded for GQA
