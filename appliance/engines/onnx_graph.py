@@ -126,7 +126,7 @@ def _converted(name: str, t: np.ndarray, tensors: dict[str, np.ndarray], quant: 
         yield from _from_gguf_blocks(name, t)
     elif name == "model.embed_tokens.weight":
         t = as_float32(t)
-        if first or quant in ("f32", "f16"):  # gathered by the first stage; a float tied head uses it too
+        if first or quant in ("f32", "f16"):  # the first stage's engine reads its rows; a float tied head uses it too
             yield name, t if quant == "f32" else t.astype(np.float16)
         if last and quant in ("q4", "q8") and "lm_head.weight" not in tensors:   # a tied head, quantized
             yield from _quantized("lm_head.weight", t, quant)

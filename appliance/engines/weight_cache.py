@@ -114,12 +114,18 @@ def _libc_madvise():
     return call
 
 
+def map_root(a: np.ndarray) -> np.ndarray:
+    """The array `a` is a view of, at the bottom: for a view of a np.memmap, the array np.memmap
+    made (its first byte at the file's `offset`, its `_mmap` the map)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
 def release_array(a: np.ndarray) -> None:
     """Drop the pages wholly inside one memory-mapped array, just copied elsewhere: so copying a
     shard tensor by tensor never holds it twice."""
-    root = a
-    while isinstance(root.base, np.ndarray):   # the array np.memmap made, at the start of its map
-        root = root.base
+    root = map_root(a)
     if getattr(root, "_mmap", None) is None or root.offset != 0:
         return
     start = a.ctypes.data - root.ctypes.data
@@ -137,9 +143,7 @@ class FileRows:
     mapped into the process."""
 
     def __init__(self, a: np.ndarray):
-        root = a
-        while isinstance(root.base, np.ndarray):   # the array np.memmap made, at its map's start
-            root = root.base
+        root = map_root(a)
         if not isinstance(root, np.memmap) or a.ndim != 2 or not a.flags.c_contiguous:
             raise ValueError("FileRows reads the rows of a C-ordered 2-D array of a np.memmap")
         self.offset = root.offset + a.ctypes.data - root.ctypes.data
