@@ -1,7 +1,7 @@
 """Run engine agreement tests on arm64: a Debian bookworm arm64 root under qemu-user (not part of
 the suite; correctness, not speed).
 
-    python3 -m tests.arm64_engines [--ggml-lib DIR] [pytest arguments]
+    python3 -m tests.arm64_engines [--qemu QEMU] [--ggml-lib DIR] [--cpu CPU] [pytest arguments]
 
 The root is the deployment tests' cached debootstrap root, with the aarch64 wheels of
 requirements.lock (image/wheelhouse.sh), pytest, this tree and ../shared/models/stories260K.
@@ -9,10 +9,16 @@ ggml-python builds ggml on install, which under emulation would take hours: --gg
 folder of libggml*.so cross-built for arm64 (docs/performance.md, "arm64", gives the cmake lines;
 Raspberry Pi 5's Cortex-A76 is armv8.2-a with dotprod and fp16), and ggml-python's Python files
 go beside them. Without it, the ggml tests skip there as they do on any machine without ggml.
+--qemu names a static qemu-aarch64 to run them with instead of the system's: onnxruntime 1.32's
+aarch64 wheel dies (SIGSEGV) while it loads under Debian bookworm's qemu-user 7.2, and runs under
+bookworm-backports' 10.0 (CONTRIBUTING.md, "The engines on arm64", says how to get it without
+installing it).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shlex
 import shutil
 import subprocess
@@ -26,12 +32,30 @@ GGML_PYTHON = "ggml-python==0.0.45"   # pyproject's [ggml] pin: its Python files
 TEST_WHEELS = ["pytest>=8", "pytest-timeout>=2.3", "httpx>=0.27"]   # what tests/conftest.py imports
 SHARED = REPO.parent / "shared" / "models" / "stories260K"
 VENV = "/opt/exo-test"
-# ggml's tests: onnxruntime 1.32's aarch64 wheel dies (SIGSEGV) while it loads under qemu-user 7.2,
-# whatever the CPU model. unshare in a chroot cannot make the root's mounts private, which the
-# read-only folder test needs.
-DEFAULT_TESTS = ["tests/test_engines.py", "tests/test_gguf.py", "-k", "ggml and not read_only_folder"]
+# The tests of both engines (some of onnxruntime's are named for what they check). unshare in a
+# chroot cannot make the root's mounts private, which the read-only folder test needs.
+DEFAULT_TESTS = ["tests/test_engines.py", "tests/test_gguf.py", "-k",
+                 "(onnxruntime or onnx_kv or matmulnbits or qmoe or ggml) and not read_only_folder"]
 SHOW_GGML_FEATURES = ("import ggml; print('ggml sees:', *(f'{name} {getattr(ggml, \"ggml_cpu_has_\" + name)()}' "
                       "for name in ('neon', 'dotprod', 'matmul_int8', 'sve')))")
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+# what binfmt_misc matches an aarch64 ELF executable by (as Debian's qemu-user-static registers it)
+AARCH64_ELF = (b"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00",
+               b"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff")
+
+
+@contextlib.contextmanager
+def emulated_by(qemu: Path):
+    """arm64 executables run under `qemu` (a static qemu-aarch64) while the block runs. binfmt_misc
+    tries the newest entry first, so this one goes ahead of the system's and is removed after.
+    F: the kernel opens the emulator now, so it runs inside a chroot; P: argv[0] as given."""
+    name = f"exo-qemu-aarch64-{os.getpid()}"
+    escaped = ["".join(f"\\x{b:02x}" for b in pattern) for pattern in AARCH64_ELF]
+    (BINFMT / "register").write_text(f":{name}:M::{escaped[0]}:{escaped[1]}:{qemu.resolve()}:PF")
+    try:
+        yield
+    finally:
+        (BINFMT / name).write_text("-1")
 
 
 def download(dest: Path, *args: str) -> None:
@@ -82,12 +106,16 @@ def main() -> int:
     parser.add_argument("--cpu", default="cortex-a76", help="the CPU qemu emulates (default: a Pi 5's core; "
                         "qemu's own, given by --cpu '', has features no Pi has, i8mm and SVE, which pick other "
                         "kernels)")
+    parser.add_argument("--qemu", type=Path, help="a static qemu-aarch64 to run arm64 binaries with (default: the "
+                        "system's, through binfmt_misc)")
     parser.add_argument("pytest_args", nargs=argparse.REMAINDER, help=f"default: {' '.join(DEFAULT_TESTS)}")
     args = parser.parse_args()
-    if not arm64_emulation():
+    system_emulation = arm64_emulation()   # mounts binfmt_misc where it is not
+    if not (args.qemu or system_emulation):
         print("arm64 binaries do not run here: install qemu-user-static and binfmt-support", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="exo-arm64-") as tmp:
+    with emulated_by(args.qemu) if args.qemu else contextlib.nullcontext(), \
+            tempfile.TemporaryDirectory(prefix="exo-arm64-") as tmp:
         root = prepare_root(Path(tmp))
         script = "cd /work/exo && uname -m\n"
         if args.ggml_lib:
