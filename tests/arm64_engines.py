@@ -114,6 +114,9 @@ def main() -> int:
     if not (args.qemu or system_emulation):
         print("arm64 binaries do not run here: install qemu-user-static and binfmt-support", file=sys.stderr)
         return 2
+    if args.qemu and not args.qemu.is_file():
+        print(f"--qemu {args.qemu}: no such file", file=sys.stderr)
+        return 2
     with emulated_by(args.qemu) if args.qemu else contextlib.nullcontext(), \
             tempfile.TemporaryDirectory(prefix="exo-arm64-") as tmp:
         root = prepare_root(Path(tmp))
