@@ -117,7 +117,7 @@ def torch_logits(path):
         out = model(torch.tensor([PROMPT]), use_cache=True)
         logits = [out.logits[0, -1].numpy()]
         for token in DECODE:
-            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(torch.tensor([[token]]), cache=out.cache, use_cache=True)
             logits.append(out.logits[0, -1].numpy())
     return np.stack(logits)
 
