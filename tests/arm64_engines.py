@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.deploy_helpers import REPO, arm64_emulation, fresh_root, in_chroot, run, wheelhouse
+from tests.deploy_helpers import BINFMT, REPO, arm64_emulation, fresh_root, in_chroot, run, wheelhouse
 
 GGML_PYTHON = "ggml-python==0.0.45"   # pyproject's [ggml] pin: its Python files, not its build
 TEST_WHEELS = ["pytest>=8", "pytest-timeout>=2.3", "httpx>=0.27"]   # what tests/conftest.py imports
@@ -38,7 +38,6 @@ DEFAULT_TESTS = ["tests/test_engines.py", "tests/test_gguf.py", "-k",
                  "(onnxruntime or onnx_kv or matmulnbits or qmoe or ggml) and not read_only_folder"]
 SHOW_GGML_FEATURES = ("import ggml; print('ggml sees:', *(f'{name} {getattr(ggml, \"ggml_cpu_has_\" + name)()}' "
                       "for name in ('neon', 'dotprod', 'matmul_int8', 'sve')))")
-BINFMT = Path("/proc/sys/fs/binfmt_misc")
 # what binfmt_misc matches an aarch64 ELF executable by (as Debian's qemu-user-static registers it)
 AARCH64_ELF = (b"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00",
                b"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff")

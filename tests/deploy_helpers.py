@@ -21,6 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("EXO_TEST_CACHE", "/var/cache/exo-test"))
 MIRROR = "http://deb.debian.org/debian"
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
 # What a Raspberry Pi OS Lite root has that matters to us (an SSH server, sudo, python3-apt for
 # Ansible's apt module, avahi-daemon for the broker role's DNS-SD advert); mosquitto too, so that
 # the stage's 00-packages-nr installs from the root's own package lists, without the network.
@@ -60,10 +61,9 @@ def record_time(request):
 
 def arm64_emulation() -> bool:
     """Whether arm64 binaries run here (qemu-user-static through binfmt_misc); enable it if we can."""
-    binfmt = Path("/proc/sys/fs/binfmt_misc")
-    if not (binfmt / "status").exists():
-        subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)], capture_output=True)
-    entry = binfmt / "qemu-aarch64"
+    if not (BINFMT / "status").exists():
+        subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)], capture_output=True)
+    entry = BINFMT / "qemu-aarch64"
     if not entry.exists() and shutil.which("update-binfmts"):
         subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], capture_output=True)
     return entry.exists() and entry.read_text().startswith("enabled")
