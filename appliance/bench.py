@@ -4,8 +4,9 @@ For each combination of engine, quant, node count and concurrency it starts that
 processes on a broker, plans the model over them, and drives the coordinator directly (no HTTP)
 with `concurrency` streams at once. Reported per case: prefill tok/s, decode tok/s (per stream
 and in aggregate), time to first token, the MQTT hop latency for a decode-sized message, and
-the RSS of each node process once loaded and warmed up (idle) and its peak. With `repeat` > 1 every case runs that many times and each
-figure is the median: a shared machine's neighbours move single runs by a fifth or more.
+the RSS of each node process once loaded and warmed up (idle) and its peak. With `repeat` > 1 the
+cases run in rounds, each case once a round, and each figure is the median over the rounds: a shared
+machine's neighbours move single runs by a fifth or more, for minutes at a time.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ class CaseResult:
     idle_rss_mb: list[float]
     peak_rss_mb: list[float]
     repeats: int = 1
+    decode_tok_s_rounds: list[float] = field(default_factory=list)   # the total of each round, in order
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -104,7 +106,6 @@ class BenchCluster:
                              model=str(model_dir), log_level="WARNING", **limits)
         self.processes = [spawn_node(self.config, f"bench-{i}") for i in range(nodes)]
         self.coordinator = Coordinator(self.config).start()
-        self.idle_rss_mb: list[float] = []
 
     def wait_ready(self, nodes: int, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
@@ -163,56 +164,85 @@ def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, 
     return ttfts, per_stream, made / max(window_end - window_start, 1e-9)
 
 
+@dataclass
+class Run:
+    """One case, once: what `run_streams` measured, and its nodes' memory."""
+    ttfts: list[float]
+    per_stream: list[float]
+    total: float
+    idle_rss_mb: list[float]
+    peak_rss_mb: list[float]
+
+
 def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: list[int],
           concurrencies: list[int], prompt_tokens: int, gen_tokens: int, broker: str = "",
           report=print, repeat: int = 1, failed=print, **limits: int) -> list[CaseResult]:
-    """Measure every case; `report` gets each result, `failed` one line for each case that failed,
-    and the other cases still run. `limits` (max_context, max_requests) go to every node."""
+    """Measure every case and return each one's figures. `report` gets each run as it ends, `failed`
+    one line for each case that failed (the other cases still run). `limits` (max_context,
+    max_requests) go to every node.
+
+    With `repeat` > 1 the cases run in rounds, every case once a round (its cluster started
+    afresh), and each figure is the median over the rounds: a slow minute of a shared machine then
+    falls on all the cases alike, not on the few that happened to run in it."""
     from appliance.models.config import ModelConfig
 
     config = ModelConfig.load(model_dir)
     own_broker = None if broker else EmbeddedBroker(port=0).start()
     broker = broker or own_broker.address
     hop = hop_latency_ms(broker, config.hidden_size * WIRE_ACTIVATIONS.itemsize + 100)   # a decode step's frame
-    results = []
+    runs: dict[tuple, list[Run]] = {}   # (engine, quant, nodes, concurrency) -> a run each round
+    broken: set[tuple] = set()          # the cases, and clusters, that failed: not run again
+
+    def result(case: tuple, case_runs: list[Run]) -> CaseResult:
+        return summary(*case, prompt_tokens, gen_tokens, hop, case_runs)
+
+    def run_cluster(engine: str, quant: str, nodes: int) -> None:
+        cluster = BenchCluster(broker, model_dir, engine, quant, nodes, **limits)
+        try:
+            cluster.wait_ready(nodes)
+            run_streams(cluster.coordinator, 1, 8, 4, config.vocab_size)   # warm-up: JIT, caches, pages
+            idle = [round(rss_mb(p.pid), 1) for p in cluster.processes]
+            for case in [(engine, quant, nodes, c) for c in concurrencies]:
+                if case in broken:
+                    continue
+                try:
+                    measured = run_streams(cluster.coordinator, case[3], prompt_tokens, gen_tokens, config.vocab_size)
+                except CaseFailed as e:
+                    failed(f"{engine} {quant} nodes={nodes} streams={case[3]}: {e}")
+                    broken.add(case)
+                    continue
+                run = Run(*measured, idle, [round(peak_rss_mb(p.pid), 1) for p in cluster.processes])
+                runs.setdefault(case, []).append(run)
+                report(result(case, [run]))
+        except (RuntimeError, TimeoutError) as e:   # the nodes did not load, or the warm-up failed
+            failed(f"{engine} {quant} nodes={nodes}: {e}")
+            broken.add((engine, quant, nodes))
+        finally:
+            cluster.close()
+
     try:
-        for engine, quant, nodes in itertools.product(engines, quants, node_counts):
-            if quant not in ENGINE_QUANTS.get(engine, []):
-                continue
-            cluster = BenchCluster(broker, model_dir, engine, quant, nodes, **limits)
-            try:
-                cluster.wait_ready(nodes)
-                run_streams(cluster.coordinator, 1, 8, 4, config.vocab_size)   # warm-up: JIT, caches, pages
-                cluster.idle_rss_mb = [round(rss_mb(p.pid), 1) for p in cluster.processes]
-                for concurrency in concurrencies:
-                    case = f"{engine} {quant} nodes={nodes} streams={concurrency}"
-                    try:
-                        result = measure(cluster, engine, quant, nodes, concurrency, prompt_tokens, gen_tokens,
-                                         config.vocab_size, hop, repeat)
-                    except CaseFailed as e:
-                        failed(f"{case}: {e}")
-                        continue
-                    results.append(result)
-                    report(result)
-            except (RuntimeError, TimeoutError) as e:   # the nodes did not load, or the warm-up failed
-                failed(f"{engine} {quant} nodes={nodes}: {e}")
-            finally:
-                cluster.close()
+        for _ in range(repeat):
+            for engine, quant, nodes in itertools.product(engines, quants, node_counts):
+                if quant in ENGINE_QUANTS.get(engine, []) and (engine, quant, nodes) not in broken:
+                    run_cluster(engine, quant, nodes)
     finally:
         if own_broker:
             own_broker.stop()
-    return results
+    return [result(case, case_runs) for case, case_runs in runs.items()
+            if case not in broken and case[:3] not in broken]
 
 
-def measure(cluster: BenchCluster, engine: str, quant: str, nodes: int, concurrency: int, prompt_tokens: int,
-            gen_tokens: int, vocab: int, hop: float, repeat: int) -> CaseResult:
-    runs = [run_streams(cluster.coordinator, concurrency, prompt_tokens, gen_tokens, vocab) for _ in range(repeat)]
-    ttft = statistics.median(statistics.median(ttfts) for ttfts, _, _ in runs)
-    per_stream = statistics.median(statistics.median(rates) for _, rates, _ in runs)
-    total = statistics.median(run_total for _, _, run_total in runs)
+def summary(engine: str, quant: str, nodes: int, concurrency: int, prompt_tokens: int, gen_tokens: int,
+            hop: float, runs: list[Run]) -> CaseResult:
+    """A case's figures: the median over its runs (each node's memory too)."""
+    median = statistics.median
+    ttft = median(median(r.ttfts) for r in runs)
+    idle = [round(median(r.idle_rss_mb[i] for r in runs), 1) for i in range(nodes)]
+    peak = [round(median(r.peak_rss_mb[i] for r in runs), 1) for i in range(nodes)]
     return CaseResult(engine, quant, nodes, concurrency, prompt_tokens, gen_tokens, round(ttft, 4),
-                      round(prompt_tokens / ttft, 1), round(per_stream, 2), round(total, 2), round(hop, 3),
-                      cluster.idle_rss_mb, [round(peak_rss_mb(p.pid), 1) for p in cluster.processes], repeat)
+                      round(prompt_tokens / ttft, 1), round(median(median(r.per_stream) for r in runs), 2),
+                      round(median(r.total for r in runs), 2), round(hop, 3), idle, peak, len(runs),
+                      [round(r.total, 2) for r in runs])
 
 
 def table(results: list[CaseResult]) -> str:

@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", default="1", help="comma-separated stream counts, e.g. 1,8")
     bench.add_argument("--prompt-tokens", dest="prompt_tokens", type=int, default=64)
     bench.add_argument("--gen-tokens", dest="gen_tokens", type=int, default=32)
-    bench.add_argument("--repeat", type=int, default=1, help="run every case N times and report the medians")
+    bench.add_argument("--repeat", type=int, default=1, help="run the cases in N rounds, each case once a round, and report the medians")
     bench.add_argument("--broker", help="use this broker instead of an embedded one")
     bench.add_argument("--max-context", dest="max_context", type=int, default=2048,
                        help="positions each node's engine holds per request")

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import STORIES
 
@@ -16,6 +19,8 @@ def test_bench_reports_each_case_as_json():
     assert [(r["nodes"], r["concurrency"]) for r in results] == [(1, 1), (1, 3), (2, 1), (2, 3)]
     for r in results:
         assert r["decode_tok_s_total"] > 0 and r["ttft_s"] > 0 and r["hop_ms"] > 0 and r["repeats"] == 2
+        assert len(r["decode_tok_s_rounds"]) == 2   # a run a round; the figure is their median
+        assert r["decode_tok_s_total"] == pytest.approx(statistics.median(r["decode_tok_s_rounds"]), abs=0.01)
         assert len(r["peak_rss_mb"]) == r["nodes"] and all(m > 10 for m in r["peak_rss_mb"])
         assert len(r["idle_rss_mb"]) == r["nodes"] and all(10 < i <= p for i, p in zip(r["idle_rss_mb"], r["peak_rss_mb"]))
 
@@ -33,3 +38,13 @@ def test_a_case_that_fails_is_one_line_and_the_others_still_run():
                                                                "onnxruntime f32 nodes=1 streams=2"]
     assert all("past the capacity of 512 positions" in line for line in failed)
     assert "Exception in thread" not in run.stderr and "exo bench: 2 case(s) failed" in run.stderr
+
+
+def test_repeat_runs_the_cases_in_rounds():
+    """Each round runs every case once, so a slow minute falls on all of them alike."""
+    out = subprocess.run([sys.executable, "-m", "appliance", "bench", "--model", str(STORIES), "--nodes", "1,2",
+                          "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "2"],
+                         capture_output=True, text=True, timeout=240, check=True).stdout
+    runs = [line.split(":")[0].split()[-2] for line in out.splitlines() if line.startswith("  numpy f32 ")]
+    assert runs == ["nodes=1", "nodes=2", "nodes=1", "nodes=2"]
+    assert out.count("| numpy | f32 |") == 2   # then one row a case: the medians
