@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -164,6 +165,20 @@ def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, 
     return ttfts, per_stream, made / max(window_end - window_start, 1e-9)
 
 
+class Case(NamedTuple):
+    engine: str
+    quant: str
+    nodes: int
+    concurrency: int
+
+    @property
+    def cluster(self) -> tuple[str, str, int]:
+        return self.engine, self.quant, self.nodes
+
+    def __str__(self) -> str:
+        return f"{self.engine} {self.quant} nodes={self.nodes} streams={self.concurrency}"
+
+
 @dataclass
 class Run:
     """One case, once: what `run_streams` measured, and its nodes' memory."""
@@ -190,11 +205,11 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
     own_broker = None if broker else EmbeddedBroker(port=0).start()
     broker = broker or own_broker.address
     hop = hop_latency_ms(broker, config.hidden_size * WIRE_ACTIVATIONS.itemsize + 100)   # a decode step's frame
-    runs: dict[tuple, list[Run]] = {}   # (engine, quant, nodes, concurrency) -> a run each round
-    broken: set[tuple] = set()          # the cases, and clusters, that failed: not run again
+    runs: dict[Case, list[Run]] = {}   # a run each round
+    broken: set[tuple] = set()         # the cases, and clusters, that failed: not run again
 
-    def result(case: tuple, case_runs: list[Run]) -> CaseResult:
-        return summary(*case, prompt_tokens, gen_tokens, hop, case_runs)
+    def result(case: Case, case_runs: list[Run]) -> CaseResult:
+        return summary(case, prompt_tokens, gen_tokens, hop, case_runs)
 
     def run_cluster(engine: str, quant: str, nodes: int) -> None:
         cluster = BenchCluster(broker, model_dir, engine, quant, nodes, **limits)
@@ -202,13 +217,14 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
             cluster.wait_ready(nodes)
             run_streams(cluster.coordinator, 1, 8, 4, config.vocab_size)   # warm-up: JIT, caches, pages
             idle = [round(rss_mb(p.pid), 1) for p in cluster.processes]
-            for case in [(engine, quant, nodes, c) for c in concurrencies]:
+            for case in [Case(engine, quant, nodes, c) for c in concurrencies]:
                 if case in broken:
                     continue
                 try:
-                    measured = run_streams(cluster.coordinator, case[3], prompt_tokens, gen_tokens, config.vocab_size)
+                    measured = run_streams(cluster.coordinator, case.concurrency, prompt_tokens, gen_tokens,
+                                           config.vocab_size)
                 except CaseFailed as e:
-                    failed(f"{engine} {quant} nodes={nodes} streams={case[3]}: {e}")
+                    failed(f"{case}: {e}")
                     broken.add(case)
                     continue
                 run = Run(*measured, idle, [round(peak_rss_mb(p.pid), 1) for p in cluster.processes])
@@ -229,17 +245,16 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
         if own_broker:
             own_broker.stop()
     return [result(case, case_runs) for case, case_runs in runs.items()
-            if case not in broken and case[:3] not in broken]
+            if case not in broken and case.cluster not in broken]
 
 
-def summary(engine: str, quant: str, nodes: int, concurrency: int, prompt_tokens: int, gen_tokens: int,
-            hop: float, runs: list[Run]) -> CaseResult:
+def summary(case: Case, prompt_tokens: int, gen_tokens: int, hop: float, runs: list[Run]) -> CaseResult:
     """A case's figures: the median over its runs (each node's memory too)."""
     median = statistics.median
     ttft = median(median(r.ttfts) for r in runs)
-    idle = [round(median(r.idle_rss_mb[i] for r in runs), 1) for i in range(nodes)]
-    peak = [round(median(r.peak_rss_mb[i] for r in runs), 1) for i in range(nodes)]
-    return CaseResult(engine, quant, nodes, concurrency, prompt_tokens, gen_tokens, round(ttft, 4),
+    idle = [round(median(r.idle_rss_mb[i] for r in runs), 1) for i in range(case.nodes)]
+    peak = [round(median(r.peak_rss_mb[i] for r in runs), 1) for i in range(case.nodes)]
+    return CaseResult(*case, prompt_tokens, gen_tokens, round(ttft, 4),
                       round(prompt_tokens / ttft, 1), round(median(median(r.per_stream) for r in runs), 2),
                       round(median(r.total for r in runs), 2), round(hop, 3), idle, peak, len(runs),
                       [round(r.total, 2) for r in runs])
