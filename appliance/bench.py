@@ -171,10 +171,6 @@ class Case(NamedTuple):
     nodes: int
     concurrency: int
 
-    @property
-    def cluster(self) -> tuple[str, str, int]:
-        return self.engine, self.quant, self.nodes
-
     def __str__(self) -> str:
         return f"{self.engine} {self.quant} nodes={self.nodes} streams={self.concurrency}"
 
@@ -206,20 +202,18 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
     broker = broker or own_broker.address
     hop = hop_latency_ms(broker, config.hidden_size * WIRE_ACTIVATIONS.itemsize + 100)   # a decode step's frame
     runs: dict[Case, list[Run]] = {}   # a run each round
-    broken: set[tuple] = set()         # the cases, and clusters, that failed: not run again
+    broken: set[Case] = set()          # the cases that failed: not run again, nor reported
 
     def result(case: Case, case_runs: list[Run]) -> CaseResult:
         return summary(case, prompt_tokens, gen_tokens, hop, case_runs)
 
-    def run_cluster(engine: str, quant: str, nodes: int) -> None:
+    def run_cluster(engine: str, quant: str, nodes: int, cases: list[Case]) -> None:
         cluster = BenchCluster(broker, model_dir, engine, quant, nodes, **limits)
         try:
             cluster.wait_ready(nodes)
             run_streams(cluster.coordinator, 1, 8, 4, config.vocab_size)   # warm-up: JIT, caches, pages
             idle = [round(rss_mb(p.pid), 1) for p in cluster.processes]
-            for case in [Case(engine, quant, nodes, c) for c in concurrencies]:
-                if case in broken:
-                    continue
+            for case in cases:
                 try:
                     measured = run_streams(cluster.coordinator, case.concurrency, prompt_tokens, gen_tokens,
                                            config.vocab_size)
@@ -232,20 +226,21 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
                 report(result(case, [run]))
         except (RuntimeError, TimeoutError) as e:   # the nodes did not load, or the warm-up failed
             failed(f"{engine} {quant} nodes={nodes}: {e}")
-            broken.add((engine, quant, nodes))
+            broken.update(cases)
         finally:
             cluster.close()
 
     try:
         for _ in range(repeat):
             for engine, quant, nodes in itertools.product(engines, quants, node_counts):
-                if quant in ENGINE_QUANTS.get(engine, []) and (engine, quant, nodes) not in broken:
-                    run_cluster(engine, quant, nodes)
+                cases = [Case(engine, quant, nodes, c) for c in concurrencies]
+                cases = [case for case in cases if case not in broken]
+                if quant in ENGINE_QUANTS.get(engine, []) and cases:   # a cluster only for cases left to run
+                    run_cluster(engine, quant, nodes, cases)
     finally:
         if own_broker:
             own_broker.stop()
-    return [result(case, case_runs) for case, case_runs in runs.items()
-            if case not in broken and case.cluster not in broken]
+    return [result(case, case_runs) for case, case_runs in runs.items() if case not in broken]
 
 
 def summary(case: Case, prompt_tokens: int, gen_tokens: int, hop: float, runs: list[Run]) -> CaseResult:
