@@ -3,8 +3,9 @@
 For each combination of engine, quant, node count and concurrency it starts that many node
 processes on a broker, plans the model over them, and drives the coordinator directly (no HTTP)
 with `concurrency` streams at once. Reported per case: prefill tok/s, decode tok/s (per stream
-and in aggregate), time to first token, the MQTT hop latency for a decode-sized message, and
-the RSS of each node process once loaded and warmed up (idle) and its peak. With `repeat` > 1 the
+and in aggregate), time to first token, the MQTT hop latency for a decode-sized message on the
+idle broker, a decode step's time and its hop as the coordinator measured them in the run (what the
+panel shows: the step's time outside the nodes' engines, per link), and the RSS of each node process once loaded and warmed up (idle) and its peak. With `repeat` > 1 the
 cases run in rounds, each case once a round, and each figure is the median over the rounds: a shared
 machine's neighbours move single runs by a fifth or more, for minutes at a time.
 """
@@ -29,6 +30,7 @@ from appliance.broker import EmbeddedBroker
 from appliance.bus.protocol import WIRE_ACTIVATIONS, Sampling, Topics
 from appliance.config import Config
 from appliance.coordinator.coordinator import Coordinator, GenerationError
+from appliance.coordinator.throughput import Throughput
 from appliance.engines.footprint import QUANTS
 
 ENGINE_QUANTS = {"numpy": ["f32"], "onnxruntime": list(QUANTS), "ggml": list(QUANTS), "tinygrad": ["f32", "f16"]}
@@ -46,7 +48,9 @@ class CaseResult:
     prefill_tok_s: float
     decode_tok_s_per_stream: float
     decode_tok_s_total: float
-    hop_ms: float
+    hop_ms: float           # a decode-sized message through the idle broker and back
+    step_ms: float          # in the run: a request's time from one token to the next, at the coordinator
+    hop_in_run_ms: float    # in the run: a step's time outside the nodes' engines, per link of its ring
     idle_rss_mb: list[float]
     peak_rss_mb: list[float]
     repeats: int = 1
@@ -130,9 +134,11 @@ class CaseFailed(RuntimeError):
 
 
 def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, gen_tokens: int, vocab: int):
-    """Run `concurrency` streams at once; return (ttfts, per-stream decode tok/s, total decode tok/s).
-    The total counts the tokens made while every stream was decoding (after the last prefill,
-    before the first stream ended), so prefills queued behind each other do not count as decode."""
+    """Run `concurrency` streams at once; return (ttfts, per-stream decode tok/s, total decode tok/s,
+    step s, hop s). The total counts the tokens made while every stream was decoding (after the last
+    prefill, before the first stream ended), so prefills queued behind each other do not count as
+    decode. The step and the hop are the coordinator's own medians over this run's decode steps."""
+    coordinator.throughput = Throughput()   # this run's steps only
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, vocab, prompt_tokens).tolist() for _ in range(concurrency)]
     started_at: list[float] = [0.0] * concurrency
@@ -162,7 +168,8 @@ def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, 
     if window_end <= window_start:   # too few tokens for the streams to overlap: the whole span
         window_start, window_end = min(s[0] for s in stamps), max(s[-1] for s in stamps)
     made = sum(window_start < t <= window_end for s in stamps for t in s)
-    return ttfts, per_stream, made / max(window_end - window_start, 1e-9)
+    steps = coordinator.throughput.snapshot()
+    return ttfts, per_stream, made / max(window_end - window_start, 1e-9), steps["step_s"] or 0.0, steps["hop_s"] or 0.0
 
 
 class Case(NamedTuple):
@@ -181,6 +188,8 @@ class Run:
     ttfts: list[float]
     per_stream: list[float]
     total: float
+    step_s: float
+    hop_s: float
     idle_rss_mb: list[float]
     peak_rss_mb: list[float]
 
@@ -251,15 +260,18 @@ def summary(case: Case, prompt_tokens: int, gen_tokens: int, hop: float, runs: l
     peak = [round(median(r.peak_rss_mb[i] for r in runs), 1) for i in range(case.nodes)]
     return CaseResult(*case, prompt_tokens, gen_tokens, round(ttft, 4),
                       round(prompt_tokens / ttft, 1), round(median(median(r.per_stream) for r in runs), 2),
-                      round(median(r.total for r in runs), 2), round(hop, 3), idle, peak, len(runs),
+                      round(median(r.total for r in runs), 2), round(hop, 3),
+                      round(median(r.step_s for r in runs) * 1000, 3), round(median(r.hop_s for r in runs) * 1000, 3),
+                      idle, peak, len(runs),
                       [round(r.total, 2) for r in runs])
 
 
 def table(results: list[CaseResult]) -> str:
     head = ("engine", "quant", "nodes", "streams", "TTFT s", "prefill tok/s", "decode tok/s/stream",
-            "decode tok/s total", "hop ms", "idle RSS MB per node", "peak RSS MB per node")
+            "decode tok/s total", "hop ms idle", "step ms", "hop ms in run", "idle RSS MB per node",
+            "peak RSS MB per node")
     rows = [(r.engine, r.quant, r.nodes, r.concurrency, r.ttft_s, r.prefill_tok_s, r.decode_tok_s_per_stream,
-             r.decode_tok_s_total, r.hop_ms, " ".join(f"{m:.0f}" for m in r.idle_rss_mb),
+             r.decode_tok_s_total, r.hop_ms, r.step_ms, r.hop_in_run_ms, " ".join(f"{m:.0f}" for m in r.idle_rss_mb),
              " ".join(f"{m:.0f}" for m in r.peak_rss_mb)) for r in results]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

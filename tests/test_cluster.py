@@ -243,6 +243,29 @@ def test_the_last_stage_sends_the_next_steps_itself(broker, tmp_path, nodes):
         cluster.stop()
 
 
+def test_a_step_is_timed_from_reply_to_reply_not_at_the_consumers_pace(broker, tmp_path):
+    """The step and hop the panel shows run from one token's reply to the next. A consumer that
+    takes each token late (a slow client) finds the next one already waiting, which is no step of
+    no time: the nodes ran it meanwhile."""
+    from appliance.config import Config
+    from appliance.coordinator.coordinator import Coordinator
+    from tests.conftest import LocalCluster
+
+    cluster = LocalCluster(broker, tmp_path)
+    for n in range(2):
+        cluster.add_node(f"n{n}")
+    coordinator = Coordinator(Config(broker=broker, cluster=cluster.cluster, model=MODEL)).start()
+    try:
+        cluster.watcher.wait(lambda w: w.ready(2), 30, "a plan over 2 loaded nodes")
+        for _ in coordinator.generate(coordinator.model.tokenizer.encode("Once upon a time"), 12, protocol.Sampling(0)):
+            time.sleep(0.05)   # the client's pace: the last stage sends each step on without waiting for it
+        seen = coordinator.throughput.snapshot()
+        assert 0 < seen["hop_s"] and 2 * seen["hop_s"] < seen["step_s"] < 0.05, seen   # 2 links a step
+    finally:
+        coordinator.stop()
+        cluster.stop()
+
+
 def test_a_taken_port_or_an_unreachable_broker_is_one_clear_line(tmp_path):
     import socket
 

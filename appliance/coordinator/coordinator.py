@@ -65,6 +65,7 @@ class Token:
     top: list[tuple[int, float]] = field(default_factory=list)   # the most likely ids and their logprobs
     compute_s: float = 0.0      # the nodes' compute time for this step; the rest of its round trip is hops
     continued: bool = False     # the last stage sent the next step itself
+    received: float = 0.0       # when its reply came (time.monotonic()), however late the consumer takes it
 
 
 @dataclass
@@ -198,7 +199,7 @@ class Coordinator:
         if sender not in (attempt.nodes if reply.error is not None else attempt.nodes[-1:]):
             log.warning("dropped a reply from %s: tokens come from the plan's last node, errors from its nodes", sender)
             return
-        attempt.replies.put(reply)
+        attempt.replies.put((reply, time.monotonic()))
 
     def on_cluster_event(self, kind: str, data: dict) -> None:
         if kind == "node" and not data.get("online"):
@@ -307,14 +308,16 @@ class Coordinator:
             for step in range(first_step, max_tokens):
                 token = self._await_token(attempt, step)
                 if step > first_step:
-                    self._observe_round_trip(time.monotonic() - sent_at, token, links)
+                    self._observe_round_trip(token.received - sent_at, token, links)
                 if token.id in eos or step + 1 == max_tokens:
                     yield token
                     return
                 if not token.continued:
                     send(step + 1, pos, [token.id], sample)   # the next step goes out first
-                # a step the last stage sent itself goes round the ring of stages, not through here
-                sent_at, links = time.monotonic(), len(plan.nodes) if token.continued else len(plan.nodes) + 1
+                # a step the last stage sent itself goes round the ring of stages, not through here: it
+                # started about when this token's reply left the last stage
+                sent_at, links = (token.received, len(plan.nodes)) if token.continued else \
+                    (time.monotonic(), len(plan.nodes) + 1)
                 pos += 1
                 yield token
         finally:
@@ -364,18 +367,19 @@ class Coordinator:
         while True:
             left = attempt.progress_at + STEP_TIMEOUT_S - time.monotonic()
             try:
-                reply = attempt.replies.get(timeout=max(left, 0.05))
+                item = attempt.replies.get(timeout=max(left, 0.05))
             except queue.Empty:
                 if attempt.progress_at + STEP_TIMEOUT_S <= time.monotonic():
                     raise Interrupted(f"step {step} got no answer and no node worked on it for {STEP_TIMEOUT_S:.0f} s") from None
                 continue
-            if isinstance(reply, Interrupted):
-                raise reply
+            if isinstance(item, Interrupted):
+                raise item
+            reply, received = item
             attempt.progress_at = time.monotonic()
             if reply.error is not None:
                 if reply.retry:
                     raise Interrupted(reply.error)
                 raise GenerationError(reply.error)
             if reply.step == step:
-                return Token(reply.token, reply.logprob, reply.top, reply.compute_s, reply.continued)
+                return Token(reply.token, reply.logprob, reply.top, reply.compute_s, reply.continued, received)
             log.debug("dropped a reply for step %s while waiting for step %d", reply.step, step)
