@@ -4,10 +4,11 @@ For each combination of engine, quant, node count and concurrency it starts that
 processes on a broker, plans the model over them, and drives the coordinator directly (no HTTP)
 with `concurrency` streams at once. Reported per case: prefill tok/s, decode tok/s (per stream
 and in aggregate), time to first token, the MQTT hop latency for a decode-sized message on the
-idle broker, a decode step's time and its hop as the coordinator measured them in the run (what the
-panel shows: the step's time outside the nodes' engines, per link), and the RSS of each node process once loaded and warmed up (idle) and its peak. With `repeat` > 1 the
-cases run in rounds, each case once a round, and each figure is the median over the rounds: a shared
-machine's neighbours move single runs by a fifth or more, for minutes at a time.
+idle broker, a decode step's time and its hop as the coordinator timed them in the run (what the
+panel shows: the step's time outside the nodes' engines, per link), and the RSS of each node
+process once loaded and warmed up (idle) and its peak. With `repeat` > 1 the cases run in rounds,
+each case once a round, and each figure is the median over the rounds: a shared machine's
+neighbours move single runs by a fifth or more, for minutes at a time.
 """
 from __future__ import annotations
 
@@ -169,7 +170,8 @@ def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, 
         window_start, window_end = min(s[0] for s in stamps), max(s[-1] for s in stamps)
     made = sum(window_start < t <= window_end for s in stamps for t in s)
     steps = coordinator.throughput.snapshot()
-    return ttfts, per_stream, made / max(window_end - window_start, 1e-9), steps["step_s"] or 0.0, steps["hop_s"] or 0.0
+    total = made / max(window_end - window_start, 1e-9)
+    return ttfts, per_stream, total, steps["step_s"] or 0.0, steps["hop_s"] or 0.0
 
 
 class Case(NamedTuple):
@@ -271,8 +273,8 @@ def table(results: list[CaseResult]) -> str:
             "decode tok/s total", "hop ms idle", "step ms", "hop ms in run", "idle RSS MB per node",
             "peak RSS MB per node")
     rows = [(r.engine, r.quant, r.nodes, r.concurrency, r.ttft_s, r.prefill_tok_s, r.decode_tok_s_per_stream,
-             r.decode_tok_s_total, r.hop_ms, r.step_ms, r.hop_in_run_ms, " ".join(f"{m:.0f}" for m in r.idle_rss_mb),
-             " ".join(f"{m:.0f}" for m in r.peak_rss_mb)) for r in results]
+             r.decode_tok_s_total, r.hop_ms, r.step_ms, r.hop_in_run_ms,
+             " ".join(f"{m:.0f}" for m in r.idle_rss_mb), " ".join(f"{m:.0f}" for m in r.peak_rss_mb)) for r in results]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)

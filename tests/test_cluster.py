@@ -245,8 +245,8 @@ def test_the_last_stage_sends_the_next_steps_itself(broker, tmp_path, nodes):
 
 def test_a_step_is_timed_from_reply_to_reply_not_at_the_consumers_pace(broker, tmp_path):
     """The step and hop the panel shows run from one token's reply to the next. A consumer that
-    takes each token late (a slow client) finds the next one already waiting, which is no step of
-    no time: the nodes ran it meanwhile."""
+    takes each token late (a slow client) finds the next one already waiting; that step did take
+    time, on the nodes, while the consumer was busy."""
     from appliance.config import Config
     from appliance.coordinator.coordinator import Coordinator
     from tests.conftest import LocalCluster
