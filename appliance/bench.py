@@ -138,7 +138,7 @@ def run_streams(coordinator: Coordinator, concurrency: int, prompt_tokens: int, 
     """Run `concurrency` streams at once; return (ttfts, per-stream decode tok/s, total decode tok/s,
     step s, hop s). The total counts the tokens made while every stream was decoding (after the last
     prefill, before the first stream ended), so prefills queued behind each other do not count as
-    decode. The step and the hop are the coordinator's own medians over this run's decode steps."""
+    decode. The step and the hop are the coordinator's own means over this run's decode steps."""
     coordinator.throughput = Throughput()   # this run's steps only
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, vocab, prompt_tokens).tolist() for _ in range(concurrency)]

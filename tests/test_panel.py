@@ -275,4 +275,8 @@ def test_throughput_counts_tokens_per_bucket_over_the_window():
     assert len(snap["series"]) == WINDOW_S // BUCKET_S
     assert snap["series"][-2:] == [10.0, 5.0]                          # 50 / 5 s; 10 over the 2 s that passed
     assert snap["tokens_per_s"] == 5.0 and (snap["step_s"], snap["hop_s"]) == (0.004, 0.001)
+    bunched = Throughput()   # steps of 4 ms, 3 of them compute; a reply held up 8 ms, two right behind it
+    for round_trip in (0.0118, 0.0001, 0.0001):
+        bunched.step(round_trip, round_trip - 0.003)
+    assert (bunched.snapshot()["step_s"], bunched.snapshot()["hop_s"]) == pytest.approx((0.004, 0.001))
     assert Throughput().snapshot()["series"] == [0.0] * (WINDOW_S // BUCKET_S)

@@ -325,9 +325,9 @@ class Coordinator:
             self.bus.publish_json(self.topics.ctl("free"), protocol.free_command(attempt.id), qos=1)
 
     def _observe_round_trip(self, round_trip: float, token: Token, links: int) -> None:
-        hop = max(0.0, round_trip - token.compute_s) / links
+        hop = (round_trip - token.compute_s) / links
         self.observer.step_done(round_trip)
-        self.observer.hop_done(hop)
+        self.observer.hop_done(max(0.0, hop))
         self.throughput.step(round_trip, hop)
 
     def _count(self, record: RequestRecord, started: float) -> None:

@@ -1,5 +1,9 @@
 """What the panel's live view draws: the cluster's tokens per second over the last minutes, and
-the recent time of a decode step's round trip and of one hop in it."""
+the recent time of a decode step's round trip and of one hop in it.
+
+The step and hop are means, not medians: replies can reach the coordinator bunched (a reply held
+up, the next right behind it), which makes single round trips read near 0 and twice as long by
+turns. Their sum is still the time from the first reply to the last, so the mean is the step."""
 from __future__ import annotations
 
 import collections
@@ -9,7 +13,7 @@ import time
 
 BUCKET_S = 5          # one point of the chart
 WINDOW_S = 600        # the chart's width: the last 10 minutes
-RECENT_STEPS = 200    # the step and hop times the medians are taken over
+RECENT_STEPS = 200    # the step and hop times the means are taken over
 
 
 class Throughput:
@@ -27,6 +31,8 @@ class Throughput:
             self.buckets[-1][1] += 1
 
     def step(self, round_trip: float, hop: float) -> None:
+        """A decode step's round trip, and its time outside the engines per link: below 0 for a
+        reply that came bunched behind the one before, which the next step's hop makes up."""
         with self.lock:
             self.steps.append(round_trip)
             self.hops.append(hop)
@@ -43,8 +49,8 @@ class Throughput:
         series = [round(counts.get(s, 0) / (BUCKET_S if s != current else max(1.0, now - s)), 2) for s in starts]
         return {"bucket_s": BUCKET_S, "end": current + BUCKET_S, "series": series,
                 "tokens_per_s": series[-2] if counts.get(current) is None else series[-1],
-                "step_s": statistics.median(steps) if steps else None,
-                "hop_s": statistics.median(hops) if hops else None}
+                "step_s": statistics.fmean(steps) if steps else None,
+                "hop_s": max(0.0, statistics.fmean(hops)) if hops else None}
 
 
 def _bucket(t: float) -> int:
