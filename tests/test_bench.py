@@ -21,7 +21,7 @@ def test_bench_reports_each_case_as_json():
         assert r["decode_tok_s_total"] > 0 and r["ttft_s"] > 0 and r["hop_ms"] > 0 and r["repeats"] == 2
         assert r["step_ms"] > 0 and 0 <= r["hop_in_run_ms"] < r["step_ms"]   # as the coordinator timed the run
         if r["concurrency"] == 1:   # one stream: its steps come one by one, each with time outside the engines
-            # (over 31 steps: a first reply that reached the coordinator late shortens the run's steps)
+            # (32 tokens: over a handful, a first reply held up on its way can outweigh that time)
             assert r["hop_in_run_ms"] > 0
         assert len(r["decode_tok_s_rounds"]) == 2   # a run a round; the figure is their median
         assert r["decode_tok_s_total"] == pytest.approx(statistics.median(r["decode_tok_s_rounds"]), abs=0.01)
