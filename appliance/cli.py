@@ -185,6 +185,7 @@ def run_panel(config: Config) -> None:
     from appliance.coordinator.coordinator import Coordinator
     from appliance.panel.server import serve
 
+    require_a_way_to_the_broker(config, "panel")
     check_port_free(config)
     discovery = discover_broker(config, "panel")
     check_broker_reachable(config)   # one clear line, not the MQTT client's traceback
@@ -207,13 +208,18 @@ def discover_broker(config: Config, command: str):
 
     if config.broker:
         return None
-    if not (config.cluster_key or config.open or config.broker_username):
-        sys.exit(f"exo {command}: no broker given and no cluster key to find one with: pass --join KEY "
-                 "(or EXO_CLUSTER_KEY), --open for an open cluster, or --broker HOST:PORT")
+    require_a_way_to_the_broker(config, command)
     discovery = Discovery(config).start()
     print(f"exo: looking for the broker of cluster {config.cluster} on the network", flush=True)
     config.broker = discovery.wait_for_broker(None).address
     return discovery
+
+
+def require_a_way_to_the_broker(config: Config, command: str) -> None:
+    """A usage error, said before anything touches the network."""
+    if not (config.broker or config.cluster_key or config.open or config.broker_username):
+        sys.exit(f"exo {command}: no broker given and no cluster key to find one with: pass --join KEY "
+                 "(or EXO_CLUSTER_KEY), --open for an open cluster, or --broker HOST:PORT")
 
 
 def follow(bus, discovery):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -170,9 +171,14 @@ def test_a_catalog_id_not_on_disk_is_a_clear_error_and_nothing_is_left_running(t
 def test_node_and_panel_need_a_broker(tmp_path):
     env = {**os.environ, "EXO_CONFIG": str(tmp_path / "c.yaml")}
     (tmp_path / "c.yaml").write_text("{}\n")
-    for command in ("node", "panel"):
-        run = subprocess.run([sys.executable, "-m", "appliance", command], capture_output=True, text=True, env=env)
-        assert run.returncode != 0 and "no broker given" in run.stderr
+    # The panel's port is taken (as 52415, in the ephemeral range, can be by any outgoing
+    # connection): the usage error is still the one said, before anything touches the network.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        for command in (["node"], ["panel", "--host", "127.0.0.1", "--port", port]):
+            run = subprocess.run([sys.executable, "-m", "appliance", *command], capture_output=True, text=True,
+                                 env=env)
+            assert run.returncode != 0 and "no broker given" in run.stderr, run.stderr
 
 
 def test_a_prompt_sent_in_many_chunks_gives_the_same_tokens(broker, tmp_path, monkeypatch):
