@@ -166,7 +166,8 @@ def _stop(signum, frame) -> None:
 def run_node(config: Config) -> None:
     from appliance.node.agent import NodeAgent
 
-    discovery = discover_broker(config, "node")
+    require_a_way_to_the_broker(config, "node")
+    discovery = discover_broker(config)
     if discovery is None:   # a broker given by address: it may not be up yet
         wait_for_broker(config)
     agent = NodeAgent(config)
@@ -187,7 +188,7 @@ def run_panel(config: Config) -> None:
 
     require_a_way_to_the_broker(config, "panel")
     check_port_free(config)
-    discovery = discover_broker(config, "panel")
+    discovery = discover_broker(config)
     check_broker_reachable(config)   # one clear line, not the MQTT client's traceback
     print_admin_token(config)
     coordinator = Coordinator(config)
@@ -201,14 +202,13 @@ def run_panel(config: Config) -> None:
                 part.stop()
 
 
-def discover_broker(config: Config, command: str):
+def discover_broker(config: Config):
     """A node or a panel with no broker address finds its cluster's advertised broker (waiting
     for one as long as it takes) and returns the Discovery to follow it with; None when given one."""
     from appliance.discovery import Discovery
 
     if config.broker:
         return None
-    require_a_way_to_the_broker(config, command)
     discovery = Discovery(config).start()
     print(f"exo: looking for the broker of cluster {config.cluster} on the network", flush=True)
     config.broker = discovery.wait_for_broker(None).address
