@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -288,3 +289,27 @@ class Container:
             self.proc.kill()
             self.proc.wait(10)
         self.log.close()
+
+
+RESERVED_PORTS_PROBE = """
+import errno, json, socket
+listener = socket.create_server(("127.0.0.1", 1883))
+taken = []
+for _ in range(3):
+    try:
+        taken.append(socket.create_connection(("127.0.0.1", 1883)).getsockname()[1])
+    except OSError as e:
+        taken.append(errno.errorcode[e.errno])
+print(json.dumps(taken))
+"""
+
+
+def local_ports_taken(port: int, sysctl_file: Path | None = None) -> list:
+    """In a network namespace of its own, whose ephemeral range is only `port` and the one after
+    (a wider range is searched from a random start, and may skip a port): the local ports of three
+    outgoing connections, or why each failed, after loading `sysctl_file` if one is given."""
+    load = f"sysctl -q -p {sysctl_file} && " if sysctl_file else ""
+    out = run("unshare", "--net", "sh", "-c",
+              f"ip link set lo up && sysctl -q -w net.ipv4.ip_local_port_range='{port} {port + 1}' && {load}"
+              f"python3 -c '{RESERVED_PORTS_PROBE}'")
+    return json.loads(out.stdout)

@@ -58,6 +58,7 @@ PROVIDERS = {
     "ssh": (_command("ssh"), "openssh-client"),
     "chroot": (_command("chroot"), "coreutils"),
     "ip": (_command("ip"), "iproute2"),
+    "sysctl": (_command("sysctl"), "procps"),
     "ansible-playbook": (_command("ansible-playbook"), "pip:-r ansible/requirements.txt"),
     "ansible-lint": (_command("ansible-lint"), "pip:-r ansible/requirements.txt"),
 }

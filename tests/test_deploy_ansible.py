@@ -25,7 +25,7 @@ from appliance.broker import free_port, wait_for_port
 
 from tests.system import needs
 
-from .deploy_helpers import (REPO, Watcher, connect, needs_root, note_time, publish,  # noqa: F401
+from .deploy_helpers import (REPO, Watcher, connect, local_ports_taken, needs_root, note_time, publish,  # noqa: F401
                              record_time, run)
 
 ANSIBLE = REPO / "ansible"
@@ -53,14 +53,14 @@ def deployed(tmp_path_factory):
     """site.yml applied twice to this machine, with broker, panel and node all on localhost."""
     work = tmp_path_factory.mktemp("ansible")
     cluster = f"t{uuid.uuid4().hex[:8]}"
-    port, tls_port = free_port(), free_port()
+    port, tls_port, panel_port = free_port(), free_port(), free_port()
     # TLS on: nodes use the TLS listener, the plain one stays on loopback (as the role does).
     inventory = {"all": {
         "vars": {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
                  "exo_cluster": cluster, "exo_broker_host": "127.0.0.1", "exo_broker_port": port,
                  "exo_broker_tls": True, "exo_broker_tls_port": tls_port,
                  # No panel serves here (no systemd): a free port, so no other panel answers.
-                 "exo_panel_port": free_port(),
+                 "exo_panel_port": panel_port,
                  "exo_credentials_dir": str(work / "credentials")},
         "children": {"broker": {"hosts": {"localhost": {"broker_listen_address": "127.0.0.1"}}},
                      "panel": {"hosts": {"localhost": {}}},
@@ -74,7 +74,7 @@ def deployed(tmp_path_factory):
             runs.append(run("ansible-playbook", "-i", work / "inventory.yml", "site.yml", cwd=ANSIBLE))
             note_time(f"ansible-playbook site.yml run {n}", time.monotonic() - start)
         yield {"cluster": cluster, "address": f"127.0.0.1:{port}", "tls_address": f"127.0.0.1:{tls_port}",
-               "runs": runs, "work": work}
+               "panel_port": panel_port, "runs": runs, "work": work}
     finally:
         remove_deployment()
 
@@ -87,7 +87,7 @@ DEPLOYED_FILES = [
     "/etc/mosquitto/exo.passwd", "/etc/mosquitto/exo.passwd.sha256", "/etc/mosquitto/exo.acl",
     "/etc/mosquitto/certs/exo-ca.crt", "/etc/mosquitto/certs/exo-server.crt",
     "/etc/mosquitto/certs/exo-server.key", "/etc/avahi/services/exo-mqtt.service",
-    "/etc/systemd/system/exo-node.service", "/etc/systemd/system/exo-panel.service",
+    "/etc/systemd/system/exo-node.service", "/etc/systemd/system/exo-panel.service", "/etc/sysctl.d/60-exo.conf",
     "/etc/systemd/system/multi-user.target.wants/exo-node.service",
     "/etc/systemd/system/multi-user.target.wants/exo-panel.service",
 ]
@@ -264,6 +264,16 @@ def test_generated_files_are_private(deployed):
     assert panel["api_keys"][0] == (creds / "panel-api-key").read_text().strip()
     assert panel["admin_token"] == (creds / "panel-admin-token").read_text().strip()
     assert "exo/" not in open("/etc/mosquitto/exo.passwd").read()
+
+
+@needs_root
+@needs("ansible-playbook", "mosquitto", "unshare", "sysctl", "ip")
+def test_the_panels_port_is_kept_from_outgoing_connections(deployed):
+    """The panel's port may lie in Linux's ephemeral range: the role writes a sysctl file that keeps
+    it from outgoing connections (systemd-sysctl applies it; here, a namespace of our own loads it)."""
+    port = deployed["panel_port"]
+    assert port in local_ports_taken(port)
+    assert port not in local_ports_taken(port, Path("/etc/sysctl.d/60-exo.conf"))
 
 
 @needs_root

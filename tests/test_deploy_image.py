@@ -17,7 +17,7 @@ import yaml
 from tests.system import needs
 
 from .deploy_helpers import (REPO, STAGE, arm64_emulation, fresh_root, in_chroot, install_stage,  # noqa: F401
-                             needs_root, record_time, run)
+                             local_ports_taken, needs_root, record_time, run)
 
 SCRIPTS = [STAGE / "prerun.sh", *sorted((STAGE / "00-install").glob("*.sh")),
            REPO / "image" / "build.sh", REPO / "image" / "wheelhouse.sh", REPO / "image" / "lock.sh",
@@ -67,6 +67,7 @@ def test_stage_install_in_a_debootstrap_chroot(tmp_path):
     assert (root / "etc/machine-id").read_text() == "uninitialized\n"
     assert not (root / "var/lib/exo").exists()
     assert (root / "etc/mosquitto/conf.d/exo-base.conf").is_file()
+    assert (root / "etc/sysctl.d/60-exo.conf").read_text() == (STAGE / "00-install/files/60-exo.conf").read_text()
     assert os.access(root / "usr/local/sbin/exo-firstboot", os.X_OK)
 
     # First boot with a card configured before flashing: a broker and a node, on Wi-Fi.
@@ -95,6 +96,17 @@ def test_stage_install_in_a_debootstrap_chroot(tmp_path):
     assert enabled == ["enabled", "enabled", "disabled"]
     applied = (root / "boot/firmware/exo.yaml.applied").read_text()
     assert "s3cret" not in applied and not (root / "boot/firmware/exo.yaml").exists()
+
+
+@needs_root
+@needs("unshare", "sysctl", "ip")
+def test_the_images_sysctl_file_keeps_the_panels_port_from_outgoing_connections():
+    """52415 lies in Linux's ephemeral range: any outgoing connection may take it as its local port,
+    and a panel restarted then cannot bind it. With the image's file loaded, none takes it."""
+    unreserved = local_ports_taken(52415)
+    assert 52415 in unreserved, unreserved
+    reserved = local_ports_taken(52415, STAGE / "00-install/files/60-exo.conf")
+    assert 52415 not in reserved and "EADDRNOTAVAIL" in reserved, reserved
 
 
 FAKE_PI_GEN = """#!/bin/bash

@@ -11,4 +11,5 @@ install -m 0644 "${files}"/staged/systemd/exo-node.service "${files}"/staged/sys
 install -m 0644 "${files}/staged/systemd/mosquitto-exo.conf" "${root}/etc/mosquitto/conf.d/exo-base.conf"
 install -m 0755 "${files}/exo-firstboot" "${root}/usr/local/sbin/exo-firstboot"
 install -D -m 0644 "${files}/80-exo.preset" "${root}/etc/systemd/system-preset/80-exo.preset"
+install -D -m 0644 "${files}/60-exo.conf" "${root}/etc/sysctl.d/60-exo.conf"
 install -m 0644 "${files}/exo.yaml.example" "${root}/etc/exo/exo.yaml.example"
