@@ -101,12 +101,15 @@ def test_stage_install_in_a_debootstrap_chroot(tmp_path):
 @needs_root
 @needs("unshare", "sysctl", "ip")
 def test_the_images_sysctl_file_keeps_the_panels_port_from_outgoing_connections():
-    """52415 lies in Linux's ephemeral range: any outgoing connection may take it as its local port,
-    and a panel restarted then cannot bind it. With the image's file loaded, none takes it."""
-    unreserved = local_ports_taken(52415)
-    assert 52415 in unreserved, unreserved
-    reserved = local_ports_taken(52415, STAGE / "00-install/files/60-exo.conf")
-    assert 52415 not in reserved and "EADDRNOTAVAIL" in reserved, reserved
+    """The panel's default port lies in Linux's ephemeral range: any outgoing connection may take it
+    as its local port, and a panel restarted then cannot bind it. With the image's file loaded, none
+    takes it."""
+    from appliance.config import Config
+    port = Config().port
+    unreserved = local_ports_taken(port)
+    assert port in unreserved, unreserved
+    reserved = local_ports_taken(port, STAGE / "00-install/files/60-exo.conf")
+    assert port not in reserved and "EADDRNOTAVAIL" in reserved, reserved
 
 
 FAKE_PI_GEN = """#!/bin/bash
