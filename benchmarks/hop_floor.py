@@ -110,21 +110,18 @@ def say_ready(peer: Peer) -> None:
 
 def ping(peer: Peer, busy_s: float, rounds: int, size: int) -> list[float]:
     """The asking end, once the echo end is ready: one hop's time in each round, in seconds."""
-    try:
-        filler = bytes(size)
-        hops = []
-        for _ in range(WARMUP + rounds):
-            started = time.perf_counter()
-            own = busy(busy_s)
-            peer.send(filler)
+    filler = bytes(size)
+    hops = []
+    for _ in range(WARMUP + rounds):
+        started = time.perf_counter()
+        own = busy(busy_s)
+        peer.send(filler)
+        answer = peer.receive()
+        while answer == READY:   # one more said before our first message came
             answer = peer.receive()
-            while answer == READY:   # one more said before our first message came
-                answer = peer.receive()
-            theirs = BUSY.unpack_from(answer)[0]
-            hops.append((time.perf_counter() - started - own - theirs) / 2)
-        return hops[WARMUP:]
-    finally:
-        peer.close()
+        theirs = BUSY.unpack_from(answer)[0]
+        hops.append((time.perf_counter() - started - own - theirs) / 2)
+    return hops[WARMUP:]
 
 
 def main() -> None:
@@ -160,9 +157,12 @@ def main() -> None:
                      "--rounds", str(args.rounds), "--bytes", str(args.bytes)])
                 if args.remote and busy_s == busy_times[0] and mode == MODES[0]:
                     print("waiting for `--echo` on the other host", flush=True)
-                while peer.receive(timeout=None if args.remote else 30) != READY:
-                    pass
-                hops = sorted(ping(peer, busy_s, args.rounds, args.bytes))
+                try:
+                    while peer.receive(timeout=None if args.remote else 30) != READY:
+                        pass
+                    hops = sorted(ping(peer, busy_s, args.rounds, args.bytes))
+                finally:
+                    peer.close()
                 if echo_end:
                     echo_end.wait(timeout=30)
                 print(f"busy {busy_s * 1000:5.1f} ms  {mode:15s}  {statistics.median(hops) * 1000:6.3f}"
