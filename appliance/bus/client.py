@@ -57,11 +57,14 @@ class Bus:
         self.connect_hooks: list[Callable[[], None]] = []
         self.disconnect_hooks: list[Callable[[], None]] = []
         self.connected = threading.Event()
+        self.listening = threading.Event()   # connected, and the broker has taken every subscription
+        self.unacknowledged: set[int] = set()   # the subscriptions sent on connect that the broker has not taken yet
         self.patient = False
         self.address = config.broker      # the broker this bus is on (HOST:PORT); move_to changes it
         self.moving = threading.Lock()    # one move at a time
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_socket_open = _no_delay
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
@@ -72,13 +75,21 @@ class Bus:
             else:
                 log.error("broker refused the connection: %s", reason_code)
             return
-        for topic, qos in self.subscriptions.items():  # subscriptions do not survive a reconnect
-            client.subscribe(topic, qos)
+        # subscriptions do not survive a reconnect; their acknowledgements come on this same thread, after this
+        self.unacknowledged = {client.subscribe(topic, qos)[1] for topic, qos in self.subscriptions.items()}
+        if not self.unacknowledged:
+            self.listening.set()
         self.connected.set()
         run_hooks(self.connect_hooks, "on-connect")
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None):
+        self.unacknowledged.discard(mid)
+        if not self.unacknowledged:
+            self.listening.set()
+
     def _on_disconnect(self, *_):
         self.connected.clear()
+        self.listening.clear()
         run_hooks(self.disconnect_hooks, "on-disconnect")
 
     def on_disconnect(self, hook: Callable[[], None]) -> None:
@@ -137,7 +148,8 @@ class Bus:
             joiner.loop_stop()
 
     def start(self, timeout: float = 10.0) -> "Bus":
-        """Connect, waiting up to `timeout` for the broker to accept us; a `patient` bus (one that
+        """Connect, waiting up to `timeout` for the broker to accept us and take our subscriptions
+        (a message published after this returns reaches our handlers); a `patient` bus (one that
         follows discovery, which may move it) does not wait and keeps trying in the background."""
         self.address = self.config.broker
         host, port = parse_address(self.address)
@@ -152,7 +164,7 @@ class Bus:
         except OSError as e:
             raise ConnectionError(f"cannot reach the MQTT broker at {host}:{port}: {e}") from e
         self.client.loop_start()
-        if not self.connected.wait(timeout):
+        if not self.listening.wait(timeout):
             self.stop()
             raise ConnectionError(f"the MQTT broker at {host}:{port} did not accept us within {timeout:.0f} s")
         return self
