@@ -6,7 +6,7 @@ import threading
 import paho.mqtt.client as mqtt
 
 from appliance.bus.client import Bus
-from appliance.config import Config
+from appliance.config import Config, parse_address
 from tests.system import needs
 
 pytestmark = needs("mosquitto")
@@ -21,8 +21,7 @@ def test_a_started_bus_hears_what_is_published_right_after(broker):
     for topic in filters:
         bus.on(topic, lambda topic, payload: heard.set(), qos=1)
     sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    host, port = broker.split(":")
-    sender.connect(host, int(port))
+    sender.connect(*parse_address(broker))
     sender.loop_start()
     try:
         bus.start()
