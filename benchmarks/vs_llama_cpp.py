@@ -22,7 +22,8 @@ Rows, for each quant, one after the other on this machine:
 
 With --rounds N the whole sequence of a quant runs N times, llama.cpp and exo taking turns, and
 each figure is the median of its N: a shared VM's neighbours slow a minute here and there by a
-fifth, which would otherwise fall on one side only.
+fifth, which would otherwise fall on one side only. Below the table it then prints each engine's
+ratio to llama.cpp round by round, and their median.
 """
 from __future__ import annotations
 
@@ -219,6 +220,22 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def paired(all_rounds: dict) -> str:
+    """Each engine's ratio to llama.cpp round by round, and their median: a round's two sides ran
+    minutes apart, the table's medians up to a quarter of an hour, on a VM whose neighbours come and go."""
+    lines = []
+    for quant, rounds in all_rounds.items():
+        for engine in rounds[0][1]:
+            for label, key in ROWS:
+                ratios = [ours[engine][key] / theirs[key] for theirs, ours in rounds
+                          if key in theirs and key in ours[engine]]
+                if ratios:
+                    each = " ".join(f"{r:.2f}" for r in ratios)
+                    median = statistics.median(ratios)
+                    lines.append(f"{engine} / llama.cpp, {quant}, {label}: {each} (median {median:.2f}×)")
+    return "\n".join(lines)
+
+
 def measure_round(args, tools: dict, gguf: Path, quant: str, n: int) -> tuple[dict, dict]:
     """llama.cpp's figures, then each exo engine's, for one quant."""
     label = f"{quant}, round {n + 1} of {args.rounds}"
@@ -257,15 +274,18 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     tools = {name: find_tool(name, args.llama_cpp) for name in ("llama-bench", "llama-server")}
-    results = {}
+    results, all_rounds = {}, {}
     for quant in [q for q in args.quants.split(",") if q]:
         gguf = getattr(args, f"gguf_{quant}") or model_gguf(args.model, quant, args.work)
         rounds = [measure_round(args, tools, gguf, quant, n) for n in range(args.rounds)]
+        all_rounds[quant] = rounds
         theirs = medians([t for t, _ in rounds])
         ours = {engine: medians([o[engine] for _, o in rounds]) for engine in rounds[0][1]}
         results[quant] = (theirs, ours)
         print(json.dumps({quant: {"llama.cpp": theirs, "exo": ours}}), flush=True)
     print(table(results))
+    if args.rounds > 1:
+        print(paired(all_rounds))
 
 
 if __name__ == "__main__":
