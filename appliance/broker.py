@@ -235,6 +235,7 @@ class EmbeddedBroker:
                 self.process.wait(5)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait()   # reaped, not left a zombie of this process
         if self.loop:
             asyncio.run_coroutine_threadsafe(self.amqtt.shutdown(), self.loop).result(10)
             self.loop.call_soon_threadsafe(self.loop.stop)

@@ -157,6 +157,17 @@ def test_the_pure_python_broker_carries_a_whole_cluster(tmp_path):
         broker.stop()
 
 
+@needs("mosquitto")
+def test_a_broker_that_does_not_stop_when_asked_is_killed_and_reaped():
+    from appliance.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(port=free_port(), kind="mosquitto").start()
+    os.kill(broker.process.pid, signal.SIGSTOP)   # hung: SIGTERM waits, SIGKILL does not
+    broker.stop()
+    assert broker.process.returncode == -signal.SIGKILL
+    assert not psutil.pid_exists(broker.process.pid)   # a zombie would still have its pid
+
+
 def test_a_catalog_id_not_on_disk_is_a_clear_error_and_nothing_is_left_running(tmp_path):
     env = {**os.environ, "EXO_STATE_DIR": str(tmp_path), "EXO_CONFIG": str(tmp_path / "c.yaml"),
            "EXO_MODELS_DIR": str(tmp_path / "models"), "HF_HUB_OFFLINE": "1"}
