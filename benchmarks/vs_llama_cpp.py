@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -95,6 +96,10 @@ def run_measuring_peak(command: list[str]) -> tuple[str, float]:
             time.sleep(0.05)
         out.seek(0)
         text = out.read().decode()
+    if process.returncode == -signal.SIGILL:
+        raise RuntimeError(f"{command[0]} died of an illegal instruction: on an Intel CPU with AMX, a build by "
+                           "gcc 12 runs ggml's AMX kernels without their tile shapes; build llama.cpp without "
+                           "AMX (docs/performance.md, \"Against llama.cpp\")")
     if process.returncode:
         raise RuntimeError(f"{command[0]} failed ({process.returncode})")
     return text, peak

@@ -163,6 +163,32 @@ def test_a_ggml_decode_graphs_mask_is_the_one_its_position_needs(tmp_path):
 
 
 @needs_ggml
+@pytest.mark.parametrize("quant", ["q4", "q8"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_ggml_holds_quantized_matrices_where_its_kernels_run_and_agree(quant, rows):
+    """The quantized matrices go into the first of ggml's extra buffers that takes them all, as
+    llama.cpp picks: AMX where the CPU has it, the build's tile kernels run (a build by gcc 12 dies
+    at its first tile load) and every matrix fills whole tiles of 32 rows; else CPU_REPACK. A
+    product, of one row (a decode step) or more (a prompt), is the one of the plain blocks."""
+    import ggml
+
+    from appliance.engines import ggml_engine
+
+    kind, rng = ggml_engine.MATRIX_TYPES[quant], np.random.default_rng(0)
+    blocks, ragged = (ggml_engine.quantize(rng.standard_normal((n, 96)).astype(np.float32), kind) for n in (64, 48))
+    backend = ggml.ggml_backend_cpu_init()
+    offered = [ggml.ggml_backend_buft_name(b) for b in ggml_engine.extra_buffer_types(backend)]
+    held = ggml_engine.weight_buffer_type(backend, [blocks])
+    amx = b"AMX" in offered and ggml_engine.amx_runs()
+    assert ggml.ggml_backend_buft_name(held) == (b"AMX" if amx else b"CPU_REPACK")
+    assert ggml.ggml_backend_buft_name(ggml_engine.weight_buffer_type(backend, [blocks, ragged])) == b"CPU_REPACK"
+    assert ggml_engine.weight_buffer_type(backend, []) is None
+    x = rng.standard_normal((rows, 96)).astype(np.float32)
+    np.testing.assert_allclose(ggml_engine.matrix_product(blocks, kind, x, held),
+                               ggml_engine.matrix_product(blocks, kind, x), atol=1e-4)
+
+
+@needs_ggml
 @pytest.mark.parametrize("quant,size", [("f32", 4), ("f16", 2), ("q8", 2), ("q4", 2)])
 def test_ggml_keeps_keys_and_values_in_float16_beside_quantized_weights(quant, size, tmp_path):
     """llama.cpp's default: half a long context's memory, and half the bytes attention reads. The

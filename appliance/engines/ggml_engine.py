@@ -34,8 +34,11 @@ Their pages are made as they are written (lazy_zeros).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +127,8 @@ class GgmlEngine(Engine):
         # The embedding is read by get_rows, which needs the plain layout; a tied head shares it.
         repacked = [n for n, t in self.types.items() if t in (ggml.GGML_TYPE_Q4_0, ggml.GGML_TYPE_Q8_0)
                     and n != EMBED]
-        self.tensors = Tensors(self.arrays, self.types, repacked, repack_buffer_type(self.backend) if repack else None)
+        buffer_type = weight_buffer_type(self.backend, [self.arrays[n] for n in repacked]) if repack else None
+        self.tensors = Tensors(self.arrays, self.types, repacked, buffer_type)
         release_pages(self.arrays.values())
         self.allocator = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self.backend))
         self.laid_out: Graph | None = None   # the graph whose tensors the allocator's buffer holds now
@@ -481,9 +485,10 @@ class Graph:
 
 class Tensors(dict):
     """ggml tensors over the shard's arrays (memory maps, or small float32 arrays): name -> tensor.
-    The matrices in `repacked` are copied instead into ggml's CPU_REPACK buffer, which interleaves
-    the blocks of 8 rows (4 on ARM) for its faster matrix kernels, as llama.cpp does; one for which
-    ggml has no such layout on this CPU is copied as it is."""
+    The matrices in `repacked` are copied instead into a buffer of one of ggml's extra types
+    (`weight_buffer_type`), which lays out their blocks for its faster matrix kernels, as llama.cpp
+    does: CPU_REPACK interleaves the blocks of 8 rows (4 on ARM), AMX packs them into its tiles.
+    One for which ggml has no such layout on this CPU is copied as it is."""
 
     def __init__(self, arrays: dict[str, np.ndarray], types: dict[str, int], repacked=(), repack_buffer_type=None):
         super().__init__()
@@ -527,20 +532,82 @@ class Tensors(dict):
                 ggml.ggml_free(ctx)
 
 
-def repack_buffer_type(backend):
-    """The CPU backend's CPU_REPACK buffer type, None where this build has none."""
+def weight_buffer_type(backend, matrices):
+    """The buffer type for the quantized matrices, as llama.cpp picks it: the first of the CPU
+    backend's extra buffer types that takes them all. ggml lists them best first: AMX (Intel's
+    tile kernels, 4th-generation Xeon and later) where this build has it, then CPU_REPACK. AMX
+    takes a matrix in whole tiles of 32 rows, and only where its kernels run (`amx_runs`).
+    None where this build has neither, or there is nothing to place."""
+    if not matrices:
+        return None
+    whole_tiles = all(a.shape[0] % 32 == 0 for a in matrices)
+    for buffer_type in extra_buffer_types(backend):
+        name = ggml.ggml_backend_buft_name(buffer_type)
+        if name == b"CPU_REPACK" or (name == b"AMX" and whole_tiles and amx_runs()):
+            return buffer_type
+    return None
+
+
+def extra_buffer_types(backend) -> list:
+    """The CPU backend's extra buffer types, in ggml's order of preference."""
     device = ggml.ggml_backend_get_device(backend)
     address = ggml.ggml_backend_reg_get_proc_address(ggml.ggml_backend_dev_backend_reg(device),
                                                      b"ggml_backend_dev_get_extra_bufts")
     if not address:
-        return None
+        return []
     extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(address)(device)
-    i = 0
-    while extra and extra[i]:
-        if ggml.ggml_backend_buft_name(extra[i]) == b"CPU_REPACK":
-            return extra[i]
-        i += 1
-    return None
+    found = []
+    while extra and extra[len(found)]:
+        found.append(extra[len(found)])
+    return found
+
+
+@functools.cache
+def amx_runs() -> bool:
+    """Whether this ggml build's AMX kernels run on this machine, tried once in a child process:
+    Debian 12's gcc (12.2) drops the stores that give `ldtilecfg` its tile shapes, so a build by
+    it dies of an illegal instruction at its first tile load (clang builds them right)."""
+    try:
+        child = subprocess.run([sys.executable, "-c", f"from {__name__} import amx_product; amx_product()"],
+                               capture_output=True, timeout=120)
+        code = child.returncode
+    except subprocess.TimeoutExpired:
+        code = "timed out"
+    if code:
+        log.info("ggml's AMX kernels do not run here (exit %s): using CPU_REPACK", code)
+    return code == 0
+
+
+def amx_product() -> None:
+    """A product of 2 rows with a Q8_0 matrix held in ggml's AMX buffer: its tile kernels."""
+    backend = ggml.ggml_backend_cpu_init()
+    [amx] = [b for b in extra_buffer_types(backend) if ggml.ggml_backend_buft_name(b) == b"AMX"]
+    ggml.ggml_backend_free(backend)
+    matrix_product(quantize(np.ones((32, 32), np.float32), ggml.GGML_TYPE_Q8_0), ggml.GGML_TYPE_Q8_0,
+                   np.ones((2, 32), np.float32), amx)
+
+
+def matrix_product(blocks: np.ndarray, kind: int, x: np.ndarray, buffer_type=None) -> np.ndarray:
+    """x (float32 [n, cols]) times the transpose of a matrix of ggml blocks of `kind`, the matrix
+    held in a buffer of `buffer_type` (as it is where None): float32 [n, matrix rows]."""
+    backend = ggml.ggml_backend_cpu_init()
+    weights = Tensors({"w": blocks}, {"w": kind}, ["w"] if buffer_type else [], buffer_type)
+    out_bytes = len(x) * len(blocks) * 4
+    ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=4 * ggml.ggml_tensor_overhead() + ggml.ggml_graph_overhead()
+                                               + x.nbytes + out_bytes + 1024, mem_buffer=None, no_alloc=False))
+    try:
+        rows = ggml.ggml_new_tensor_2d(ctx, F32, x.shape[1], len(x))
+        ctypes.memmove(ggml.ggml_get_data(rows), np.ascontiguousarray(x, np.float32).ctypes.data, x.nbytes)
+        product = ggml.ggml_mul_mat(ctx, weights["w"], rows)
+        graph = ggml.ggml_new_graph(ctx)
+        ggml.ggml_build_forward_expand(graph, product)
+        if ggml.ggml_backend_graph_compute(backend, graph) != ggml.GGML_STATUS_SUCCESS:
+            raise RuntimeError("ggml could not compute a matrix product")
+        out = (ctypes.c_float * (len(x) * len(blocks))).from_address(ggml.ggml_get_data(product))
+        return np.ctypeslib.as_array(out).reshape(len(x), len(blocks)).copy()
+    finally:
+        ggml.ggml_free(ctx)
+        ggml.ggml_backend_free(backend)
 
 
 def dims(shape) -> ctypes.Array:
