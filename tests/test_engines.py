@@ -189,6 +189,29 @@ def test_ggml_holds_quantized_matrices_where_its_kernels_run_and_agree(quant, ro
 
 
 @needs_ggml
+def test_a_ggml_graphs_products_start_on_cache_lines(tmp_path):
+    """ggml's allocator lays a graph's tensors end to end after its inputs: each input is padded to
+    whole cache lines, so that no product's output starts mid-line (ggml's AMX kernels store 64
+    bytes at a time, and a split store made a prefill take 1.7× as long). A prompt's last stage
+    takes the index of its last row, an input of 4 bytes."""
+    import ggml
+
+    from appliance.engines import ggml_engine
+
+    e = engine("ggml", whole(synth_model("smollm2-135m")), tmp_path, quant="q8")
+    for prompts in ([128], [37, 4], [1, 2, 3]):
+        steps = [Step(f"r{i}", 0, np.arange(3, 3 + n, dtype=np.int32)) for i, n in enumerate(prompts)]
+        graph = ggml_engine.Graph(e, steps)
+        try:
+            graph.compute()
+            nodes = [ggml.ggml_graph_node(graph.graph, i) for i in range(ggml.ggml_graph_n_nodes(graph.graph))]
+            products = [t for t in nodes if t.contents.op == ggml.GGML_OP_MUL_MAT]
+            assert products and all(t.contents.data % 64 == 0 for t in products), prompts
+        finally:
+            graph.free()
+
+
+@needs_ggml
 @pytest.mark.parametrize("quant,size", [("f32", 4), ("f16", 2), ("q8", 2), ("q4", 2)])
 def test_ggml_keeps_keys_and_values_in_float16_beside_quantized_weights(quant, size, tmp_path):
     """llama.cpp's default: half a long context's memory, and half the bytes attention reads. The
