@@ -98,8 +98,8 @@ def run_measuring_peak(command: list[str]) -> tuple[str, float]:
         text = out.read().decode()
     if process.returncode == -signal.SIGILL:
         raise RuntimeError(f"{command[0]} died of an illegal instruction: on an Intel CPU with AMX, a build by "
-                           "gcc 12 runs ggml's AMX kernels without their tile shapes; build llama.cpp without "
-                           "AMX (docs/performance.md, \"Against llama.cpp\")")
+                           "gcc 12 runs ggml's AMX kernels without their tile shapes; build llama.cpp with clang, "
+                           "or without AMX (docs/performance.md, \"An Intel VM with AMX\")")
     if process.returncode:
         raise RuntimeError(f"{command[0]} failed ({process.returncode})")
     return text, peak

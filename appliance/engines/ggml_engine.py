@@ -269,9 +269,10 @@ class Graph:
         values = np.ascontiguousarray(values)
         ne = (*(shape or values.shape[::-1]), 1, 1, 1)[:4]
         row = ggml.ggml_row_size(kind, ne[0])
-        line = math.lcm(ggml.ggml_type_size(kind), 64)
-        padded = ggml.ggml_new_tensor_1d(self.ctx, kind, -(-row * ne[1] * ne[2] * ne[3] // line) * line
-                                         // ggml.ggml_type_size(kind) * ggml.ggml_blck_size(kind))
+        line = math.lcm(ggml.ggml_type_size(kind), 64)   # whole cache lines of whole blocks
+        padded_bytes = -(-row * ne[1] * ne[2] * ne[3] // line) * line
+        padded = ggml.ggml_new_tensor_1d(self.ctx, kind,
+                                         padded_bytes // ggml.ggml_type_size(kind) * ggml.ggml_blck_size(kind))
         ggml.ggml_set_input(padded)
         t = ggml.ggml_view_4d(self.ctx, padded, *ne, row, row * ne[1], row * ne[1] * ne[2], 0)
         self.inputs.append((t, values))
@@ -498,9 +499,9 @@ class Tensors(dict):
     does: CPU_REPACK interleaves the blocks of 8 rows (4 on ARM), AMX packs them into its tiles.
     One for which ggml has no such layout on this CPU is copied as it is."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], types: dict[str, int], repacked=(), repack_buffer_type=None):
+    def __init__(self, arrays: dict[str, np.ndarray], types: dict[str, int], repacked=(), buffer_type=None):
         super().__init__()
-        repacked = [n for n in repacked if repack_buffer_type]
+        repacked = [n for n in repacked if buffer_type]
         params = ggml.ggml_init_params(mem_size=(len(arrays) + 1) * ggml.ggml_tensor_overhead(), mem_buffer=None,
                                        no_alloc=True)
         self.ctx, self.repack_ctx, self.buffer = ggml.ggml_init(params), None, None
@@ -513,7 +514,7 @@ class Tensors(dict):
             self.repack_ctx = ggml.ggml_init(params)
             for name in repacked:
                 self[name] = self._new(self.repack_ctx, name, arrays[name], types[name])
-            self.buffer = ggml.ggml_backend_alloc_ctx_tensors_from_buft(self.repack_ctx, repack_buffer_type)
+            self.buffer = ggml.ggml_backend_alloc_ctx_tensors_from_buft(self.repack_ctx, buffer_type)
             advise_huge_pages(ggml.ggml_backend_buffer_get_base(self.buffer), ggml.ggml_backend_buffer_get_size(self.buffer))
             # Largest first: while one is copied both it and its mapped pages are resident, so the
             # peak is what is copied so far plus twice the one at hand, here the whole plus the smallest.
