@@ -212,18 +212,23 @@ def test_a_ggml_graphs_products_start_on_cache_lines(tmp_path):
 
 
 @needs_ggml
-@pytest.mark.parametrize("quant,size", [("f32", 4), ("f16", 2), ("q8", 2), ("q4", 2)])
-def test_ggml_keeps_keys_and_values_in_float16_beside_quantized_weights(quant, size, tmp_path):
-    """llama.cpp's default: half a long context's memory, and half the bytes attention reads. The
-    planner counts the cache as the engine holds it."""
+@pytest.mark.parametrize("float16_arithmetic", [True, False])
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8", "q4"])
+def test_ggml_keeps_keys_and_values_in_float16_where_the_cpu_does_float16_arithmetic(quant, float16_arithmetic,
+                                                                                    tmp_path, monkeypatch):
+    """llama.cpp's default beside quantized or float16 weights, where the CPU adds float16 itself
+    (the Pi 5): half a long context's memory. Elsewhere (x86) float32, which attention reads without
+    converting. The planner counts the cache as the engine holds it."""
+    from appliance.engines import ggml_engine
     from appliance.engines.footprint import footprint
 
+    monkeypatch.setattr(ggml_engine, "cpu_has_float16_arithmetic", lambda: float16_arithmetic)
     model_dir = synth_model("smollm2-135m", layers=4)
     under_test = load_engine("ggml", Shard(Path(model_dir), 0, 2, 4), quant=quant, cache_dir=tmp_path, max_seq=256)
     under_test.forward([Step("r", 0, np.array([1, 2, 3], np.int32))])
     cache = under_test.caches["r"]
-    assert cache.k.itemsize == cache.v.itemsize == size
-    counted = footprint(ModelConfig.load(model_dir), "ggml", quant, positions=under_test.capacity).kv_layer
+    assert cache.k.itemsize == cache.v.itemsize == (2 if float16_arithmetic and quant != "f32" else 4)
+    counted = footprint(ModelConfig.load(model_dir), "ggml", quant, under_test.capacity, float16_arithmetic).kv_layer
     assert under_test.kv_bytes() == 2 * counted == cache.k.nbytes + cache.v.nbytes
 
 

@@ -102,6 +102,23 @@ def test_llama_3_1_8b_at_q4_fits_two_8gb_pis_and_not_one():
     assert blocks(shards) == [("pi1", 16), ("pi2", 16)]
 
 
+def test_the_planner_counts_a_ggml_nodes_kv_room_as_its_cpu_holds_it(broker):
+    """ggml keeps keys and values float16 only where the CPU does float16 arithmetic, which a node
+    says in its announcement: an x86 node's room is counted float32, a Pi 5's float16."""
+    from appliance.bus.client import Bus
+    from appliance.config import Config
+    from appliance.coordinator.cluster import Cluster
+
+    cluster = Cluster(Bus(Config(broker=broker), client_id=f"kv-room-{protocol.new_id()[:8]}"), "c")
+    cluster.model_config = config = model(layers=4)
+    for name, float16 in (("x86", False), ("pi5", True)):
+        cluster.nodes[name] = {"host_id": name, "memory_available": 8 * GB, "memory_held": 0, "engine": "ggml",
+                               "quant": "q4", "limits": {"positions": 2048}, "float16_arithmetic": float16}
+    rooms = {n.id: n.footprint.kv_layer for n in cluster.capacities()}
+    numbers = min(2048, config.max_position_embeddings) * 2 * config.num_kv_heads * config.head_dim   # keys, values
+    assert rooms == {"x86": numbers * 4, "pi5": numbers * 2}
+
+
 def test_the_kv_room_of_reserved_requests_is_counted():
     config = model(layers=22)
     fp = footprint(config, "onnxruntime", "q8", positions=2048)   # 1 GB weights, 45 MB KV per request

@@ -281,7 +281,8 @@ class Cluster:
         if not self.model_config or node.get("engine") not in DEFAULT_QUANT:
             return None   # a node of an older version: its weights count as stored
         positions = int((node.get("limits") or {}).get("positions") or MAX_CONTEXT)
-        return footprint(self.model_config, node["engine"], str(node.get("quant") or ""), positions)
+        return footprint(self.model_config, node["engine"], str(node.get("quant") or ""), positions,
+                         bool(node.get("float16_arithmetic")))
 
     def replan(self, force: bool = False) -> None:
         """Plan the online nodes. The same plan again is published only when `force`d (an admin's

@@ -6,14 +6,17 @@ channel; ggml holds Q4_0 / Q8_0 blocks (32 weights and a float16 scale, float16 
 no whole number of blocks); numpy widens every matrix to float32; tinygrad keeps f32 or f16 on
 its device. No engine widens the embedding: numpy and tinygrad map it as stored, onnxruntime keeps
 it float16, ggml quantizes it like the matrices. The KV room is one request's keys and values over
-the full context, float32 (ggml: float16 but at f32). A mixture of experts is held whole (every expert: the memory) but a
-token reads only its router and k experts (`active_layer`: for speed estimates); onnxruntime holds
-the experts in QMoE's blocks of 32 (q8 too: a scale a block). Light on purpose (no numpy, no engine
-imports): the coordinator plans with it.
+the full context, float32 (ggml: float16 on a CPU with float16 arithmetic, but at f32). A mixture
+of experts is held whole (every expert: the memory) but a token reads only its router and k experts
+(`active_layer`: for speed estimates); onnxruntime holds the experts in QMoE's blocks of 32 (q8
+too: a scale a block). Light on purpose (no numpy, no engine imports): the coordinator plans with it.
 """
 from __future__ import annotations
 
+import functools
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 from appliance.models.config import DTYPE_BYTES, ModelConfig
 
@@ -80,21 +83,39 @@ def layer_bytes(c: ModelConfig, layer: int, engine: str, quant: str, active: boo
     return sum(matrix_bytes(r, k, engine, quant) for r, k in matrices) + small + experts * expert
 
 
-def footprint(config: ModelConfig, engine: str, quant: str = "", positions: int = 2048) -> Footprint:
-    """A layer is counted as the model's largest (a mixture with dense layers: a sparse one)."""
+def footprint(config: ModelConfig, engine: str, quant: str = "", positions: int = 2048,
+              float16_arithmetic: bool = False) -> Footprint:
+    """A layer is counted as the model's largest (a mixture with dense layers: a sparse one);
+    `float16_arithmetic`: the node's CPU's (see kv_value_bytes)."""
     c, quant = config, quant or DEFAULT_QUANT.get(engine, "f32")
     h, kv = c.hidden_size, c.num_kv_heads * c.head_dim
     kinds = {c.is_sparse(i): i for i in range(c.num_layers)}.values()
     layer = max(layer_bytes(c, i, engine, quant) for i in kinds)
     active = max(layer_bytes(c, i, engine, quant, active=True) for i in kinds)
+    kv_room = 2 * kv * min(positions, c.max_position_embeddings) * kv_value_bytes(engine, quant, float16_arithmetic)
     return Footprint(layer, embedding_bytes(c, engine, quant), h * 4 + matrix_bytes(c.vocab_size, h, engine, quant),
-                     2 * kv * min(positions, c.max_position_embeddings) * kv_value_bytes(engine, quant), active)
+                     kv_room, active)
 
 
-def kv_value_bytes(engine: str, quant: str) -> int:
+def kv_value_bytes(engine: str, quant: str, float16_arithmetic: bool) -> int:
     """One key or value number in a KV cache: ggml keeps them float16 beside quantized or float16
-    weights (llama.cpp's default), every other engine and quant float32."""
-    return 2 if engine == "ggml" and quant != "f32" else 4
+    weights (llama.cpp's default) where the CPU does float16 arithmetic. Elsewhere ggml's attention
+    converts every float16 it reads and writes (a q4 decode step on x86 took 23 ms with float16 keys
+    and values against 18 in float32, a step of 8 requests 87 against 51 ms), so there, and for every
+    other engine and quant, they are float32."""
+    return 2 if engine == "ggml" and quant != "f32" and float16_arithmetic else 4
+
+
+@functools.cache
+def cpu_has_float16_arithmetic() -> bool:
+    """Whether this CPU adds and multiplies float16 vectors itself: ARMv8.2's half-precision SIMD
+    (`asimdhp`: the Pi 5's Cortex-A76, Apple's M chips), not x86's or the Pi 4's Cortex-A72."""
+    if platform.system() == "Darwin":
+        return platform.machine() == "arm64"
+    try:
+        return "asimdhp" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
 
 
 def embedding_bytes(c: ModelConfig, engine: str, quant: str) -> int:

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.engines.base import MAX_CONTEXT, Engine, Shard, Step, attention_mask, lazy_zeros
-from appliance.engines.footprint import DEFAULT_QUANT, QUANTS, kv_value_bytes
+from appliance.engines.footprint import DEFAULT_QUANT, QUANTS, cpu_has_float16_arithmetic, kv_value_bytes
 from appliance.engines.rope import attention_factor, inv_freq
 from appliance.engines.weight_cache import (advise_huge_pages, cache_key, load_arrays, release_array, release_pages,
                                             row_reader, save_arrays)
@@ -120,7 +120,7 @@ class GgmlEngine(Engine):
             raise ValueError(f"the ggml engine does not run mixtures of experts ({self.config.model_type}): "
                              "use the onnxruntime or numpy engine")
         self.quant = quant
-        self.kv_value_bytes = kv_value_bytes(self.name, quant)
+        self.kv_value_bytes = kv_value_bytes(self.name, quant, cpu_has_float16_arithmetic())
         self.arrays, self.cache_path = shard_arrays(shard, self.config, quant, cache_dir)
         self.types = {name: ggml_type(name, a, quant) for name, a in self.arrays.items()}
         self.backend = ggml.ggml_backend_cpu_init()

@@ -28,7 +28,7 @@ from appliance.bus.client import Bus
 from appliance.bus.protocol import parse_json
 from appliance.config import Config
 from appliance.engines import ENGINES, Shard, Step, load_engine, pick_default_engine
-from appliance.engines.footprint import DEFAULT_QUANT, footprint
+from appliance.engines.footprint import DEFAULT_QUANT, cpu_has_float16_arithmetic, footprint
 from appliance.models.config import generation_defaults
 from appliance.models.store import models_dir, parse_gguf_spec, resolve_model_dir
 from appliance.node import system
@@ -105,7 +105,7 @@ class NodeAgent:
         if not self.loaded:
             return 0
         engine, shard = self.loaded.engine, self.loaded.engine.shard
-        held = footprint(engine.config, self.engine_name, self.quant, engine.capacity)
+        held = footprint(engine.config, self.engine_name, self.quant, engine.capacity, cpu_has_float16_arithmetic())
         return held.shard(shard.end - shard.start, shard.is_first, shard.is_last, self.loaded.requests)
 
     def announce(self) -> None:

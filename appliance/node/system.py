@@ -7,6 +7,8 @@ from pathlib import Path
 
 import psutil
 
+from appliance.engines.footprint import cpu_has_float16_arithmetic
+
 PI_MODEL = Path("/proc/device-tree/model")
 PI_THROTTLED = Path("/sys/devices/platform/soc/soc:firmware/get_throttled")
 THERMAL_ZONE = Path("/sys/class/thermal/thermal_zone0/temp")
@@ -55,6 +57,7 @@ def machine_info() -> dict:
         "cpu_count": psutil.cpu_count(),
         "memory_total": memory.total,
         "memory_available": memory.available,
+        "float16_arithmetic": cpu_has_float16_arithmetic(),   # a ggml node's KV room: footprint.kv_value_bytes
     }
 
 
