@@ -212,6 +212,18 @@ def test_a_ggml_graphs_products_start_on_cache_lines(tmp_path):
 
 
 @needs_ggml
+def test_the_cpu_does_float16_arithmetic_where_ggml_runs_float16_natively():
+    """The engine keeps float16 keys and values where the CPU adds float16 itself (the kernel's
+    hardware capabilities), which is where ggml's float16 vector arithmetic runs: x86 has neither,
+    the Pi 5's Cortex-A76 both (under qemu too, which sets the emulated core's capabilities)."""
+    import ggml
+
+    from appliance.engines.footprint import cpu_has_float16_arithmetic
+
+    assert cpu_has_float16_arithmetic() == bool(ggml.ggml_cpu_has_fp16_va())
+
+
+@needs_ggml
 @pytest.mark.parametrize("float16_arithmetic", [True, False])
 @pytest.mark.parametrize("quant", ["f32", "f16", "q8", "q4"])
 def test_ggml_keeps_keys_and_values_in_float16_where_the_cpu_does_float16_arithmetic(quant, float16_arithmetic,

@@ -13,10 +13,10 @@ too: a scale a block). Light on purpose (no numpy, no engine imports): the coord
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 from appliance.models.config import DTYPE_BYTES, ModelConfig
 
@@ -25,6 +25,7 @@ DEFAULT_QUANT = {"numpy": "f32", "onnxruntime": "q8", "tinygrad": "f32", "ggml":
 BLOCK = 32   # onnxruntime's MatMulNBits block (onnx_graph.BLOCK)
 FLOAT_BYTES = {"f32": 4, "f16": 2}
 GGML_BLOCK_BYTES = {"q4": 18, "q8": 34}   # Q4_0, Q8_0: a block of 32 weights with its float16 scale
+AT_HWCAP, HWCAP_ASIMDHP = 16, 1 << 10    # getauxval's key, and arm64 Linux's bit for float16 SIMD
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,17 @@ def kv_value_bytes(engine: str, quant: str, float16_arithmetic: bool) -> int:
 @functools.cache
 def cpu_has_float16_arithmetic() -> bool:
     """Whether this CPU adds and multiplies float16 vectors itself: ARMv8.2's half-precision SIMD
-    (`asimdhp`: the Pi 5's Cortex-A76, Apple's M chips), not x86's or the Pi 4's Cortex-A72."""
+    (the Pi 5's Cortex-A76, Apple's M chips), not x86 nor the Pi 4's Cortex-A72. On Linux the
+    kernel's hardware capabilities say (as ggml reads them), which an emulator sets for the CPU it
+    emulates, where /proc/cpuinfo would be the host's."""
+    machine = platform.machine()
     if platform.system() == "Darwin":
-        return platform.machine() == "arm64"
+        return machine == "arm64"
+    if machine != "aarch64":
+        return False
     try:
-        return "asimdhp" in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
+        return bool(ctypes.CDLL(None).getauxval(AT_HWCAP) & HWCAP_ASIMDHP)
+    except (OSError, AttributeError):
         return False
 
 
