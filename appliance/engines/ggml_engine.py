@@ -600,7 +600,7 @@ def matrix_product(blocks: np.ndarray, kind: int, x: np.ndarray, buffer_type=Non
     """x (float32 [n, cols]) times the transpose of a matrix of ggml blocks of `kind`, the matrix
     held in a buffer of `buffer_type` (as it is where None): float32 [n, matrix rows]."""
     backend = ggml.ggml_backend_cpu_init()
-    weights = Tensors({"w": blocks}, {"w": kind}, ["w"] if buffer_type else [], buffer_type)
+    weights = Tensors({"w": blocks}, {"w": kind}, ["w"], buffer_type)   # as it is where None
     out_bytes = len(x) * len(blocks) * 4
     ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=4 * ggml.ggml_tensor_overhead() + ggml.ggml_graph_overhead()
                                                + x.nbytes + out_bytes + 1024, mem_buffer=None, no_alloc=False))
