@@ -273,6 +273,71 @@ def test_ggml_decode_graphs_follow_their_request_across_spans_and_evictions(tmp_
 
 @needs_stories
 @needs_ggml
+def test_ggml_attends_once_for_requests_in_neighbouring_slots(tmp_path):
+    """Requests' KV caches sit side by side in banks of ggml_engine.BANK slots, and a decode graph
+    attends once a layer for each run of neighbouring slots. More requests than a bank holds, one
+    freed in the middle (its rows zeros again) and its slot taken by a newcomer, all decoding
+    together in an order that is not their slots': each gets what numpy gets, every step."""
+    import ggml
+
+    from appliance.engines import ggml_engine
+
+    under_test = engine("ggml", whole(STORIES), tmp_path, max_seq=64)
+    reference = load_engine("numpy", whole(STORIES))
+    rng = np.random.default_rng(7)
+    pos = {}
+
+    def prefill(rid: str, n: int) -> None:
+        prompt = rng.integers(3, 500, n).astype(np.int32)
+        for e in (under_test, reference):
+            e.forward([Step(rid, 0, prompt)])
+        pos[rid] = n
+
+    names = [f"r{i}" for i in range(ggml_engine.BANK + 2)]
+    for i, rid in enumerate(names):
+        prefill(rid, 3 + i)
+    bank = under_test.caches["r3"].bank
+    for e in (under_test, reference):
+        e.free("r3")
+    assert not bank.k[:, 3].any() and not bank.v[:, 3].any() and bank.k[:, 4].any()
+    prefill("new", 5)
+    assert under_test.caches["new"].place == (0, 3)
+    batch_ids = [rid for rid in reversed(names) if rid != "r3"] + ["new"]
+    for _ in range(3):
+        batch = [Step(rid, pos[rid], rng.integers(3, 500, 1).astype(np.int32)) for rid in batch_ids]
+        for got, step in zip(under_test.forward(batch), batch):
+            np.testing.assert_allclose(got, reference.forward([step])[0], atol=1e-4)
+            pos[step.request_id] += 1
+    [graph] = under_test.decoders.values()
+    nodes = [ggml.ggml_graph_node(graph.graph, i) for i in range(ggml.ggml_graph_n_nodes(graph.graph))]
+    attentions = sum(t.contents.op == ggml.GGML_OP_FLASH_ATTN_EXT for t in nodes)
+    assert attentions == 2 * ModelConfig.load(STORIES).num_layers   # a run in each bank
+
+
+def test_a_freed_part_of_a_kv_cache_is_zeros_again_and_its_pages_given_back():
+    """zero_again on one slot of a lazily made cache: its whole pages go back to the system, the
+    edges of pages it shares with its neighbours are zeroed, and the neighbours keep their rows."""
+    import psutil
+
+    from appliance.engines.base import lazy_zeros, zero_again
+
+    process = psutil.Process()
+    cache = lazy_zeros((22, 3, 512, 256))   # 11.5 MB a slot
+    cache[:, 1], cache[:, 2] = 1.0, 2.0
+    before = process.memory_info().rss
+    for layer in cache[:, 1]:
+        zero_again(layer)
+    given_back = before - process.memory_info().rss
+    assert not cache[:, 1].any() and (cache[:, 2] == 2).all()
+    assert given_back > 10 << 20, f"{given_back / 2**20:.1f} MB given back"
+    ragged = lazy_zeros((3, 3, 10, 100))    # 4,000 bytes a slot's layer: rows across page edges
+    ragged[:] = 5.0
+    for layer in ragged[:, 1]:
+        zero_again(layer)
+    assert not ragged[:, 1].any() and (ragged[:, 0] == 5).all() and (ragged[:, 2] == 5).all()
+
+@needs_stories
+@needs_ggml
 def test_ggml_decodes_requests_together_in_one_graph_pointed_at_their_next_steps(tmp_path):
     """Decode steps of several requests share one graph, built once and pointed at each next step
     while the same requests decode together: requests at different positions, one crossing into

@@ -102,3 +102,22 @@ def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     if hasattr(mmap, "MADV_NOHUGEPAGE"):   # Linux: small pages even where THP is 'always'
         memory.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(memory, dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+def zero_again(part: np.ndarray) -> None:
+    """Make a contiguous part of a lazy_zeros array zeros again, its whole pages given back to the
+    system (made afresh when next written): a freed request's rows of a shared KV cache."""
+    root = part
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    start = part.ctypes.data - root.ctypes.data
+    end = start + part.nbytes
+    lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    flat = part.reshape(-1).view(np.uint8)
+    if hi <= lo:
+        flat[:] = 0
+        return
+    memory = root.base.obj if isinstance(root.base, memoryview) else root.base   # lazy_zeros' map
+    memory.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    flat[:lo - start] = 0   # the edges of pages shared with a neighbour
+    flat[hi - start:] = 0
