@@ -271,6 +271,32 @@ def test_ggml_decode_graphs_follow_their_request_across_spans_and_evictions(tmp_
     assert not [k for k in under_test.decoders if "a" in k[0]]
 
 
+class BesideNumpy:
+    """An engine under test and the numpy reference given the same stories260K prompts and decode
+    steps (a random token each): each step's logits checked against numpy's."""
+
+    def __init__(self, under_test, seed: int):
+        self.under_test, self.reference = under_test, load_engine("numpy", whole(STORIES))
+        self.rng, self.pos = np.random.default_rng(seed), {}
+
+    def prefill(self, rid: str, n: int) -> None:
+        prompt = self.rng.integers(3, 500, n).astype(np.int32)
+        for e in (self.under_test, self.reference):
+            e.forward([Step(rid, 0, prompt)])
+        self.pos[rid] = n
+
+    def decode(self, rids) -> None:
+        """One step of each request, all in one call to the engine under test."""
+        batch = [Step(rid, self.pos[rid], self.rng.integers(3, 500, 1).astype(np.int32)) for rid in rids]
+        for got, step in zip(self.under_test.forward(batch), batch):
+            np.testing.assert_allclose(got, self.reference.forward([step])[0], atol=1e-4)
+            self.pos[step.request_id] += 1
+
+    def free(self, rid: str) -> None:
+        for e in (self.under_test, self.reference):
+            e.free(rid)
+
+
 @needs_stories
 @needs_ggml
 def test_ggml_attends_once_for_requests_in_neighbouring_slots(tmp_path):
@@ -283,31 +309,17 @@ def test_ggml_attends_once_for_requests_in_neighbouring_slots(tmp_path):
     from appliance.engines import ggml_engine
 
     under_test = engine("ggml", whole(STORIES), tmp_path, max_seq=64)
-    reference = load_engine("numpy", whole(STORIES))
-    rng = np.random.default_rng(7)
-    pos = {}
-
-    def prefill(rid: str, n: int) -> None:
-        prompt = rng.integers(3, 500, n).astype(np.int32)
-        for e in (under_test, reference):
-            e.forward([Step(rid, 0, prompt)])
-        pos[rid] = n
-
+    both = BesideNumpy(under_test, seed=7)
     names = [f"r{i}" for i in range(ggml_engine.BANK + 2)]
     for i, rid in enumerate(names):
-        prefill(rid, 3 + i)
+        both.prefill(rid, 3 + i)
     bank = under_test.caches["r3"].bank
-    for e in (under_test, reference):
-        e.free("r3")
+    both.free("r3")
     assert not bank.k[:, 3].any() and not bank.v[:, 3].any() and bank.k[:, 4].any()
-    prefill("new", 5)
+    both.prefill("new", 5)
     assert under_test.caches["new"].place == (0, 3)
-    batch_ids = [rid for rid in reversed(names) if rid != "r3"] + ["new"]
     for _ in range(3):
-        batch = [Step(rid, pos[rid], rng.integers(3, 500, 1).astype(np.int32)) for rid in batch_ids]
-        for got, step in zip(under_test.forward(batch), batch):
-            np.testing.assert_allclose(got, reference.forward([step])[0], atol=1e-4)
-            pos[step.request_id] += 1
+        both.decode([rid for rid in reversed(names) if rid != "r3"] + ["new"])
     [graph] = under_test.decoders.values()
     nodes = [ggml.ggml_graph_node(graph.graph, i) for i in range(ggml.ggml_graph_n_nodes(graph.graph))]
     attentions = sum(t.contents.op == ggml.GGML_OP_FLASH_ATTN_EXT for t in nodes)
@@ -346,27 +358,14 @@ def test_ggml_decodes_requests_together_in_one_graph_pointed_at_their_next_steps
     from appliance.engines import ggml_engine
 
     under_test = engine("ggml", whole(STORIES), tmp_path, max_seq=ggml_engine.SPAN + 40)
-    reference = load_engine("numpy", whole(STORIES))
-    rng = np.random.default_rng(5)
-    pos = {}
-
-    def prefill(rid: str, n: int) -> None:
-        prompt = rng.integers(3, 500, n).astype(np.int32)
-        for e in (under_test, reference):
-            e.forward([Step(rid, 0, prompt)])
-        pos[rid] = n
-
+    both = BesideNumpy(under_test, seed=5)
     for rid, n in (("a", ggml_engine.SPAN - 5), ("b", 3), ("c", 40)):   # "a" crosses a span on its 6th step
-        prefill(rid, n)
+        both.prefill(rid, n)
     graphs = []
     for t in range(12):
         if t == 8:
-            prefill("d", 7)
-        batch = [Step(rid, pos[rid], rng.integers(3, 500, 1).astype(np.int32))
-                 for rid in (("a", "b", "c") if t < 8 else ("c", "a", "d"))]
-        for got, step in zip(under_test.forward(batch), batch):
-            np.testing.assert_allclose(got, reference.forward([step])[0], atol=1e-4)
-            pos[step.request_id] += 1
+            both.prefill("d", 7)
+        both.decode(("a", "b", "c") if t < 8 else ("c", "a", "d"))
         graphs.append(next(iter(under_test.decoders.values())) if len(under_test.decoders) == 1 else None)
     assert graphs[1] is graphs[0] is not None          # the same requests in the same spans: one graph, pointed on
     assert graphs[5] is not graphs[4] is graphs[1]     # "a" in its next span: built again
