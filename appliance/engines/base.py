@@ -7,6 +7,7 @@ steps of different requests in one call. The last stage returns logits of the fi
 from __future__ import annotations
 
 import mmap
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +106,12 @@ def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
 
 
 def zero_again(part: np.ndarray) -> None:
-    """Make a contiguous part of a lazy_zeros array zeros again, its whole pages given back to the
-    system (made afresh when next written): a freed request's rows of a shared KV cache."""
+    """Make a contiguous part of a lazy_zeros array zeros again, on Linux its whole pages given back
+    to the system (made afresh when next written): a freed request's rows of a shared KV cache.
+    Elsewhere MADV_DONTNEED need not zero them, so they are written over."""
+    if not sys.platform.startswith("linux"):
+        part[...] = 0
+        return
     root = part
     while isinstance(root.base, np.ndarray):
         root = root.base

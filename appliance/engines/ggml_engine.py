@@ -260,11 +260,12 @@ class KVCache:
         self.bank, self.slot = bank, slot
         self.place = (bank.number, slot)
         self.k, self.v = bank.k[:, slot], bank.v[:, slot]
+        self.written = 0   # positions [0, written) hold rows
 
     def release(self) -> None:
-        """Zeros again, the pages given back, and the slot free for another request."""
+        """The rows written zeros again, their pages given back, and the slot free for another request."""
         for layer in (*self.k, *self.v):
-            zero_again(layer)
+            zero_again(layer[:self.written])
         self.bank.free.append(self.slot)
 
 
@@ -394,6 +395,8 @@ class Graph:
             self.output = np.ctypeslib.as_array(buf).reshape(ne[1], ne[0])
         for t, values in self.inputs:
             ctypes.memmove(t.contents.data, values.ctypes.data, values.nbytes)
+        for cache, step in zip(self.caches, self.steps):
+            cache.written = max(cache.written, step.pos + len(step.x))
         status = ggml.ggml_backend_graph_compute(engine.backend, self.graph)
         if status != 0:
             raise RuntimeError(f"ggml graph compute failed with status {status}")
