@@ -105,6 +105,20 @@ def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     return np.frombuffer(memory, dtype, count=int(np.prod(shape))).reshape(shape)
 
 
+def map_root(a: np.ndarray) -> np.ndarray:
+    """The array `a` is a view of, at the bottom: for a view of a np.memmap, the array np.memmap
+    made (its first byte at the file's `offset`, its `_mmap` the map); for lazy_zeros, the array
+    over its anonymous map."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def whole_pages(start: int, nbytes: int) -> tuple[int, int]:
+    """The whole pages inside bytes [start, start + nbytes) of a map, as [lo, hi): none where hi <= lo."""
+    return -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+
+
 def zero_again(part: np.ndarray) -> None:
     """Make a contiguous part of a lazy_zeros array zeros again, on Linux its whole pages given back
     to the system (made afresh when next written): a freed request's rows of a shared KV cache.
@@ -112,12 +126,9 @@ def zero_again(part: np.ndarray) -> None:
     if not sys.platform.startswith("linux"):
         part[...] = 0
         return
-    root = part
-    while isinstance(root.base, np.ndarray):
-        root = root.base
+    root = map_root(part)
     start = part.ctypes.data - root.ctypes.data
-    end = start + part.nbytes
-    lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    lo, hi = whole_pages(start, part.nbytes)
     flat = part.reshape(-1).view(np.uint8)
     if hi <= lo:
         flat[:] = 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.engines.base import Shard
+from appliance.engines.base import Shard, map_root, whole_pages
 from appliance.models.gguf_model import gguf_files
 
 CACHE_VERSION = 2
@@ -114,22 +114,13 @@ def _libc_madvise():
     return call
 
 
-def map_root(a: np.ndarray) -> np.ndarray:
-    """The array `a` is a view of, at the bottom: for a view of a np.memmap, the array np.memmap
-    made (its first byte at the file's `offset`, its `_mmap` the map)."""
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a
-
-
 def release_array(a: np.ndarray) -> None:
     """Drop the pages wholly inside one memory-mapped array, just copied elsewhere: so copying a
     shard tensor by tensor never holds it twice."""
     root = map_root(a)
     if getattr(root, "_mmap", None) is None or root.offset != 0:
         return
-    start = a.ctypes.data - root.ctypes.data
-    lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    lo, hi = whole_pages(a.ctypes.data - root.ctypes.data, a.nbytes)
     if hi > lo:
         root._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
