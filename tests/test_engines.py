@@ -326,6 +326,31 @@ def test_ggml_attends_once_for_requests_in_neighbouring_slots(tmp_path):
     assert attentions == 2 * ModelConfig.load(STORIES).num_layers   # a run in each bank
 
 
+@needs_stories
+@needs_ggml
+def test_ggml_decodes_on_after_a_longer_prompt_moves_its_compute_buffer(tmp_path):
+    """A prompt longer than any before makes ggml's allocator free its compute buffer for a bigger
+    one, while the decode graph of the requests already going is kept for their next step. That
+    step must not run in the freed buffer: there it corrupted the heap and the node died. Run in a
+    child whose allocations of 4 KiB and more are each a mapping of their own, so that a freed
+    buffer is unmapped and touching it faults at once, and checked against numpy step by step."""
+    steps = f"""
+from pathlib import Path
+from tests.test_engines import STORIES, BesideNumpy, engine, whole
+both = BesideNumpy(engine("ggml", whole(STORIES), Path({str(tmp_path)!r})), seed=3)
+for rid in ("a", "b"):
+    both.prefill(rid, 3)
+both.decode(["a", "b"])
+both.prefill("long", 300)
+both.decode(["a", "b"])
+both.decode(["a", "b", "long"])
+"""
+    child = subprocess.run([sys.executable, "-c", steps], cwd=Path(__file__).resolve().parents[1],
+                           env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="4096"), capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+
+
 def test_a_freed_part_of_a_kv_cache_is_zeros_again_and_its_pages_given_back():
     """zero_again on one slot of a lazily made cache: its whole pages go back to the system, the
     edges of pages it shares with its neighbours are zeroed, and the neighbours keep their rows."""

@@ -225,6 +225,20 @@ class GgmlEngine(Engine):
             results[i] = out[row] if self.shard.is_last else out[row:row + 1]
         return results
 
+    def lay_out(self, graph: "Graph") -> None:
+        """Place the graph's tensors in the allocator's buffer. A graph larger than any before makes
+        ggml free that buffer and allocate a bigger one, and the decode graphs kept from before
+        would then point into freed memory (a later step of theirs corrupted the heap): they go,
+        and are built again when next needed. On the CPU the buffer is one piece that only grows,
+        so a new size is a new buffer."""
+        size = ggml.ggml_gallocr_get_buffer_size(self.allocator, 0)
+        if not ggml.ggml_gallocr_alloc_graph(self.allocator, graph.graph):
+            raise MemoryError("ggml could not allocate the compute buffer")
+        if ggml.ggml_gallocr_get_buffer_size(self.allocator, 0) != size:
+            for key in [k for k, kept in self.decoders.items() if kept is not graph]:
+                self.decoders.pop(key).free()
+        self.laid_out = graph
+
     def cache(self, request_id: str) -> "KVCache":
         """The request's KV cache: the first free slot of a bank, a new bank where all are taken."""
         cache = self.caches.get(request_id)
@@ -387,9 +401,7 @@ class Graph:
     def compute(self) -> np.ndarray:
         engine = self.engine
         if engine.laid_out is not self:   # a decode graph run again finds its tensors where they were
-            if not ggml.ggml_gallocr_alloc_graph(engine.allocator, self.graph):
-                raise MemoryError("ggml could not allocate the compute buffer")
-            engine.laid_out = self
+            engine.lay_out(self)
             ne = self.out.contents.ne
             buf = (ctypes.c_float * (ne[0] * ne[1])).from_address(self.out.contents.data)
             self.output = np.ctypeslib.as_array(buf).reshape(ne[1], ne[0])
