@@ -1,16 +1,20 @@
 """The planner: node capacities + model shape -> contiguous layer blocks. A pure function, no I/O.
 
-Layers are split in proportion to each node's usable memory (like exo's ring memory-weighted
-strategy), or to its measured speed when every node reports one, never giving a node more layers
-than fit in its memory. Nodes are ordered by usable memory (largest first) and then by id, so the
-same inputs always give the same plan.
+Each node's shard, its layers with the embedding on the first stage and the head on the last, is
+in proportion to the node's usable memory (like exo's ring memory-weighted strategy), or to its
+measured speed when every node reports one, never giving a node more layers than fit in its
+memory. So a large head (a vocabulary of 128k tokens is several layers' worth) leaves its stage
+fewer layers. Nodes are ordered by usable memory (largest first) and then by id, so the same
+inputs always give the same plan.
 
 A node's cost is counted as its engine holds the model (engines/footprint.py): each layer's
-weights plus the KV room for the requests it reserves, the embedding on the first stage and the
-head on the last. Nodes that share one machine share its memory (`host_memory`).
+weights plus the KV room for the requests it reserves, the embedding on the first stage (none
+where the engine reads its rows from the file) and the head on the last. Nodes that share one
+machine share its memory (`host_memory`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from appliance.engines.footprint import Footprint
@@ -106,14 +110,16 @@ def split_layers(nodes: list[NodeCapacity], config: ModelConfig, keep_order: lis
     kept = {node_id: i for i, node_id in enumerate(keep_order)}
     ordered = sorted(nodes, key=lambda n: (kept.get(n.id, len(kept)), -n.usable, n.id))
     while True:   # a node left with no layer goes, so the first and last stages are real ones
-        capacity = _layer_room(ordered)
+        ends, per_layer = _ends(ordered)
+        capacity = {n.id: max(0, n.usable - ends[n.id]) // per_layer[n.id] for n in ordered}
         fitting = [n for n in ordered if capacity[n.id] > 0]
         if fitting != ordered:
             ordered = fitting
             continue
         if sum(capacity.values()) < config.num_layers:
             raise PlanError(_too_small(nodes, config))
-        counts = _proportional(config.num_layers, ordered, _weights(ordered), capacity)
+        ends_in_layers = {n.id: ends[n.id] / per_layer[n.id] for n in ordered}
+        counts = _balanced(config.num_layers, ordered, _weights(ordered), capacity, ends_in_layers)
         holding = [n for n in ordered if counts[n.id]]
         if holding == ordered:
             break
@@ -125,14 +131,15 @@ def split_layers(nodes: list[NodeCapacity], config: ModelConfig, keep_order: lis
     return shards
 
 
-def _layer_room(ordered: list[NodeCapacity]) -> dict[str, int]:
-    """How many layers each node holds, the first with the embedding, the last with the head."""
-    room = {}
+def _ends(ordered: list[NodeCapacity]) -> tuple[dict[str, int], dict[str, int]]:
+    """What each node holds beside its layers (the first stage the embedding as its engine holds it,
+    the last the head), and what one layer costs it (weights and the KV room it reserves)."""
+    ends, per_layer = {}, {}
     for i, n in enumerate(ordered):
         fp = n.footprint
-        fixed = fp.shard(0, i == 0, i == len(ordered) - 1, n.requests)
-        room[n.id] = max(0, n.usable - fixed) // max(fp.layer + n.requests * fp.kv_layer, 1)
-    return room
+        ends[n.id] = fp.shard(0, i == 0, i == len(ordered) - 1, n.requests)
+        per_layer[n.id] = max(fp.layer + n.requests * fp.kv_layer, 1)
+    return ends, per_layer
 
 
 def _weights(ordered: list[NodeCapacity]) -> dict[str, float]:
@@ -148,21 +155,20 @@ def _too_small(nodes: list[NodeCapacity], config: ModelConfig) -> str:
             f"KV room); the cluster's {len(nodes)} node(s) have {have / 1e9:.2f} GB usable")
 
 
-def _proportional(total: int, nodes: list[NodeCapacity], weight: dict, capacity: dict) -> dict[str, int]:
-    """Largest-remainder split of `total` by weight, re-spreading what a full node cannot take."""
-    counts = {n.id: 0 for n in nodes}
-    open_nodes = list(nodes)
-    left = total
-    while left > 0:
-        w = sum(weight[n.id] for n in open_nodes)
-        shares = {n.id: left * weight[n.id] / w for n in open_nodes}
-        given = {i: int(s) for i, s in shares.items()}
-        by_remainder = sorted(open_nodes, key=lambda n: (-(shares[n.id] - given[n.id]), nodes.index(n)))
-        for n in by_remainder[:left - sum(given.values())]:
-            given[n.id] += 1
-        for n in open_nodes:
-            take = min(given[n.id], capacity[n.id] - counts[n.id])
-            counts[n.id] += take
-            left -= take
-        open_nodes = [n for n in open_nodes if counts[n.id] < capacity[n.id]]
+def _balanced(total: int, nodes: list[NodeCapacity], weight: dict, capacity: dict, ends: dict) -> dict[str, int]:
+    """`total` layers shared out so that each node's whole shard, its layers and its ends (in layers'
+    worth), is in proportion to its weight: the last stage's head counts, so it holds fewer layers.
+    Largest remainder first, never more than a node's capacity, and every node whose share of the
+    layers alone comes to one or more holds at least one (an end never pushes a node out)."""
+    whole, w = total + sum(ends.values()), sum(weight.values())
+    target = {n.id: whole * weight[n.id] / w - ends[n.id] for n in nodes}
+    least = {n.id: min(capacity[n.id], 1 if total * weight[n.id] / w >= 1 else 0) for n in nodes}
+    counts = {n.id: min(capacity[n.id], max(least[n.id], math.floor(target[n.id]))) for n in nodes}
+    while (left := total - sum(counts.values())) != 0:
+        if left > 0:   # one more layer to the node furthest below its target
+            n = max((n for n in nodes if counts[n.id] < capacity[n.id]), key=lambda n: target[n.id] - counts[n.id])
+            counts[n.id] += 1
+        else:          # one fewer from the node furthest above it
+            n = min((n for n in nodes if counts[n.id] > least[n.id]), key=lambda n: target[n.id] - counts[n.id])
+            counts[n.id] -= 1
     return counts

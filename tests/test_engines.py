@@ -697,10 +697,11 @@ def test_converting_a_shard_leaves_its_source_pages_behind(name, tmp_path):
 
 # -- what the planner counts is what the engines hold (issue 13, point 3)
 def held_bytes(engine) -> int:
-    if engine.name == "onnxruntime":
-        return sum(a.nbytes for a in engine.weights.values())
-    if engine.name == "ggml":
-        return sum(a.nbytes for a in engine.arrays.values())
+    """The engine's arrays, less an embedding whose rows it reads from the file (none of it held)."""
+    if engine.name in ("onnxruntime", "ggml"):
+        arrays = engine.weights if engine.name == "onnxruntime" else engine.arrays
+        read = "model.embed_tokens.weight" if engine.embedding_rows else None
+        return sum(a.nbytes for name, a in arrays.items() if name != read)
     arrays = [*engine.w.values(), engine.embed, getattr(engine, "head", None)]
     distinct = {id(a): a for a in arrays if a is not None and not (a is engine.embed and not engine.shard.is_first)}
     return sum(a.nbytes for a in distinct.values())   # a tied float32 head is the embedding's own map

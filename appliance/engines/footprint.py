@@ -4,8 +4,8 @@ Weights are counted in the form the engine keeps after loading, not as stored: o
 q4 as 4-bit blocks of 32 with a float32 scale each, q8 as int8 with a float32 scale per output
 channel; ggml holds Q4_0 / Q8_0 blocks (32 weights and a float16 scale, float16 where a row is
 no whole number of blocks); numpy widens every matrix to float32; tinygrad keeps f32 or f16 on
-its device. No engine widens the embedding: numpy and tinygrad map it as stored, onnxruntime keeps
-it float16, ggml quantizes it like the matrices. The KV room is one request's keys and values over
+its device. No engine widens the embedding: onnxruntime and ggml read a first stage's rows of it
+from their cache file (it holds none of it), numpy and tinygrad map it as stored. The KV room is one request's keys and values over
 the full context, float32 (ggml: float16 on a CPU with float16 arithmetic, but at f32). A mixture
 of experts is held whole (every expert: the memory) but a token reads only its router and k experts
 (`active_layer`: for speed estimates); onnxruntime holds the experts in QMoE's blocks of 32 (q8
@@ -125,9 +125,9 @@ def cpu_has_float16_arithmetic() -> bool:
 
 
 def embedding_bytes(c: ModelConfig, engine: str, quant: str) -> int:
-    rows = c.vocab_size * c.hidden_size
-    if engine == "onnxruntime":                 # float16 beside quantized weights
-        return rows * (4 if quant == "f32" else 2)
-    if engine == "ggml":                        # blocks like the matrices (a tied head is this tensor)
-        return matrix_bytes(c.vocab_size, c.hidden_size, engine, quant)
-    return rows * DTYPE_BYTES.get(c.torch_dtype, 4)   # numpy, tinygrad: memory-mapped in its stored dtype
+    """What a first stage holds of the embedding in memory. onnxruntime and ggml read their tokens'
+    rows from the cache file (`weight_cache.FileRows`, pread), so none of it; numpy and tinygrad
+    index its map, in its stored dtype. A tied head is counted as the head."""
+    if engine in ("onnxruntime", "ggml"):
+        return 0
+    return c.vocab_size * c.hidden_size * DTYPE_BYTES.get(c.torch_dtype, 4)
