@@ -5,11 +5,12 @@ q4 as 4-bit blocks of 32 with a float32 scale each, q8 as int8 with a float32 sc
 channel; ggml holds Q4_0 / Q8_0 blocks (32 weights and a float16 scale, float16 where a row is
 no whole number of blocks); numpy widens every matrix to float32; tinygrad keeps f32 or f16 on
 its device. No engine widens the embedding: onnxruntime and ggml read a first stage's rows of it
-from their cache file (it holds none of it), numpy and tinygrad map it as stored. The KV room is one request's keys and values over
-the full context, float32 (ggml: float16 on a CPU with float16 arithmetic, but at f32). A mixture
-of experts is held whole (every expert: the memory) but a token reads only its router and k experts
-(`active_layer`: for speed estimates); onnxruntime holds the experts in QMoE's blocks of 32 (q8
-too: a scale a block). Light on purpose (no numpy, no engine imports): the coordinator plans with it.
+from their cache file (they hold none of it), numpy and tinygrad map it as stored. The KV room is
+one request's keys and values over the full context, float32 (ggml: float16 on a CPU with float16
+arithmetic, but at f32). A mixture of experts is held whole (every expert: the memory) but a
+token reads only its router and k experts (`active_layer`: for speed estimates); onnxruntime holds
+the experts in QMoE's blocks of 32 (q8 too: a scale a block). Light on purpose (no numpy, no
+engine imports): the coordinator plans with it.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def footprint(config: ModelConfig, engine: str, quant: str = "", positions: int 
     layer = max(layer_bytes(c, i, engine, quant) for i in kinds)
     active = max(layer_bytes(c, i, engine, quant, active=True) for i in kinds)
     kv_room = 2 * kv * min(positions, c.max_position_embeddings) * kv_value_bytes(engine, quant, float16_arithmetic)
-    return Footprint(layer, embedding_bytes(c, engine, quant), h * 4 + matrix_bytes(c.vocab_size, h, engine, quant),
+    return Footprint(layer, embedding_bytes(c, engine), h * 4 + matrix_bytes(c.vocab_size, h, engine, quant),
                      kv_room, active)
 
 
@@ -124,7 +125,7 @@ def cpu_has_float16_arithmetic() -> bool:
         return False
 
 
-def embedding_bytes(c: ModelConfig, engine: str, quant: str) -> int:
+def embedding_bytes(c: ModelConfig, engine: str) -> int:
     """What a first stage holds of the embedding in memory. onnxruntime and ggml read their tokens'
     rows from the cache file (`weight_cache.FileRows`, pread), so none of it; numpy and tinygrad
     index its map, in its stored dtype. A tied head is counted as the head."""
