@@ -142,6 +142,14 @@ def test_the_first_stage_counts_the_embedding_and_the_last_the_head():
     assert blocks(split_layers([a, b], config, keep_order=["a", "b"])) == [("b", 4)]   # no room for the embedding
 
 
+def test_a_head_larger_than_a_fair_share_does_not_push_its_node_out():
+    """A head worth fifty layers (a vocabulary of 262k tokens on a narrow model) is more than the
+    last node's fair share of the whole: it still holds a layer and the head, not nothing."""
+    fp = Footprint(layer=10_000_000, embedding=0, head=500_000_000, kv_layer=0)
+    nodes = [NodeCapacity(name, 8 * GB, footprint=fp) for name in ("a", "b")]
+    assert blocks(split_layers(nodes, model(layers=18))) == [("a", 17), ("b", 1)]
+
+
 def test_two_like_nodes_hold_like_halves_when_the_head_is_large():
     """Llama 3.2 1B on ggml at q4: its tied head of 128,256 tokens (148 MB) is worth four layers,
     so the first of two like nodes takes two more layers, and neither holds more than half the
