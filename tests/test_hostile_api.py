@@ -21,6 +21,7 @@ from appliance.broker import wait_for_port
 from appliance.bus.protocol import Sampling
 from appliance.sampling import log_softmax, sample
 from tests.conftest import STORIES, STORY, LocalCluster
+from tests.system import needs
 
 MODEL = str(STORIES)
 
@@ -352,5 +353,29 @@ def test_requests_past_the_clusters_capacity_wait_in_line_and_past_the_queue_get
             assert (first.choices[0].text + rest).startswith(STORY[:40])
             assert queued.result(30).choices[0].text == STORY[:len(queued.result().choices[0].text)]
         assert metric(c.url, "exo_requests_waiting") == 0
+    finally:
+        c.stop()
+
+
+# -- a long prompt among requests decoding on ggml (its compute buffer grows)
+@needs("ggml")
+def test_a_long_prompt_among_decoding_requests_leaves_a_ggml_node_serving(broker, tmp_path):
+    """A prompt longer than any before grows the ggml engine's compute buffer (ggml frees the old
+    one) while two requests decode; their next steps must not run in the freed buffer, which
+    killed the node and both requests. The node's allocations of 4 KiB and more are each a
+    mapping of their own here, so a freed buffer is unmapped and a use of it faults at once."""
+    c = LocalCluster(broker, tmp_path / "c", engines=("ggml",), quant="q8")
+    c.env.update(MALLOC_MMAP_THRESHOLD_="4096")
+    c.start(1)
+    try:
+        client = c.openai(timeout=60)
+        streams = [client.completions.create(model=MODEL, prompt="", max_tokens=300, temperature=0, stream=True)
+                   for _ in range(2)]
+        firsts = [next(iter(s)).choices[0].text for s in streams]   # both decoding
+        long = client.completions.create(model=MODEL, prompt=STORY * 4, max_tokens=1, temperature=0)
+        texts = [first + "".join(chunk.choices[0].text for chunk in s) for first, s in zip(firsts, streams)]
+        assert long.choices[0].finish_reason == "length"
+        assert all(text.startswith(STORY[:60]) for text in texts), texts
+        assert c.nodes["n0"].poll() is None, c.log("n0")[-2000:]
     finally:
         c.stop()
