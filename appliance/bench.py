@@ -5,8 +5,9 @@ processes on a broker, plans the model over them, and drives the coordinator dir
 with `concurrency` streams at once. Reported per case: prefill tok/s, decode tok/s (per stream
 and in aggregate), time to first token, the MQTT hop latency for a decode-sized message on the
 idle broker, a decode step's time and its hop as the coordinator timed them in the run (what the
-panel shows: the step's time outside the nodes' engines, per link), and the RSS of each node
-process once loaded and warmed up (idle) and its peak. With `repeat` > 1 the cases run in rounds,
+panel shows: the step's time outside the nodes' engines, per link), and, node by node in the
+pipeline's order, the layers it holds and the RSS of its process once loaded and warmed up (idle)
+and its peak. With `repeat` > 1 the cases run in rounds,
 each case once a round, and each figure is the median over the rounds: a shared machine's
 neighbours move single runs by a fifth or more, for minutes at a time.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -56,6 +58,8 @@ class CaseResult:
     peak_rss_mb: list[float]
     repeats: int = 1
     decode_tok_s_rounds: list[float] = field(default_factory=list)   # the total of each round, in order
+    layers: list[str] = field(default_factory=list)   # each node's layers, "start-end"; the lists per node
+                                                      # (RSS) are in this order, the pipeline's
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -110,8 +114,15 @@ class BenchCluster:
         self.stop_part = stop_part
         self.config = Config(broker=broker, cluster=f"bench{time.monotonic_ns()}", engine=engine, quant=quant,
                              model=str(model_dir), log_level="WARNING", **limits)
-        self.processes = [spawn_node(self.config, f"bench-{i}") for i in range(nodes)]
+        self.names = [f"bench-{i}" for i in range(nodes)]
+        self.processes = [spawn_node(self.config, name) for name in self.names]
         self.coordinator = Coordinator(self.config).start()
+
+    def stages(self) -> list[tuple[subprocess.Popen, str]]:
+        """Each node process with its layers ("start-end"), in the plan's order: the first stage first."""
+        cluster = self.coordinator.cluster
+        by_name = dict(zip(self.names, self.processes))
+        return [(by_name[cluster.nodes[s.node]["name"]], f"{s.start}-{s.end}") for s in cluster.plan.shards]
 
     def wait_ready(self, nodes: int, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
@@ -194,6 +205,7 @@ class Run:
     hop_s: float
     idle_rss_mb: list[float]
     peak_rss_mb: list[float]
+    layers: list[str]
 
 
 def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: list[int],
@@ -223,7 +235,9 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
         try:
             cluster.wait_ready(nodes)
             run_streams(cluster.coordinator, 1, 8, 4, config.vocab_size)   # warm-up: JIT, caches, pages
-            idle = [round(rss_mb(p.pid), 1) for p in cluster.processes]
+            stages = cluster.stages()
+            processes, layers = [p for p, _ in stages], [span for _, span in stages]
+            idle = [round(rss_mb(p.pid), 1) for p in processes]
             for case in cases:
                 try:
                     measured = run_streams(cluster.coordinator, case.concurrency, prompt_tokens, gen_tokens,
@@ -232,7 +246,7 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
                     failed(f"{case}: {e}")
                     broken.add(case)
                     continue
-                run = Run(*measured, idle, [round(peak_rss_mb(p.pid), 1) for p in cluster.processes])
+                run = Run(*measured, idle, [round(peak_rss_mb(p.pid), 1) for p in processes], layers)
                 runs.setdefault(case, []).append(run)
                 report(result(case, [run]))
         except (RuntimeError, TimeoutError) as e:   # the nodes did not load, or the warm-up failed
@@ -265,15 +279,15 @@ def summary(case: Case, prompt_tokens: int, gen_tokens: int, hop: float, runs: l
                       round(median(r.total for r in runs), 2), round(hop, 3),
                       round(median(r.step_s for r in runs) * 1000, 3), round(median(r.hop_s for r in runs) * 1000, 3),
                       idle, peak, len(runs),
-                      [round(r.total, 2) for r in runs])
+                      [round(r.total, 2) for r in runs], runs[0].layers)
 
 
 def table(results: list[CaseResult]) -> str:
     head = ("engine", "quant", "nodes", "streams", "TTFT s", "prefill tok/s", "decode tok/s/stream",
-            "decode tok/s total", "hop ms idle", "step ms", "hop ms in run", "idle RSS MB per node",
-            "peak RSS MB per node")
+            "decode tok/s total", "hop ms idle", "step ms", "hop ms in run", "layers per node",
+            "idle RSS MB per node", "peak RSS MB per node")
     rows = [(r.engine, r.quant, r.nodes, r.concurrency, r.ttft_s, r.prefill_tok_s, r.decode_tok_s_per_stream,
-             r.decode_tok_s_total, r.hop_ms, r.step_ms, r.hop_in_run_ms,
+             r.decode_tok_s_total, r.hop_ms, r.step_ms, r.hop_in_run_ms, " ".join(r.layers),
              " ".join(f"{m:.0f}" for m in r.idle_rss_mb), " ".join(f"{m:.0f}" for m in r.peak_rss_mb)) for r in results]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -27,6 +27,9 @@ def test_bench_reports_each_case_as_json():
         assert r["decode_tok_s_total"] == pytest.approx(statistics.median(r["decode_tok_s_rounds"]), abs=0.01)
         assert len(r["peak_rss_mb"]) == r["nodes"] and all(m > 10 for m in r["peak_rss_mb"])
         assert len(r["idle_rss_mb"]) == r["nodes"] and all(10 < i <= p for i, p in zip(r["idle_rss_mb"], r["peak_rss_mb"]))
+        spans = [tuple(map(int, span.split("-"))) for span in r["layers"]]   # the pipeline's order
+        assert len(spans) == r["nodes"] and spans[0][0] == 0 and spans[-1][1] == 5
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(spans, spans[1:]))
 
 
 def test_a_case_that_fails_is_one_line_and_the_others_still_run():
