@@ -211,6 +211,45 @@ def test_a_ggml_graphs_products_start_on_cache_lines(tmp_path):
             graph.free()
 
 
+
+def vm_flags(address: int) -> list[str]:
+    """The flags of this process's mapping that holds `address` (/proc/self/smaps' VmFlags)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(a, 16) for a in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise LookupError(f"no mapping holds {address:#x}")
+
+
+@needs_ggml
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
+                    reason="the kernel has no transparent huge pages")
+def test_a_ggml_compute_buffer_asks_for_huge_pages(tmp_path):
+    """Each new compute buffer is advised as the weights' buffer is (a q4 prefill 2.5 % faster):
+    the mapping over its whole 2 MiB pages carries the kernel's `hg` flag (MADV_HUGEPAGE)."""
+    import ggml
+
+    from appliance.engines import ggml_engine
+    from appliance.engines.weight_cache import HUGE_PAGE
+
+    e = engine("ggml", whole(synth_model("smollm2-135m", layers=2)), tmp_path, quant="q8")
+    for request, length in (("short", 8), ("long", 512)):   # the second outgrows the first's buffer
+        graph = ggml_engine.Graph(e, [Step(request, 0, np.arange(3, 3 + length, dtype=np.int32))])
+        try:
+            graph.compute()
+            buffer = graph.out.contents.buffer
+            base, size = ggml.ggml_backend_buffer_get_base(buffer), ggml.ggml_backend_buffer_get_size(buffer)
+            first_whole_page = -(-base // HUGE_PAGE) * HUGE_PAGE
+            if first_whole_page + HUGE_PAGE <= base + size:
+                assert "hg" in vm_flags(first_whole_page), (request, size)
+        finally:
+            graph.free()
+    assert size >= 4 * HUGE_PAGE   # the long prompt's buffer holds whole huge pages: the check ran
+
 @needs_ggml
 def test_the_cpu_does_float16_arithmetic_where_ggml_runs_float16_natively():
     """The engine keeps float16 keys and values where the CPU adds float16 itself (the kernel's
