@@ -13,6 +13,7 @@ neighbours move single runs by a fifth or more, for minutes at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import statistics
@@ -234,7 +235,11 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
         cluster = BenchCluster(broker, model_dir, engine, quant, nodes, **limits)
         try:
             cluster.wait_ready(nodes)
-            run_streams(cluster.coordinator, 1, 8, 4, config.vocab_size)   # warm-up: JIT, caches, pages
+            # warm-up (JIT, caches, pages) with the cases' prompt length, as llama-bench warms up with
+            # its test: the first prompt longer than any before grows the engine's buffers. One the
+            # nodes cannot take fails each case in turn, and each says so.
+            with contextlib.suppress(CaseFailed):
+                run_streams(cluster.coordinator, 1, prompt_tokens, 4, config.vocab_size)
             stages = cluster.stages()
             processes, layers = [p for p, _ in stages], [span for _, span in stages]
             idle = [round(rss_mb(p.pid), 1) for p in processes]
