@@ -211,7 +211,6 @@ def test_a_ggml_graphs_products_start_on_cache_lines(tmp_path):
             graph.free()
 
 
-
 def vm_flags(address: int) -> list[str]:
     """The flags of this process's mapping that holds `address` (/proc/self/smaps' VmFlags)."""
     inside = False
@@ -268,6 +267,7 @@ def test_a_ggml_compute_buffer_asks_for_huge_pages(tmp_path):
         finally:
             graph.free()
     assert size >= 4 * HUGE_PAGE   # the long prompt's buffer holds whole huge pages: the check ran
+
 
 @needs_ggml
 def test_the_cpu_does_float16_arithmetic_where_ggml_runs_float16_natively():
