@@ -230,14 +230,14 @@ def huge_page_advice_shows() -> bool:
     import ctypes
     import mmap
 
-    from appliance.engines.weight_cache import HUGE_PAGE, MADV_HUGEPAGE, madvise
+    from appliance.engines.base import whole_pages
+    from appliance.engines.weight_cache import HUGE_PAGE, advise_huge_pages
 
-    probe = mmap.mmap(-1, 2 * HUGE_PAGE)
+    probe = mmap.mmap(-1, 2 * HUGE_PAGE)   # holds a whole huge page, wherever it starts
     address = ctypes.addressof(ctypes.c_char.from_buffer(probe))
     try:
-        page = -(-address // HUGE_PAGE) * HUGE_PAGE
-        madvise(page, HUGE_PAGE, MADV_HUGEPAGE)
-        return "hg" in vm_flags(page)
+        advise_huge_pages(address, 2 * HUGE_PAGE)
+        return "hg" in vm_flags(whole_pages(address, 2 * HUGE_PAGE, HUGE_PAGE)[0])
     finally:
         probe.close()
 
@@ -249,6 +249,7 @@ def test_a_ggml_compute_buffer_asks_for_huge_pages(tmp_path):
     import ggml
 
     from appliance.engines import ggml_engine
+    from appliance.engines.base import whole_pages
     from appliance.engines.weight_cache import HUGE_PAGE
 
     if not huge_page_advice_shows():
@@ -261,9 +262,9 @@ def test_a_ggml_compute_buffer_asks_for_huge_pages(tmp_path):
             graph.compute()
             buffer = graph.out.contents.buffer
             base, size = ggml.ggml_backend_buffer_get_base(buffer), ggml.ggml_backend_buffer_get_size(buffer)
-            first_whole_page = -(-base // HUGE_PAGE) * HUGE_PAGE
-            if first_whole_page + HUGE_PAGE <= base + size:
-                assert "hg" in vm_flags(first_whole_page), (request, size)
+            first, end = whole_pages(base, size, HUGE_PAGE)
+            if end > first:
+                assert "hg" in vm_flags(first), (request, size)
         finally:
             graph.free()
     assert size >= 4 * HUGE_PAGE   # the long prompt's buffer holds whole huge pages: the check ran

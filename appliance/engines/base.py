@@ -114,9 +114,10 @@ def map_root(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def whole_pages(start: int, nbytes: int) -> tuple[int, int]:
-    """The whole pages inside bytes [start, start + nbytes) of a map, as [lo, hi): none where hi <= lo."""
-    return -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+def whole_pages(start: int, nbytes: int, page: int = mmap.PAGESIZE) -> tuple[int, int]:
+    """The whole pages (of `page` bytes) inside bytes [start, start + nbytes) of a map, as [lo, hi):
+    none where hi <= lo."""
+    return -(-start // page) * page, (start + nbytes) // page * page
 
 
 def zero_again(part: np.ndarray) -> None:
