@@ -211,6 +211,44 @@ def test_a_ggml_graphs_products_start_on_cache_lines(tmp_path):
             graph.free()
 
 
+@needs_ggml
+def test_ggml_pads_the_layers_matrices_for_amx_and_computes_the_same(tmp_path, monkeypatch):
+    """Where ggml's AMX kernels hold the matrices, a layer's matrix gets zero rows after its own,
+    so that its product's rows do not lie a multiple of 2 KiB apart (each of those products took
+    twice as long on a prompt). A prompt then takes the whole padded product, viewed back to the
+    matrix's width; a few rows take the matrix's own rows. The logits are those of the matrices
+    as they are. Padding is forced here where AMX does not run, to check the views all the same."""
+    import ggml
+
+    from appliance.engines import ggml_engine
+
+    shard = whole(synth_model("smollm2-135m"))   # widths 960, 576, 3,072: even numbers of blocks
+    backend = ggml.ggml_backend_cpu_init()
+    amx = ggml_engine.is_amx(ggml_engine.weight_buffer_type(backend, [np.zeros((32, 18), np.uint8)]))
+    ggml.ggml_backend_free(backend)
+    assert bool(engine("ggml", shard, tmp_path, quant="q8").tensors.rows) == amx
+
+    def run(pad: bool) -> list[np.ndarray]:
+        monkeypatch.setattr(ggml_engine, "is_amx", lambda buffer_type: pad and buffer_type is not None)
+        e = engine("ggml", shard, tmp_path, quant="q8")
+        assert bool(e.tensors.rows) == pad
+        for name, rows in e.tensors.rows.items():
+            assert e.tensors[name].contents.ne[1] == ggml_engine.padded_rows(rows) > rows, name
+        prompts = [e.forward([Step(f"r{n}", 0, np.arange(3, 3 + n, dtype=np.int32))])[0] for n in (37, 3)]
+        steps = e.forward([Step(f"r{n}", n, np.array([5], np.int32)) for n in (37, 3)])
+        mixed = e.forward([Step("r37", 38, np.array([6], np.int32)), Step("r3", 4, np.arange(9, 21, dtype=np.int32))])
+        return [*prompts, *steps, *mixed]
+
+    for padded, plain in zip(run(True), run(False)):
+        np.testing.assert_allclose(padded, plain, rtol=0, atol=1e-5)
+
+
+def test_padded_rows_are_whole_blocks_of_32_an_odd_number_of_them():
+    from appliance.engines.ggml_engine import padded_rows
+
+    assert [padded_rows(n) for n in (2048, 2560, 5632, 11264, 96, 100, 32)] == [2080, 2592, 5664, 11296, 96, 160, 32]
+
+
 def vm_flags(address: int) -> list[str]:
     """The flags of this process's mapping that holds `address` (/proc/self/smaps' VmFlags)."""
     inside = False

@@ -81,6 +81,7 @@ KV_TYPES = {2: np.dtype(np.float16), 4: np.dtype(np.float32)}   # a KV cache's n
 SPAN = 256           # a decode graph attends over a whole span of this many positions
 KEPT_DECODERS = 8    # decode graphs kept (a request's current span each), the least recently used dropped
 BANK = 8             # requests' KV caches side by side in one array: a decode step attends over neighbours at once
+FEW_ROWS = 8         # a batch this small takes a padded matrix's own rows: its product's rows share one tile
 log = logging.getLogger(__name__)
 
 
@@ -136,7 +137,8 @@ class GgmlEngine(Engine):
         repacked = [n for n, t in self.types.items() if t in (ggml.GGML_TYPE_Q4_0, ggml.GGML_TYPE_Q8_0)
                     and n != EMBED]
         buffer_type = weight_buffer_type(self.backend, [self.arrays[n] for n in repacked]) if repack else None
-        self.tensors = Tensors(self.arrays, self.types, repacked, buffer_type)
+        padded = [n for n in repacked if n.startswith("model.layers.")] if is_amx(buffer_type) else []
+        self.tensors = Tensors(self.arrays, self.types, repacked, buffer_type, padded)
         release_pages(self.arrays.values())
         self.allocator = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self.backend))
         self.laid_out: Graph | None = None   # the graph whose tensors the allocator's buffer holds now
@@ -425,10 +427,18 @@ class Graph:
                              self.engine.tensors[name])
 
     def linear(self, x, name: str):
-        tensors = self.engine.tensors
-        y = ggml.ggml_mul_mat(self.ctx, tensors[name + ".weight"], x)
+        """x times the matrix. Of a padded matrix (`Tensors`), a batch of a few rows takes a view of
+        its own rows (the pad would only be read); a larger one the whole, and its product is
+        viewed back to the matrix's own width, its rows keeping the padded stride."""
+        ctx, tensors = self.ctx, self.engine.tensors
+        w, rows = tensors[name + ".weight"], tensors.rows.get(name + ".weight")
+        if rows and x.contents.ne[1] <= FEW_ROWS:
+            w = ggml.ggml_view_2d(ctx, w, w.contents.ne[0], rows, w.contents.nb[1], 0)
+        y = ggml.ggml_mul_mat(ctx, w, x)
+        if rows and y.contents.ne[0] != rows:
+            y = ggml.ggml_view_2d(ctx, y, rows, y.contents.ne[1], y.contents.nb[1], 0)
         bias = tensors.get(name + ".bias")
-        return y if bias is None else ggml.ggml_add(self.ctx, y, bias)
+        return y if bias is None else ggml.ggml_add(ctx, y, bias)
 
     def qkv(self, h, p: str):
         """q, k and v of h as [D, heads, N] views of one product by the fused q/k/v matrix; q and k
@@ -620,11 +630,19 @@ class Tensors(dict):
     The matrices in `repacked` are copied instead into a buffer of one of ggml's extra types
     (`weight_buffer_type`), which lays out their blocks for its faster matrix kernels, as llama.cpp
     does: CPU_REPACK interleaves the blocks of 8 rows (4 on ARM), AMX packs them into its tiles.
-    One for which ggml has no such layout on this CPU is copied as it is."""
+    One for which ggml has no such layout on this CPU is copied as it is.
 
-    def __init__(self, arrays: dict[str, np.ndarray], types: dict[str, int], repacked=(), buffer_type=None):
+    The matrices in `padded` get zero rows after their own (`padded_rows`; `rows` keeps their own
+    count): ggml's AMX kernels write a product in blocks of 32 rows by 32 columns, and where a
+    product's rows lie a multiple of 2 KiB apart, a block's rows fall in a few of the L1 cache's
+    sets and evict each other. TinyLlama's widths (2,048, 2,560, 5,632 and 11,264 numbers) all
+    do: a prompt of 128 rows took each product twice as long as with 32 rows more."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], types: dict[str, int], repacked=(), buffer_type=None,
+                 padded=()):
         super().__init__()
         repacked = [n for n in repacked if buffer_type]
+        self.rows = {n: len(arrays[n]) for n in padded if n in repacked and padded_rows(len(arrays[n])) != len(arrays[n])}
         params = ggml.ggml_init_params(mem_size=(len(arrays) + 1) * ggml.ggml_tensor_overhead(), mem_buffer=None,
                                        no_alloc=True)
         self.ctx, self.repack_ctx, self.buffer = ggml.ggml_init(params), None, None
@@ -636,24 +654,29 @@ class Tensors(dict):
         if repacked:
             self.repack_ctx = ggml.ggml_init(params)
             for name in repacked:
-                self[name] = self._new(self.repack_ctx, name, arrays[name], types[name])
+                self[name] = self._new(self.repack_ctx, name, arrays[name], types[name],
+                                       padded_rows(self.rows[name]) if name in self.rows else None)
             self.buffer = ggml.ggml_backend_alloc_ctx_tensors_from_buft(self.repack_ctx, buffer_type)
             advise_huge_pages(ggml.ggml_backend_buffer_get_base(self.buffer), ggml.ggml_backend_buffer_get_size(self.buffer))
             # Largest first: while one is copied both it and its mapped pages are resident, so the
             # peak is what is copied so far plus twice the one at hand, here the whole plus the smallest.
             for name in sorted(repacked, key=lambda n: -arrays[n].nbytes):
                 a, t = arrays[name], self[name]
+                whole = with_zero_rows(a, t.contents.ne[1]) if name in self.rows else a
                 if t.contents.extra:   # ggml has an interleaved layout for this one
-                    ggml.ggml_backend_tensor_set(t, a.ctypes.data, 0, a.nbytes)
+                    ggml.ggml_backend_tensor_set(t, whole.ctypes.data, 0, whole.nbytes)
                 else:
-                    ctypes.memmove(t.contents.data, a.ctypes.data, a.nbytes)
+                    ctypes.memmove(t.contents.data, whole.ctypes.data, whole.nbytes)
+                del whole
                 release_array(a)
 
     @staticmethod
-    def _new(ctx, name: str, a: np.ndarray, kind: int):
+    def _new(ctx, name: str, a: np.ndarray, kind: int, rows: int | None = None):
         cols = a.shape[-1] if kind in (F32, ggml.GGML_TYPE_F16) else \
             a.shape[-1] // ggml.ggml_type_size(kind) * ggml.ggml_blck_size(kind)
         shape = (cols, *a.shape[:-1][::-1])
+        if rows:
+            shape = (cols, rows)
         return ggml.ggml_new_tensor(ctx, kind, len(shape), dims(shape))
 
     def __del__(self):
@@ -662,6 +685,25 @@ class Tensors(dict):
         for ctx in (self.ctx, self.repack_ctx):
             if ctx:
                 ggml.ggml_free(ctx)
+
+
+def padded_rows(rows: int) -> int:
+    """The rows, rounded up to whole blocks of 32, and one block more where that makes an even
+    number: a product's rows then lie an odd number of 128-byte steps apart, each row of a block
+    in an L1 set of its own."""
+    blocks = -(-rows // 32)
+    return 32 * (blocks + 1 - blocks % 2)
+
+
+def with_zero_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """a, with zero rows after its own up to `rows`: zeros are a zero in every block type here."""
+    whole = np.zeros((rows, *a.shape[1:]), a.dtype)
+    whole[:len(a)] = a
+    return whole
+
+
+def is_amx(buffer_type) -> bool:
+    return bool(buffer_type) and ggml.ggml_backend_buft_name(buffer_type) == b"AMX"
 
 
 def weight_buffer_type(backend, matrices):
