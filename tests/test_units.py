@@ -409,13 +409,15 @@ def test_the_bus_sends_each_message_at_once(broker):
 
 def test_a_node_imports_no_engine_and_no_hub_client_it_does_not_use():
     """Each import is memory in every node process (onnx alone is 14 MB): checking a quant must
-    not import onnxruntime's graph builder, nor a node's start the download code."""
+    not import onnxruntime's graph builder, nor a node's start the download code, nor a node
+    given its broker zeroconf (3.7 MiB)."""
     import subprocess
     import sys
 
     code = ("import sys\nfrom appliance.config import load_config\nload_config(None, env={}, quant='q4', engine='ggml')\n"
-            "import appliance.node.agent\n"
-            "print(' '.join(m for m in ('onnx', 'onnxruntime', 'huggingface_hub', 'httpx') if m in sys.modules))")
+            "import appliance.node.agent\nfrom appliance.cli import discover_broker\nfrom appliance.config import Config\n"
+            "assert discover_broker(Config(broker='127.0.0.1:1')) is None\n"
+            "print(' '.join(m for m in ('onnx', 'onnxruntime', 'huggingface_hub', 'httpx', 'zeroconf') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == []
