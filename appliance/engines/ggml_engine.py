@@ -81,7 +81,7 @@ KV_TYPES = {2: np.dtype(np.float16), 4: np.dtype(np.float32)}   # a KV cache's n
 SPAN = 256           # a decode graph attends over a whole span of this many positions
 KEPT_DECODERS = 8    # decode graphs kept (a request's current span each), the least recently used dropped
 BANK = 8             # requests' KV caches side by side in one array: a decode step attends over neighbours at once
-FEW_ROWS = 8         # a batch this small takes a padded matrix's own rows: its product's rows share one tile
+FEW_ROWS = 6         # a batch this small takes a padded matrix's own rows (1-5 rows faster so, 8 rows slower)
 log = logging.getLogger(__name__)
 
 
