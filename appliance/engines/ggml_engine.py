@@ -642,7 +642,8 @@ class Tensors(dict):
                  padded=()):
         super().__init__()
         repacked = [n for n in repacked if buffer_type]
-        self.rows = {n: len(arrays[n]) for n in padded if n in repacked and padded_rows(len(arrays[n])) != len(arrays[n])}
+        self.rows = {n: len(arrays[n]) for n in padded
+                     if n in repacked and padded_rows(len(arrays[n])) != len(arrays[n])}
         params = ggml.ggml_init_params(mem_size=(len(arrays) + 1) * ggml.ggml_tensor_overhead(), mem_buffer=None,
                                        no_alloc=True)
         self.ctx, self.repack_ctx, self.buffer = ggml.ggml_init(params), None, None
@@ -658,8 +659,9 @@ class Tensors(dict):
                                        padded_rows(self.rows[name]) if name in self.rows else None)
             self.buffer = ggml.ggml_backend_alloc_ctx_tensors_from_buft(self.repack_ctx, buffer_type)
             advise_huge_pages(ggml.ggml_backend_buffer_get_base(self.buffer), ggml.ggml_backend_buffer_get_size(self.buffer))
-            # Largest first: while one is copied both it and its mapped pages are resident, so the
-            # peak is what is copied so far plus twice the one at hand, here the whole plus the smallest.
+            # Largest first: while one is copied both it and its mapped pages are resident (a padded
+            # one's padded copy too), so the peak is what is copied so far plus two or three times the
+            # one at hand, here the whole plus the smallest.
             for name in sorted(repacked, key=lambda n: -arrays[n].nbytes):
                 a, t = arrays[name], self[name]
                 whole = with_zero_rows(a, t.contents.ne[1]) if name in self.rows else a
@@ -689,8 +691,8 @@ class Tensors(dict):
 
 def padded_rows(rows: int) -> int:
     """The rows, rounded up to whole blocks of 32, and one block more where that makes an even
-    number: a product's rows then lie an odd number of 128-byte steps apart, each row of a block
-    in an L1 set of its own."""
+    number: a product's rows then lie an odd number of 128-byte steps apart, and the 32 rows of a
+    block (128 bytes each) fill the L1 cache's 64 sets once."""
     blocks = -(-rows // 32)
     return 32 * (blocks + 1 - blocks % 2)
 
