@@ -31,7 +31,8 @@ import paho.mqtt.client as mqtt
 import psutil
 
 from appliance.broker import EmbeddedBroker
-from appliance.bus.protocol import WIRE_ACTIVATIONS, Sampling, Topics
+from appliance.bus.client import Bus
+from appliance.bus.protocol import WIRE_ACTIVATIONS, Sampling, Topics, new_id, parse_json
 from appliance.config import Config
 from appliance.coordinator.coordinator import Coordinator, GenerationError
 from appliance.coordinator.throughput import Throughput
@@ -106,6 +107,35 @@ def hop_latency_ms(broker: str, payload_bytes: int, rounds: int = 200) -> float:
     return statistics.median(times) * 1000
 
 
+def wait_for_announcements(config: Config, processes: list[subprocess.Popen], timeout: float = 120) -> None:
+    """Until the node processes have announced themselves (their retained info), so that the
+    coordinator, started then, plans them all at once. Started before, it could plan the
+    first alone, and that node's peak would count a whole model it loaded and let go (a 3B
+    model's first half peaked at 1.6 GB instead of 0.9)."""
+    seen: set[str] = set()
+    arrived = threading.Event()
+
+    def on_info(topic: str, payload: bytes) -> None:
+        info = parse_json(payload)
+        if info.get("online", True):
+            seen.add(info["id"])
+        if len(seen) >= len(processes):
+            arrived.set()
+
+    bus = Bus(config, client_id=f"bench-{new_id()[:8]}")
+    bus.on(Topics(config.cluster).node_info(), on_info, qos=1)
+    bus.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not arrived.wait(0.5):
+            if any(p.poll() is not None for p in processes):
+                raise RuntimeError("a node process exited before it announced itself")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(seen)} of {len(processes)} node(s) announced themselves within {timeout:.0f} s")
+    finally:
+        bus.stop()
+
+
 class BenchCluster:
     """`nodes` node processes of one engine and quant, and a coordinator in this process."""
 
@@ -117,6 +147,12 @@ class BenchCluster:
                              model=str(model_dir), log_level="WARNING", **limits)
         self.names = [f"bench-{i}" for i in range(nodes)]
         self.processes = [spawn_node(self.config, name) for name in self.names]
+        try:
+            wait_for_announcements(self.config, self.processes)
+        except BaseException:
+            for p in self.processes:
+                stop_part(p)
+            raise
         self.coordinator = Coordinator(self.config).start()
 
     def stages(self) -> list[tuple[subprocess.Popen, str]]:
@@ -232,8 +268,9 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
         return summary(case, prompt_tokens, gen_tokens, hop, case_runs)
 
     def run_cluster(engine: str, quant: str, nodes: int, cases: list[Case]) -> None:
-        cluster = BenchCluster(broker, model_dir, engine, quant, nodes, **limits)
+        cluster = None
         try:
+            cluster = BenchCluster(broker, model_dir, engine, quant, nodes, **limits)
             cluster.wait_ready(nodes)
             # warm-up (JIT, caches, pages) with the cases' prompt length, as llama-bench warms up with
             # its test: the first prompt longer than any before grows the engine's buffers. One the
@@ -254,11 +291,12 @@ def bench(model_dir: Path, engines: list[str], quants: list[str], node_counts: l
                 run = Run(*measured, idle, [round(peak_rss_mb(p.pid), 1) for p in processes], layers)
                 runs.setdefault(case, []).append(run)
                 report(result(case, [run]))
-        except (RuntimeError, TimeoutError) as e:   # the nodes did not load, or the warm-up failed
+        except (RuntimeError, TimeoutError) as e:   # a node did not come up or load, or the warm-up failed
             failed(f"{engine} {quant} nodes={nodes}: {e}")
             broken.update(cases)
         finally:
-            cluster.close()
+            if cluster:
+                cluster.close()
 
     try:
         for _ in range(repeat):

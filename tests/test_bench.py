@@ -55,3 +55,34 @@ def test_repeat_runs_the_cases_in_rounds():
     runs = [line.split(":")[0].split()[-2] for line in out.splitlines() if line.startswith("  numpy f32 ")]
     assert runs == ["nodes=1", "nodes=2", "nodes=1", "nodes=2"]
     assert out.count("| numpy | f32 |") == 2   # then one row a case: the medians
+
+
+def test_a_bench_cluster_is_planned_once_all_its_nodes_have_announced(broker, monkeypatch):
+    """The coordinator starts once every node process has announced itself: its first plan
+    covers them all, even where one node comes up well after the other. A plan of the first node
+    alone would have it load the whole model first, and its peak count it."""
+    import time
+
+    from appliance import bench, cli
+    from appliance.coordinator import cluster
+
+    spawn, planned = cli.spawn_node, []
+
+    def spawn_late(config, name, discover=False):
+        if name != "bench-0":
+            time.sleep(2)   # past the coordinator's debounce of a burst of arrivals
+        return spawn(config, name, discover)
+
+    def split_layers(capacities, *args, **kwargs):
+        planned.append(len(capacities))
+        return split(capacities, *args, **kwargs)
+
+    split = cluster.split_layers
+    monkeypatch.setattr(cli, "spawn_node", spawn_late)
+    monkeypatch.setattr(cluster, "split_layers", split_layers)
+    c = bench.BenchCluster(broker, STORIES, "onnxruntime", "f32", 2)
+    try:
+        c.wait_ready(2, timeout=120)
+        assert planned and planned[0] == 2, planned
+    finally:
+        c.close()
