@@ -5,8 +5,8 @@ product rows lie a multiple of 2 KiB apart cost more than one padded to `padded_
 
 For each of TinyLlama's widths (its q/k/v, o and down products: 2,560 and 2,048 rows; gate/up:
 11,264) and the padded one, prints the median time of a product of a prompt's rows, and the time
-per matrix row. On ggml's AMX kernels a prompt of 128 rows took each of TinyLlama's products about
-twice as long as the padded width did (docs/performance.md, "An Intel VM with AMX"); the repack
+per matrix row. On ggml's AMX kernels a prompt of 128 rows took each of TinyLlama's products 1.5 to
+2.2 times as long as the padded width did (docs/performance.md, "An Intel VM with AMX"); the repack
 kernels showed no such difference. Not part of the test suite.
 """
 from __future__ import annotations
