@@ -215,9 +215,10 @@ def test_a_ggml_graphs_products_start_on_cache_lines(tmp_path):
 def test_ggml_pads_the_layers_matrices_for_amx_and_computes_the_same(tmp_path, monkeypatch):
     """Where ggml's AMX kernels hold the matrices, a layer's matrix gets zero rows after its own,
     so that its product's rows do not lie a multiple of 2 KiB apart (each of those products took
-    1.5 to 2.2 times as long on a prompt). A prompt then takes the whole padded product, viewed back to the
-    matrix's width; a few rows take the matrix's own rows. The logits are those of the matrices
-    as they are. Padding is forced here where AMX does not run, to check the views all the same."""
+    1.5 to 2.2 times as long on a prompt). A prompt then takes the whole padded product, viewed
+    back to the matrix's width; a few rows take the matrix's own rows. The logits are those of the
+    matrices as they are. Padding is forced here where AMX does not run, to check the views all
+    the same."""
     import ggml
 
     from appliance.engines import ggml_engine
