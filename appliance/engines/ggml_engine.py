@@ -632,20 +632,21 @@ class Tensors(dict):
     does: CPU_REPACK interleaves the blocks of 8 rows (4 on ARM), AMX packs them into its tiles.
     One for which ggml has no such layout on this CPU is copied as it is.
 
-    The matrices in `padded` get zero rows after their own (`padded_rows`; `rows` keeps their own
-    count): ggml's AMX kernels write a product in blocks of 32 rows by 32 columns, and where a
-    product's rows lie a multiple of 2 KiB apart, a block's rows fall in a few of the L1 cache's
-    sets and evict each other. TinyLlama's widths (2,048, 2,560, 5,632 and 11,264 numbers) all
-    do: a prompt of 128 rows took each product 1.5 to 2.2 times as long as with 32 rows more."""
+    The matrices in `padded` whose rows are whole blocks of 32 get zero rows after their own
+    (`padded_rows`; `rows` keeps their own count): ggml's AMX kernels write a product in blocks of
+    32 rows by 32 columns, and where a product's rows lie a multiple of 2 KiB apart, a block's rows
+    fall in a few of the L1 cache's sets and evict each other. TinyLlama's widths (2,048, 2,560,
+    5,632 and 11,264 numbers) all do: a prompt of 128 rows took each product 1.5 to 2.2 times as
+    long as with 32 rows more."""
 
     def __init__(self, arrays: dict[str, np.ndarray], types: dict[str, int], repacked=(), buffer_type=None,
                  padded=()):
         super().__init__()
         repacked = [n for n in repacked if buffer_type]
         self.rows = {n: len(arrays[n]) for n in padded
-                     if n in repacked and padded_rows(len(arrays[n])) != len(arrays[n])}
-        params = ggml.ggml_init_params(mem_size=(len(arrays) + 1) * ggml.ggml_tensor_overhead(), mem_buffer=None,
-                                       no_alloc=True)
+                     if n in repacked and len(arrays[n]) % 32 == 0 and padded_rows(len(arrays[n])) != len(arrays[n])}
+        params = ggml.ggml_init_params(mem_size=(len(arrays) + len(self.rows) + 1) * ggml.ggml_tensor_overhead(),
+                                       mem_buffer=None, no_alloc=True)
         self.ctx, self.repack_ctx, self.buffer = ggml.ggml_init(params), None, None
         self.arrays = arrays   # the tensors point into these: they live as long as this
         for name, a in arrays.items():
@@ -659,18 +660,33 @@ class Tensors(dict):
                                        padded_rows(self.rows[name]) if name in self.rows else None)
             self.buffer = ggml.ggml_backend_alloc_ctx_tensors_from_buft(self.repack_ctx, buffer_type)
             advise_huge_pages(ggml.ggml_backend_buffer_get_base(self.buffer), ggml.ggml_backend_buffer_get_size(self.buffer))
-            # Largest first: while one is copied both it and its mapped pages are resident (a padded
-            # one's padded copy too), so the peak is what is copied so far plus two or three times the
-            # one at hand, here the whole plus the smallest.
+            # Largest first: while one is copied both it and its mapped pages are resident, so the
+            # peak is what is copied so far plus twice the one at hand, here the whole plus the smallest.
             for name in sorted(repacked, key=lambda n: -arrays[n].nbytes):
                 a, t = arrays[name], self[name]
-                whole = with_zero_rows(a, t.contents.ne[1]) if name in self.rows else a
-                if t.contents.extra:   # ggml has an interleaved layout for this one
-                    ggml.ggml_backend_tensor_set(t, whole.ctypes.data, 0, whole.nbytes)
+                if name in self.rows:
+                    self._set_padded(t, a, buffer_type)
                 else:
-                    ctypes.memmove(t.contents.data, whole.ctypes.data, whole.nbytes)
-                del whole
+                    self._set(t, a)
                 release_array(a)
+
+    @staticmethod
+    def _set(t, a: np.ndarray) -> None:
+        if t.contents.extra:   # ggml has an interleaved layout for this one
+            ggml.ggml_backend_tensor_set(t, a.ctypes.data, 0, a.nbytes)
+        else:
+            ctypes.memmove(t.contents.data, a.ctypes.data, a.nbytes)
+
+    def _set_padded(self, t, a: np.ndarray, buffer_type) -> None:
+        """A padded matrix's own rows, laid out as its buffer lays them, then zeros. Both layouts keep
+        whole groups of rows (16 for AMX's tiles, 8 or 4 for CPU_REPACK's) one after another, so the
+        own rows laid out alone are the first part of the padded matrix: no padded copy is made (one
+        of 12 MiB stayed in the allocator's heap after it was freed)."""
+        own = ggml.ggml_view_2d(self.repack_ctx, t, t.contents.ne[0], len(a), t.contents.nb[1], 0)
+        own.contents.extra = t.contents.extra   # the interleaved layout's, where there is one
+        self._set(own, a)
+        row_bytes = ggml.ggml_backend_buft_get_alloc_size(buffer_type, t) // t.contents.ne[1]   # as laid out
+        ctypes.memset(t.contents.data + len(a) * row_bytes, 0, (t.contents.ne[1] - len(a)) * row_bytes)
 
     @staticmethod
     def _new(ctx, name: str, a: np.ndarray, kind: int, rows: int | None = None):
@@ -695,13 +711,6 @@ def padded_rows(rows: int) -> int:
     block (128 bytes each) fill the L1 cache's 64 sets once."""
     blocks = -(-rows // 32)
     return 32 * (blocks + 1 - blocks % 2)
-
-
-def with_zero_rows(a: np.ndarray, rows: int) -> np.ndarray:
-    """a, with zero rows after its own up to `rows`: zeros are a zero in every block type here."""
-    whole = np.zeros((rows, *a.shape[1:]), a.dtype)
-    whole[:len(a)] = a
-    return whole
 
 
 def is_amx(buffer_type) -> bool:
