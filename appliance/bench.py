@@ -112,18 +112,22 @@ def wait_for_announcements(config: Config, processes: list[subprocess.Popen], ti
     coordinator, started then, plans them all at once. Started before, it could plan the
     first alone, and that node's peak would count a whole model it loaded and let go (a 3B
     model's first half peaked at 1.6 GB instead of 0.9)."""
-    seen: set[str] = set()
+    topics, seen = Topics(config.cluster), set()
     arrived = threading.Event()
 
     def on_info(topic: str, payload: bytes) -> None:
-        info = parse_json(payload)
-        if info.get("online", True):
-            seen.add(info["id"])
+        """As the coordinator reads a node's info (Cluster.on_info): the id from the topic, and an
+        empty or offline info one that has gone."""
+        node_id = topics.node_id_of(topic)
+        if payload and parse_json(payload).get("online"):
+            seen.add(node_id)
+        else:
+            seen.discard(node_id)
         if len(seen) >= len(processes):
             arrived.set()
 
     bus = Bus(config, client_id=f"bench-{new_id()[:8]}")
-    bus.on(Topics(config.cluster).node_info(), on_info, qos=1)
+    bus.on(topics.node_info(), on_info, qos=1)
     bus.start()
     deadline = time.monotonic() + timeout
     try:
